@@ -1,0 +1,420 @@
+//! Outrigger's kernel programs.
+//!
+//! - `cgroup/connect4|6`: a meshed pod's TCP connect is steered to the node
+//!   proxy's listener inside the pod (`127.0.0.1:15001` / `[::1]:15001`); the
+//!   original destination is remembered by socket cookie.
+//! - `sockops`: once such a connection is established, the original
+//!   destination is re-keyed by (netns cookie, 4-tuple) — what the proxy can
+//!   compute on `accept` — and both entries are removed when the socket closes.
+//! - `cgroup/getpeername4|6`: the application still sees the address it dialled.
+//!
+//! The proxy's own sockets (marked with `SO_MARK`, or made by its process)
+//! are never steered: that is the loop guard.
+#![no_std]
+#![no_main]
+
+mod addr;
+
+use core::ptr::{read_volatile, write_volatile};
+
+use aya_ebpf::{
+    bindings::{
+        bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+    },
+    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+use aya_log_ebpf::warn;
+use outrigger_common::{
+    counter, ConnKey, MeshedPod, Settings, SockAddr, FAMILY_V4, FAMILY_V6, MAX_MESHED_NETNS,
+    MAX_ORIG_DST, POD_FLAG_V6_LISTENER,
+};
+
+use addr::{
+    is_loopback_v4, is_loopback_v6, is_v4_mapped, LOOPBACK_V4, LOOPBACK_V6, V4_MAPPED_PREFIX,
+};
+
+/// Allow the syscall (0 would fail it with EPERM).
+const ALLOW: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+const AF_INET: u32 = 2;
+
+/// Meshed pods, keyed by netns cookie. Filled by the proxy.
+#[map]
+static MESHED_NETNS: HashMap<u64, MeshedPod> = HashMap::with_max_entries(MAX_MESHED_NETNS, 0);
+
+/// Original destination of a steered socket, by socket cookie. Lives until
+/// the socket closes (getpeername needs it); LRU so a socket that never
+/// reaches sockops (a connect that failed early) cannot leak an entry forever.
+#[map]
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> =
+    LruHashMap::with_max_entries(MAX_ORIG_DST, 0);
+
+/// Original destination of an established steered connection, by what the
+/// proxy sees on accept.
+#[map]
+static ORIG_DST: LruHashMap<ConnKey, SockAddr> = LruHashMap::with_max_entries(MAX_ORIG_DST, 0);
+
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot is only touched by this CPU, and programs
+        // do not preempt each other on one CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// What a connect hook decided.
+enum Verdict {
+    /// Leave the socket alone.
+    Bypass,
+    /// Steer it to the proxy's listener on this port.
+    Steer(MeshedPod),
+}
+
+/// The checks shared by connect4 and connect6: TCP, a meshed netns, and not
+/// the proxy itself.
+#[inline(always)]
+fn should_steer(ctx: &SockAddrContext) -> Verdict {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the context pointer the kernel passed in; fields are
+    // read with volatile loads so LLVM keeps them as single 4-byte loads.
+    let sock_type = unsafe { read_volatile(&(*sa).type_) };
+    // SAFETY: as above.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out immediately.
+    let pod = match unsafe { MESHED_NETNS.get(&netns) } {
+        Some(pod) => *pod,
+        None => {
+            count(counter::BYPASS_UNMESHED);
+            return Verdict::Bypass;
+        }
+    };
+    if sock_type != SOCK_STREAM {
+        count(counter::BYPASS_NOT_TCP);
+        return Verdict::Bypass;
+    }
+    if is_proxy(sa) {
+        count(counter::BYPASS_PROXY);
+        return Verdict::Bypass;
+    }
+    Verdict::Steer(pod)
+}
+
+/// The loop guard: the proxy's sockets carry its mark, and its process id
+/// is known even before a mark is set.
+#[inline(always)]
+fn is_proxy(sa: *mut bpf_sock_addr) -> bool {
+    let Some(settings) = SETTINGS.get(0) else {
+        return false;
+    };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if settings.proxy_tgid != 0 && tgid == settings.proxy_tgid {
+        return true;
+    }
+    // SAFETY: `sk` of a sock_addr context is a PTR_TO_SOCKET the verifier
+    // knows is valid; `mark` is a readable 4-byte field of bpf_sock.
+    let mark = unsafe {
+        let sk = read_volatile(&(*sa).__bindgen_anon_1.sk);
+        read_volatile(&(*sk).mark)
+    };
+    settings.mark != 0 && mark == settings.mark
+}
+
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, orig: &SockAddr) -> bool {
+    // SAFETY: context pointer from the kernel.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Err(errno) = ORIG_DST_BY_COOKIE.insert(&cookie, orig, 0) {
+        count(counter::MAP_UPDATE_FAILED);
+        warn!(
+            ctx,
+            "ORIG_DST_BY_COOKIE update failed ({}): connect not captured", errno
+        );
+        return false;
+    }
+    true
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn outrigger_connect4(ctx: SockAddrContext) -> i32 {
+    let port = match should_steer(&ctx) {
+        Verdict::Bypass => return ALLOW,
+        Verdict::Steer(pod) => pod.outbound_port as u16,
+    };
+    let sa = ctx.sock_addr;
+    // SAFETY: context field reads.
+    let (ip, user_port) = unsafe {
+        (
+            read_volatile(&(*sa).user_ip4),
+            read_volatile(&(*sa).user_port),
+        )
+    };
+    if is_loopback_v4(ip) {
+        count(counter::BYPASS_LOOPBACK);
+        return ALLOW;
+    }
+    let orig = SockAddr {
+        family: FAMILY_V4,
+        port: u16::from_be(user_port as u16) as u32,
+        ip: [ip, 0, 0, 0],
+    };
+    if !remember(&ctx, &orig) {
+        return ALLOW;
+    }
+    // SAFETY: whole-u32 context writes, as the verifier requires.
+    unsafe {
+        write_volatile(&mut (*sa).user_ip4, LOOPBACK_V4);
+        write_volatile(&mut (*sa).user_port, port.to_be() as u32);
+    }
+    count(counter::CAPTURED);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn outrigger_connect6(ctx: SockAddrContext) -> i32 {
+    let pod = match should_steer(&ctx) {
+        Verdict::Bypass => return ALLOW,
+        Verdict::Steer(pod) => pod,
+    };
+    let port = pod.outbound_port as u16;
+    let sa = ctx.sock_addr;
+    // SAFETY: context field reads, one u32 at a time.
+    let (ip, user_port) = unsafe {
+        (
+            [
+                read_volatile(&(*sa).user_ip6[0]),
+                read_volatile(&(*sa).user_ip6[1]),
+                read_volatile(&(*sa).user_ip6[2]),
+                read_volatile(&(*sa).user_ip6[3]),
+            ],
+            read_volatile(&(*sa).user_port),
+        )
+    };
+    let port_host = u16::from_be(user_port as u16) as u32;
+    // An IPv4-mapped destination is an IPv4 connection on a dual-stack
+    // socket: remember it as IPv4 and steer it to the IPv4 listener.
+    let mapped = is_v4_mapped(&ip);
+    let (orig, listener) = if mapped {
+        if is_loopback_v4(ip[3]) {
+            count(counter::BYPASS_LOOPBACK);
+            return ALLOW;
+        }
+        let orig = SockAddr {
+            family: FAMILY_V4,
+            port: port_host,
+            ip: [ip[3], 0, 0, 0],
+        };
+        (orig, [0, 0, V4_MAPPED_PREFIX, LOOPBACK_V4])
+    } else {
+        if is_loopback_v6(&ip) {
+            count(counter::BYPASS_LOOPBACK);
+            return ALLOW;
+        }
+        if pod.flags & POD_FLAG_V6_LISTENER == 0 {
+            count(counter::BYPASS_NO_V6_LISTENER);
+            return ALLOW;
+        }
+        (
+            SockAddr {
+                family: FAMILY_V6,
+                port: port_host,
+                ip,
+            },
+            LOOPBACK_V6,
+        )
+    };
+    if !remember(&ctx, &orig) {
+        return ALLOW;
+    }
+    // SAFETY: whole-u32 context writes.
+    unsafe {
+        write_volatile(&mut (*sa).user_ip6[0], listener[0]);
+        write_volatile(&mut (*sa).user_ip6[1], listener[1]);
+        write_volatile(&mut (*sa).user_ip6[2], listener[2]);
+        write_volatile(&mut (*sa).user_ip6[3], listener[3]);
+        write_volatile(&mut (*sa).user_port, port.to_be() as u32);
+    }
+    count(counter::CAPTURED);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn outrigger_getpeername4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: context pointer from the kernel.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out immediately.
+    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+        return ALLOW;
+    };
+    if orig.family != FAMILY_V4 {
+        return ALLOW;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: whole-u32 context writes.
+    unsafe {
+        write_volatile(&mut (*sa).user_ip4, orig.ip[0]);
+        write_volatile(&mut (*sa).user_port, (orig.port as u16).to_be() as u32);
+    }
+    count(counter::PEERNAME_REWRITTEN);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn outrigger_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: context pointer from the kernel.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out immediately.
+    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+        return ALLOW;
+    };
+    let ip = if orig.family == FAMILY_V4 {
+        [0, 0, V4_MAPPED_PREFIX, orig.ip[0]]
+    } else {
+        orig.ip
+    };
+    let sa = ctx.sock_addr;
+    // SAFETY: whole-u32 context writes.
+    unsafe {
+        write_volatile(&mut (*sa).user_ip6[0], ip[0]);
+        write_volatile(&mut (*sa).user_ip6[1], ip[1]);
+        write_volatile(&mut (*sa).user_ip6[2], ip[2]);
+        write_volatile(&mut (*sa).user_ip6[3], ip[3]);
+        write_volatile(&mut (*sa).user_port, (orig.port as u16).to_be() as u32);
+    }
+    count(counter::PEERNAME_REWRITTEN);
+    ALLOW
+}
+
+#[sock_ops]
+pub fn outrigger_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == BPF_TCP_CLOSE {
+                on_close(&ctx);
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+/// Ask for state callbacks on steered sockets only, so that their entries
+/// can be dropped at close (including a connect that never completes).
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    // SAFETY: context pointer from the kernel.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIG_DST_BY_COOKIE.get_ptr(&cookie).is_some() {
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+}
+
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext) {
+    // SAFETY: context pointer from the kernel.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out immediately.
+    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+        return;
+    };
+    let key = conn_key(ctx);
+    if let Err(errno) = ORIG_DST.insert(&key, &orig, 0) {
+        count(counter::MAP_UPDATE_FAILED);
+        warn!(
+            ctx,
+            "ORIG_DST update failed ({}): the proxy will not find this connection", errno
+        );
+        return;
+    }
+    count(counter::REKEYED);
+}
+
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    // SAFETY: context pointer from the kernel.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIG_DST_BY_COOKIE.get_ptr(&cookie).is_none() {
+        count(counter::COOKIE_MISS);
+        return;
+    }
+    // The callback runs before the kernel clears the socket's addresses,
+    // so the key computes as it did at establishment.
+    let key = conn_key(ctx);
+    let _ = ORIG_DST.remove(&key);
+    let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
+    count(counter::CLOSED);
+}
+
+/// The key the proxy computes on accept: its peer is our local end, its
+/// local address is our remote end.
+#[inline(always)]
+fn conn_key(ctx: &SockOpsContext) -> ConnKey {
+    let ops = ctx.ops;
+    // SAFETY: context field reads, each a single u32 load.
+    unsafe {
+        let family = read_volatile(&(*ops).family);
+        let local_port = read_volatile(&(*ops).local_port);
+        let remote_port = read_volatile(&(*ops).remote_port);
+        // remote_port is network order in the upper 16 bits.
+        let remote_port = u16::from_be((remote_port >> 16) as u16) as u32;
+        let (client, listener) = if family == AF_INET {
+            (
+                SockAddr {
+                    family: FAMILY_V4,
+                    port: local_port,
+                    ip: [read_volatile(&(*ops).local_ip4), 0, 0, 0],
+                },
+                SockAddr {
+                    family: FAMILY_V4,
+                    port: remote_port,
+                    ip: [read_volatile(&(*ops).remote_ip4), 0, 0, 0],
+                },
+            )
+        } else {
+            let local = [
+                read_volatile(&(*ops).local_ip6[0]),
+                read_volatile(&(*ops).local_ip6[1]),
+                read_volatile(&(*ops).local_ip6[2]),
+                read_volatile(&(*ops).local_ip6[3]),
+            ];
+            let remote = [
+                read_volatile(&(*ops).remote_ip6[0]),
+                read_volatile(&(*ops).remote_ip6[1]),
+                read_volatile(&(*ops).remote_ip6[2]),
+                read_volatile(&(*ops).remote_ip6[3]),
+            ];
+            (
+                addr::normalize(local, local_port),
+                addr::normalize(remote, remote_port),
+            )
+        };
+        ConnKey {
+            netns_cookie: bpf_get_netns_cookie(ctx.as_ptr()),
+            client,
+            listener,
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

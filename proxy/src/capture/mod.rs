@@ -1,0 +1,298 @@
+//! Capture: the kernel programs that steer meshed pods' connects into the
+//! proxy, and the maps shared with them.
+//!
+//! Loading attaches `cgroup/connect4|6`, `cgroup/getpeername4|6` and
+//! `sockops` to one cgroup (the cgroup2 root in production). The links are
+//! owned by this process: when it exits, for whatever reason, they detach
+//! and pods' connections go direct again — capture fails open.
+#![forbid(unsafe_code)]
+
+pub mod addr;
+pub mod cgroup;
+mod logger;
+
+use std::{
+    fs::File,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    Ebpf, EbpfError, EbpfLoader,
+};
+use outrigger_common::{counter, ConnKey, MeshedPod, Settings, SockAddr};
+use serde::Serialize;
+
+/// The kernel programs built by `cargo xtask build-ebpf`, embedded at build
+/// time (empty when they were not built).
+static EMBEDDED_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/outrigger-ebpf.o"));
+
+const CONNECT4: &str = "outrigger_connect4";
+const CONNECT6: &str = "outrigger_connect6";
+const GETPEERNAME4: &str = "outrigger_getpeername4";
+const GETPEERNAME6: &str = "outrigger_getpeername6";
+const SOCKOPS: &str = "outrigger_sockops";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "this outrigger binary was built without its eBPF programs: build them with \
+         `cargo xtask build` (needs nightly rust-src and bpf-linker 0.10.4: `cargo xtask setup`), \
+         or pass --ebpf-object"
+    )]
+    NotBuilt,
+    #[error("no cgroup2 mount found in /proc/self/mounts: mount one (mount -t cgroup2 none /sys/fs/cgroup/unified) or pass --cgroup2-path")]
+    NoCgroup2,
+    #[error("{0} is not a cgroup v2 directory (no cgroup.procs in it): check --cgroup2-path")]
+    NotACgroup(PathBuf),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object failed: {0} (is the proxy running as root with CAP_BPF and CAP_NET_ADMIN?)")]
+    Load(#[source] Box<EbpfError>),
+    #[error(
+        "eBPF program {name} is missing from the object: rebuild with `cargo xtask build-ebpf`"
+    )]
+    MissingProgram { name: &'static str },
+    #[error("eBPF map {name} is missing from the object: rebuild with `cargo xtask build-ebpf`")]
+    MissingMap { name: &'static str },
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+}
+
+/// Where a program is attached, for /config_dump.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttachedProgram {
+    pub name: &'static str,
+    pub attach_type: &'static str,
+    pub cgroup: PathBuf,
+}
+
+pub struct CaptureOptions<'a> {
+    pub cgroup: &'a Path,
+    pub object: Option<&'a Path>,
+    pub mark: u32,
+}
+
+/// The loaded, attached programs and handles to their maps.
+pub struct Capture {
+    // Owns the programs and their links; dropping it detaches them.
+    _ebpf: Ebpf,
+    meshed: Mutex<HashMap<MapData, u64, MeshedPod>>,
+    orig_dst: HashMap<MapData, ConnKey, SockAddr>,
+    orig_by_cookie: HashMap<MapData, u64, SockAddr>,
+    counters: PerCpuArray<MapData, u64>,
+    attached: Vec<AttachedProgram>,
+}
+
+impl std::fmt::Debug for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capture")
+            .field("attached", &self.attached)
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> CaptureError {
+    move |source| CaptureError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> CaptureError {
+    move |source| CaptureError::Program {
+        name,
+        source: Box::new(source),
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(CaptureError::MissingMap { name })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl Capture {
+    /// Loads the programs, writes the loop-guard settings, and attaches.
+    pub fn load(opts: &CaptureOptions<'_>) -> Result<Self, CaptureError> {
+        let bytes = match opts.object {
+            Some(path) => std::fs::read(path).map_err(|source| CaptureError::Io {
+                what: format!("reading eBPF object {}", path.display()),
+                source,
+            })?,
+            None if EMBEDDED_OBJECT.is_empty() => return Err(CaptureError::NotBuilt),
+            None => EMBEDDED_OBJECT.to_vec(),
+        };
+        let mut ebpf = EbpfLoader::new()
+            .load(&bytes)
+            .map_err(|e| CaptureError::Load(Box::new(e)))?;
+        logger::spawn(&mut ebpf);
+
+        let mut settings: Array<MapData, Settings> = take_map(&mut ebpf, "SETTINGS")?;
+        settings
+            .set(
+                0,
+                Settings {
+                    mark: opts.mark,
+                    proxy_tgid: std::process::id(),
+                },
+                0,
+            )
+            .map_err(map_err("SETTINGS"))?;
+        let meshed = take_map(&mut ebpf, "MESHED_NETNS")?;
+        let orig_dst = take_map(&mut ebpf, "ORIG_DST")?;
+        let orig_by_cookie = take_map(&mut ebpf, "ORIG_DST_BY_COOKIE")?;
+        let counters = take_map(&mut ebpf, "COUNTERS")?;
+
+        let cgroup = File::open(opts.cgroup).map_err(|source| CaptureError::Io {
+            what: format!("opening cgroup {}", opts.cgroup.display()),
+            source,
+        })?;
+        let mut attached = Vec::new();
+        // sockops first: a connect steered before it is attached would never be re-keyed.
+        {
+            let prog: &mut SockOps = program(&mut ebpf, SOCKOPS)?;
+            prog.load().map_err(prog_err(SOCKOPS))?;
+            prog.attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(prog_err(SOCKOPS))?;
+            attached.push(AttachedProgram {
+                name: SOCKOPS,
+                attach_type: "sock_ops",
+                cgroup: opts.cgroup.into(),
+            });
+        }
+        for (name, attach_type) in [
+            (GETPEERNAME4, "cgroup_inet4_getpeername"),
+            (GETPEERNAME6, "cgroup_inet6_getpeername"),
+            (CONNECT4, "cgroup_inet4_connect"),
+            (CONNECT6, "cgroup_inet6_connect"),
+        ] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+            // Single is the only mode bpf_link_create accepts here; links
+            // still stack with other programs as if multi.
+            prog.attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            attached.push(AttachedProgram {
+                name,
+                attach_type,
+                cgroup: opts.cgroup.into(),
+            });
+        }
+        Ok(Self {
+            _ebpf: ebpf,
+            meshed: Mutex::new(meshed),
+            orig_dst,
+            orig_by_cookie,
+            counters,
+            attached,
+        })
+    }
+
+    pub fn attached(&self) -> &[AttachedProgram] {
+        &self.attached
+    }
+
+    /// Starts capturing the connects made in the netns with this cookie.
+    pub fn mesh(&self, netns_cookie: u64, pod: MeshedPod) -> Result<(), CaptureError> {
+        let mut map = self.meshed.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(netns_cookie, pod, 0)
+            .map_err(map_err("MESHED_NETNS"))
+    }
+
+    /// Stops capturing; connections already steered are unaffected.
+    pub fn unmesh(&self, netns_cookie: u64) -> Result<(), CaptureError> {
+        let mut map = self.meshed.lock().unwrap_or_else(|e| e.into_inner());
+        match map.remove(&netns_cookie) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(map_err("MESHED_NETNS")(e)),
+        }
+    }
+
+    /// The destination a captured connection was dialled to. One map lookup
+    /// (a syscall) per accepted connection.
+    pub fn original_destination(&self, key: &ConnKey) -> Result<Option<SocketAddr>, CaptureError> {
+        match self.orig_dst.get(key, 0) {
+            Ok(orig) => Ok(addr::from_kernel(&orig)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err("ORIG_DST")(e)),
+        }
+    }
+
+    /// Kernel counters summed over CPUs, indexed like `outrigger_common::counter`.
+    pub fn counters(&self) -> Result<[u64; counter::COUNT as usize], CaptureError> {
+        let mut out = [0u64; counter::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .counters
+                .get(&(i as u32), 0)
+                .map_err(map_err("COUNTERS"))?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Entries in (ORIG_DST, ORIG_DST_BY_COOKIE, MESHED_NETNS). Walks the
+    /// maps: for the admin server, not the data path.
+    pub fn map_entries(&self) -> MapEntries {
+        let meshed = self
+            .meshed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .count();
+        MapEntries {
+            orig_dst: self.orig_dst.keys().count(),
+            orig_dst_by_cookie: self.orig_by_cookie.keys().count(),
+            meshed_netns: meshed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MapEntries {
+    pub orig_dst: usize,
+    pub orig_dst_by_cookie: usize,
+    pub meshed_netns: usize,
+}
+
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(CaptureError::MissingProgram { name })?;
+    prog.try_into().map_err(prog_err(name))
+}

@@ -1,0 +1,147 @@
+//! Command-line configuration: one typed struct per command, filled by clap.
+//! Every flag has an environment fallback and a documented default, so
+//! `outrigger run --help` is the reference.
+#![forbid(unsafe_code)]
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outrigger",
+    version,
+    about = "Per-node service-mesh proxy: eBPF capture of meshed pods, forwarding, metrics",
+    long_about = "Outrigger runs once per node (a DaemonSet). eBPF programs steer the TCP \
+                  connects of meshed pods into it; it forwards each connection to where the \
+                  pod meant to go, from inside the pod's own network namespace."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node proxy (needs root: it loads eBPF programs and enters pods' network namespaces).
+    Run(Box<RunArgs>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Mesh state file (YAML) listing the pods on this node. Watched: edits apply
+    /// without a restart; a bad file is rejected and the last good state stays in force.
+    #[arg(
+        long,
+        env = "OUTRIGGER_PODS_FILE",
+        default_value = "/etc/outrigger/mesh.yaml",
+        visible_alias = "mesh-file"
+    )]
+    pub pods_file: PathBuf,
+
+    /// How often the pods file is checked for changes.
+    #[arg(long, env = "OUTRIGGER_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub reload_interval: Duration,
+
+    /// Admin server address (/live, /ready, /metrics, /config_dump). Keep it on
+    /// localhost unless a firewall protects it: /config_dump shows the node's pods.
+    #[arg(long, env = "OUTRIGGER_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Port the proxy listens on inside every meshed pod (127.0.0.1 and ::1);
+    /// the kernel programs steer captured connects there. Pods must not use it.
+    #[arg(long, env = "OUTRIGGER_OUTBOUND_PORT", default_value_t = outrigger_common::DEFAULT_OUTBOUND_PORT)]
+    pub outbound_port: u16,
+
+    /// SO_MARK carried by the proxy's own upstream sockets, so the kernel programs
+    /// never capture them again (the loop guard). Decimal or 0x-hex; pick a value
+    /// no other agent on the node uses for routing.
+    #[arg(long, env = "OUTRIGGER_MARK", default_value = "0x4f52", value_parser = parse_mark)]
+    pub mark: u32,
+
+    /// cgroup v2 directory the capture programs attach to. Default: the root of the
+    /// cgroup2 mount found in /proc/self/mounts, i.e. every process on the node.
+    /// Tests and demos point it at a subtree holding only their pods.
+    #[arg(long, env = "OUTRIGGER_CGROUP2_PATH")]
+    pub cgroup2_path: Option<PathBuf>,
+
+    /// Kernel programs to load instead of the ones built into this binary
+    /// (for development; `cargo xtask build-ebpf` builds them).
+    #[arg(long, env = "OUTRIGGER_EBPF_OBJECT")]
+    pub ebpf_object: Option<PathBuf>,
+
+    /// Time allowed for an upstream TCP connect before the client's connection is closed.
+    #[arg(long, env = "OUTRIGGER_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// On SIGTERM/SIGINT: time open connections get to finish before the proxy exits.
+    /// Keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "OUTRIGGER_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Size of each of the two copy buffers of a forwarded connection, in bytes.
+    /// Memory per connection is twice this.
+    #[arg(long, env = "OUTRIGGER_BUFFER_SIZE", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(4096..=16 * 1024 * 1024))]
+    pub buffer_size: u32,
+
+    /// Log output format.
+    #[arg(long, env = "OUTRIGGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. "info", "outrigger=debug").
+    #[arg(long, env = "OUTRIGGER_LOG", default_value = "info")]
+    pub log_level: String,
+
+    /// Worker threads of the async runtime. Default: one per CPU.
+    #[arg(long, env = "OUTRIGGER_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+}
+
+/// Accepts decimal or 0x-prefixed hex; zero would disable the loop guard.
+pub fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    match parsed {
+        Ok(0) => Err("mark 0 cannot tell the proxy's sockets apart: pick a non-zero value".into()),
+        Ok(mark) => Ok(mark),
+        Err(e) => Err(format!("not a decimal or 0x-hex u32: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mark_accepts_hex_and_decimal() {
+        assert_eq!(parse_mark("0x4f52"), Ok(0x4f52));
+        assert_eq!(parse_mark("1337"), Ok(1337));
+        assert!(parse_mark("0").is_err());
+        assert!(parse_mark("0xzz").is_err());
+    }
+
+    #[test]
+    fn run_defaults_parse() {
+        let cli = Cli::try_parse_from(["outrigger", "run"]).expect("defaults parse");
+        let Command::Run(args) = cli.command;
+        assert_eq!(args.outbound_port, 15001);
+        assert_eq!(args.connect_timeout, Duration::from_secs(5));
+        assert_eq!(args.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,55 @@
+//! Sockets made inside a pod's netns, on its netns thread.
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd,
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// The listen backlog of the pod-local listeners: a burst of connects from
+/// one pod waits here while the proxy accepts.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// The cookie of the netns the calling thread is in.
+pub fn current_netns_cookie() -> io::Result<u64> {
+    let probe = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), None)
+        .or_else(|_| Socket::new(Domain::IPV6, Type::DGRAM.cloexec(), None))?;
+    crate::sys::netns_cookie(probe.as_fd())
+}
+
+/// A non-blocking TCP listener on `addr` in the calling thread's netns.
+pub fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // The IPv4 listener serves IPv4-mapped connects; this one is v6 only.
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// A non-blocking TCP socket for a connection to `dest`, carrying the
+/// proxy's mark so the kernel programs leave it alone.
+pub fn upstream_socket(dest: IpAddr, mark: u32) -> io::Result<std::net::TcpStream> {
+    let domain = if dest.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = Socket::new(
+        domain,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_mark(mark)?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(socket.into())
+}

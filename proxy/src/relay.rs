@@ -1,0 +1,116 @@
+//! Copying bytes both ways between two connections.
+//!
+//! Buffers are allocated once per connection; the loop does no allocation
+//! or locking per read or write, and a full buffer waits for the writer
+//! (back-pressure) rather than queueing.
+#![forbid(unsafe_code)]
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// What a relay moved, and how it ended.
+#[derive(Debug)]
+pub struct Relayed {
+    /// Bytes from the first stream to the second.
+    pub sent: u64,
+    /// Bytes from the second stream back to the first.
+    pub received: u64,
+    /// The first error in either direction; byte counts are kept even then.
+    pub result: io::Result<()>,
+}
+
+impl Relayed {
+    /// A short tag for logs: ok, reset, error.
+    pub fn outcome(&self) -> &'static str {
+        match &self.result {
+            Ok(()) => "ok",
+            Err(e)
+                if e.kind() == io::ErrorKind::ConnectionReset
+                    || e.kind() == io::ErrorKind::BrokenPipe =>
+            {
+                "reset"
+            }
+            Err(_) => "error",
+        }
+    }
+}
+
+/// Relays until both directions have seen end-of-stream. A half-close is
+/// passed on: EOF from one side becomes a write shutdown on the other, and
+/// the other direction keeps flowing.
+pub async fn relay<A, B>(a: A, b: B, buffer_size: usize) -> Relayed
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut a_read, mut a_write) = tokio::io::split(a);
+    let (mut b_read, mut b_write) = tokio::io::split(b);
+    let mut sent = 0u64;
+    let mut received = 0u64;
+    let result = {
+        let forward = copy_one(&mut a_read, &mut b_write, buffer_size, &mut sent);
+        let backward = copy_one(&mut b_read, &mut a_write, buffer_size, &mut received);
+        // The first error ends both directions: a reset on one side must
+        // not leave the other waiting forever.
+        tokio::try_join!(forward, backward).map(|_| ())
+    };
+    Relayed {
+        sent,
+        received,
+        result,
+    }
+}
+
+async fn copy_one<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    buffer_size: usize,
+    count: &mut u64,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; buffer_size];
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            writer.shutdown().await?;
+            return Ok(());
+        }
+        writer.write_all(&buf[..n]).await?;
+        *count += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn relays_both_ways_with_half_close() {
+        let (client, proxy_a) = tokio::io::duplex(1024);
+        let (proxy_b, server) = tokio::io::duplex(1024);
+        let relay_task = tokio::spawn(relay(proxy_a, proxy_b, 256));
+        let (mut client_r, mut client_w) = tokio::io::split(client);
+        let (mut server_r, mut server_w) = tokio::io::split(server);
+        client_w.write_all(b"hello").await.expect("write");
+        client_w.shutdown().await.expect("half-close");
+        let mut got = Vec::new();
+        server_r
+            .read_to_end(&mut got)
+            .await
+            .expect("server reads to EOF");
+        assert_eq!(got, b"hello");
+        // After the client's half-close the other direction still flows.
+        server_w.write_all(b"world!").await.expect("write back");
+        server_w.shutdown().await.expect("close");
+        let mut back = Vec::new();
+        client_r.read_to_end(&mut back).await.expect("client reads");
+        assert_eq!(back, b"world!");
+        let relayed = relay_task.await.expect("relay finishes");
+        assert_eq!((relayed.sent, relayed.received), (5, 6));
+        assert!(relayed.result.is_ok());
+    }
+}

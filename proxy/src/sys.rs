@@ -1,0 +1,43 @@
+//! The few system calls no safe crate wraps. Each `unsafe` block states why
+//! it is sound.
+#![allow(unsafe_code)]
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+/// The network namespace cookie of the namespace a socket lives in
+/// (`SO_NETNS_COOKIE`, Linux 5.14+). It is the key the kernel programs use
+/// for meshed pods, read with `bpf_get_netns_cookie` on their side.
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `fd` is a live socket for the duration of the borrow; `cookie`
+    // and `len` are valid for writes and `len` tells the kernel the buffer
+    // size, so it cannot write past `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Registers a file-descriptor owner with the async runtime for readiness.
+pub fn async_fd_readable<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: the AsyncFd takes ownership of `inner`, which owns the fd, so
+    // the fd stays open for as long as it is registered and is deregistered
+    // before `inner` (and the fd) is dropped.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }
+    .map_err(io::Error::from)
+}
