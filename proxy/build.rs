@@ -10,9 +10,7 @@ fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let default = manifest.join("../target/bpfel-unknown-none/release/outrigger-ebpf");
     println!("cargo:rerun-if-env-changed=OUTRIGGER_EBPF_OBJECT");
-    let object = env::var_os("OUTRIGGER_EBPF_OBJECT")
-        .map(PathBuf::from)
-        .unwrap_or(default);
+    let object = env::var_os("OUTRIGGER_EBPF_OBJECT").map(PathBuf::from).unwrap_or(default);
     println!("cargo:rerun-if-changed={}", object.display());
     println!("cargo::rustc-check-cfg=cfg(outrigger_ebpf_embedded)");
     let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo")).join("outrigger-ebpf.o");

@@ -33,16 +33,8 @@ pub fn is_v4_mapped(ip: &[u32; 4]) -> bool {
 #[inline(always)]
 pub fn normalize(ip: [u32; 4], port: u32) -> SockAddr {
     if is_v4_mapped(&ip) {
-        SockAddr {
-            family: FAMILY_V4,
-            port,
-            ip: [ip[3], 0, 0, 0],
-        }
+        SockAddr { family: FAMILY_V4, port, ip: [ip[3], 0, 0, 0] }
     } else {
-        SockAddr {
-            family: FAMILY_V6,
-            port,
-            ip,
-        }
+        SockAddr { family: FAMILY_V6, port, ip }
     }
 }

@@ -19,8 +19,8 @@ use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sock_ops},
@@ -30,13 +30,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use outrigger_common::{
-    counter, ConnKey, MeshedPod, Settings, SockAddr, FAMILY_V4, FAMILY_V6, MAX_MESHED_NETNS,
-    MAX_ORIG_DST, POD_FLAG_V6_LISTENER,
+    counter, ConnKey, MeshedPod, Settings, SockAddr, FAMILY_V4, FAMILY_V6, MAX_MESHED_NETNS, MAX_ORIG_DST,
+    POD_FLAG_V6_LISTENER,
 };
 
-use addr::{
-    is_loopback_v4, is_loopback_v6, is_v4_mapped, LOOPBACK_V4, LOOPBACK_V6, V4_MAPPED_PREFIX,
-};
+use addr::{is_loopback_v4, is_loopback_v6, is_v4_mapped, LOOPBACK_V4, LOOPBACK_V6, V4_MAPPED_PREFIX};
 
 /// Allow the syscall (0 would fail it with EPERM).
 const ALLOW: i32 = 1;
@@ -51,8 +49,7 @@ static MESHED_NETNS: HashMap<u64, MeshedPod> = HashMap::with_max_entries(MAX_MES
 /// the socket closes (getpeername needs it); LRU so a socket that never
 /// reaches sockops (a connect that failed early) cannot leak an entry forever.
 #[map]
-static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> =
-    LruHashMap::with_max_entries(MAX_ORIG_DST, 0);
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> = LruHashMap::with_max_entries(MAX_ORIG_DST, 0);
 
 /// Original destination of an established steered connection, by what the
 /// proxy sees on accept.
@@ -137,10 +134,7 @@ fn remember(ctx: &SockAddrContext, orig: &SockAddr) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if let Err(errno) = ORIG_DST_BY_COOKIE.insert(&cookie, orig, 0) {
         count(counter::MAP_UPDATE_FAILED);
-        warn!(
-            ctx,
-            "ORIG_DST_BY_COOKIE update failed ({}): connect not captured", errno
-        );
+        warn!(ctx, "ORIG_DST_BY_COOKIE update failed ({}): connect not captured", errno);
         return false;
     }
     true
@@ -154,21 +148,12 @@ pub fn outrigger_connect4(ctx: SockAddrContext) -> i32 {
     };
     let sa = ctx.sock_addr;
     // SAFETY: context field reads.
-    let (ip, user_port) = unsafe {
-        (
-            read_volatile(&(*sa).user_ip4),
-            read_volatile(&(*sa).user_port),
-        )
-    };
+    let (ip, user_port) = unsafe { (read_volatile(&(*sa).user_ip4), read_volatile(&(*sa).user_port)) };
     if is_loopback_v4(ip) {
         count(counter::BYPASS_LOOPBACK);
         return ALLOW;
     }
-    let orig = SockAddr {
-        family: FAMILY_V4,
-        port: u16::from_be(user_port as u16) as u32,
-        ip: [ip, 0, 0, 0],
-    };
+    let orig = SockAddr { family: FAMILY_V4, port: u16::from_be(user_port as u16) as u32, ip: [ip, 0, 0, 0] };
     if !remember(&ctx, &orig) {
         return ALLOW;
     }
@@ -210,11 +195,7 @@ pub fn outrigger_connect6(ctx: SockAddrContext) -> i32 {
             count(counter::BYPASS_LOOPBACK);
             return ALLOW;
         }
-        let orig = SockAddr {
-            family: FAMILY_V4,
-            port: port_host,
-            ip: [ip[3], 0, 0, 0],
-        };
+        let orig = SockAddr { family: FAMILY_V4, port: port_host, ip: [ip[3], 0, 0, 0] };
         (orig, [0, 0, V4_MAPPED_PREFIX, LOOPBACK_V4])
     } else {
         if is_loopback_v6(&ip) {
@@ -225,14 +206,7 @@ pub fn outrigger_connect6(ctx: SockAddrContext) -> i32 {
             count(counter::BYPASS_NO_V6_LISTENER);
             return ALLOW;
         }
-        (
-            SockAddr {
-                family: FAMILY_V6,
-                port: port_host,
-                ip,
-            },
-            LOOPBACK_V6,
-        )
+        (SockAddr { family: FAMILY_V6, port: port_host, ip }, LOOPBACK_V6)
     };
     if !remember(&ctx, &orig) {
         return ALLOW;
@@ -278,11 +252,7 @@ pub fn outrigger_getpeername6(ctx: SockAddrContext) -> i32 {
     let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
         return ALLOW;
     };
-    let ip = if orig.family == FAMILY_V4 {
-        [0, 0, V4_MAPPED_PREFIX, orig.ip[0]]
-    } else {
-        orig.ip
-    };
+    let ip = if orig.family == FAMILY_V4 { [0, 0, V4_MAPPED_PREFIX, orig.ip[0]] } else { orig.ip };
     let sa = ctx.sock_addr;
     // SAFETY: whole-u32 context writes.
     unsafe {
@@ -333,10 +303,7 @@ fn on_established(ctx: &SockOpsContext) {
     let key = conn_key(ctx);
     if let Err(errno) = ORIG_DST.insert(&key, &orig, 0) {
         count(counter::MAP_UPDATE_FAILED);
-        warn!(
-            ctx,
-            "ORIG_DST update failed ({}): the proxy will not find this connection", errno
-        );
+        warn!(ctx, "ORIG_DST update failed ({}): the proxy will not find this connection", errno);
         return;
     }
     count(counter::REKEYED);
@@ -372,16 +339,8 @@ fn conn_key(ctx: &SockOpsContext) -> ConnKey {
         let remote_port = u16::from_be((remote_port >> 16) as u16) as u32;
         let (client, listener) = if family == AF_INET {
             (
-                SockAddr {
-                    family: FAMILY_V4,
-                    port: local_port,
-                    ip: [read_volatile(&(*ops).local_ip4), 0, 0, 0],
-                },
-                SockAddr {
-                    family: FAMILY_V4,
-                    port: remote_port,
-                    ip: [read_volatile(&(*ops).remote_ip4), 0, 0, 0],
-                },
+                SockAddr { family: FAMILY_V4, port: local_port, ip: [read_volatile(&(*ops).local_ip4), 0, 0, 0] },
+                SockAddr { family: FAMILY_V4, port: remote_port, ip: [read_volatile(&(*ops).remote_ip4), 0, 0, 0] },
             )
         } else {
             let local = [
@@ -396,16 +355,9 @@ fn conn_key(ctx: &SockOpsContext) -> ConnKey {
                 read_volatile(&(*ops).remote_ip6[2]),
                 read_volatile(&(*ops).remote_ip6[3]),
             ];
-            (
-                addr::normalize(local, local_port),
-                addr::normalize(remote, remote_port),
-            )
+            (addr::normalize(local, local_port), addr::normalize(remote, remote_port))
         };
-        ConnKey {
-            netns_cookie: bpf_get_netns_cookie(ctx.as_ptr()),
-            client,
-            listener,
-        }
+        ConnKey { netns_cookie: bpf_get_netns_cookie(ctx.as_ptr()), client, listener }
     }
 }
 

@@ -51,16 +51,12 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let log = telemetry::init(args.log_format, &args.log_level)?;
     let cgroup = capture::cgroup::resolve(args.cgroup2_path.as_deref())?;
-    let own_netns_cookie = current_netns_cookie()
-        .context("reading the proxy's own netns cookie (needs Linux 5.14+)")?;
+    let own_netns_cookie =
+        current_netns_cookie().context("reading the proxy's own netns cookie (needs Linux 5.14+)")?;
 
     // Refuse to start on a bad file: there is no last good state to keep.
     let mut watch = FileWatch::new(&args.pods_file);
-    let initial = watch
-        .poll()
-        .await
-        .context("loading the mesh file at start")?
-        .unwrap_or_default();
+    let initial = watch.poll().await.context("loading the mesh file at start")?.unwrap_or_default();
 
     let capture = Arc::new(Capture::load(&CaptureOptions {
         cgroup: &cgroup,
@@ -85,32 +81,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         connections: TaskTracker::new(),
         shutdown: CancellationToken::new(),
     });
-    let status = Arc::new(RwLock::new(NodeStatus {
-        capture_attached: true,
-        ..Default::default()
-    }));
+    let status = Arc::new(RwLock::new(NodeStatus { capture_attached: true, ..Default::default() }));
 
     let admin_listener = admin::bind(args.admin_addr).await?;
     tracing::info!(addr = %args.admin_addr, "admin server listening");
     let admin_stop = CancellationToken::new();
-    let admin_state = Arc::new(AdminState {
-        proxy: proxy.clone(),
-        status: status.clone(),
-        registry,
-        log,
-    });
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        admin_state,
-        admin_stop.clone(),
-    ));
+    let admin_state = Arc::new(AdminState { proxy: proxy.clone(), status: status.clone(), registry, log });
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop.clone()));
 
-    let mut node = Node::new(
-        proxy.clone(),
-        args.outbound_port,
-        own_netns_cookie,
-        status.clone(),
-    );
+    let mut node = Node::new(proxy.clone(), args.outbound_port, own_netns_cookie, status.clone());
     node.reconcile(&initial).await;
     {
         let mut s = status.write().unwrap_or_else(|e| e.into_inner());
@@ -119,29 +98,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(pods = initial.pods.len(), file = %args.pods_file.display(), "mesh file applied");
 
     let reload_stop = CancellationToken::new();
-    let reload = tokio::spawn(node::reload_loop(
-        node,
-        watch,
-        args.reload_interval,
-        reload_stop.clone(),
-    ));
+    let reload = tokio::spawn(node::reload_loop(node, watch, args.reload_interval, reload_stop.clone()));
 
     let signal = wait_for_signal().await?;
     tracing::info!(signal, drain_timeout = ?args.drain_timeout, "shutting down: un-meshing pods, draining connections");
-    status
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .shutting_down = true;
+    status.write().unwrap_or_else(|e| e.into_inner()).shutting_down = true;
     reload_stop.cancel();
     let mut node = reload.await.context("the reload loop panicked")?;
     node.unmesh_all().await;
     proxy.shutdown.cancel();
     proxy.connections.close();
     let open = proxy.connections.len();
-    if tokio::time::timeout(args.drain_timeout, proxy.connections.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(args.drain_timeout, proxy.connections.wait()).await.is_err() {
         tracing::warn!(
             cut = proxy.connections.len(),
             "drain deadline reached; closing the connections still open (raise --drain-timeout to wait longer)"

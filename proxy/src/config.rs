@@ -39,12 +39,7 @@ pub enum LogFormat {
 pub struct RunArgs {
     /// Mesh state file (YAML) listing the pods on this node. Watched: edits apply
     /// without a restart; a bad file is rejected and the last good state stays in force.
-    #[arg(
-        long,
-        env = "OUTRIGGER_PODS_FILE",
-        default_value = "/etc/outrigger/mesh.yaml",
-        visible_alias = "mesh-file"
-    )]
+    #[arg(long, env = "OUTRIGGER_PODS_FILE", default_value = "/etc/outrigger/mesh.yaml", visible_alias = "mesh-file")]
     pub pods_file: PathBuf,
 
     /// How often the pods file is checked for changes.

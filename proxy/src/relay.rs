@@ -25,12 +25,7 @@ impl Relayed {
     pub fn outcome(&self) -> &'static str {
         match &self.result {
             Ok(()) => "ok",
-            Err(e)
-                if e.kind() == io::ErrorKind::ConnectionReset
-                    || e.kind() == io::ErrorKind::BrokenPipe =>
-            {
-                "reset"
-            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset || e.kind() == io::ErrorKind::BrokenPipe => "reset",
             Err(_) => "error",
         }
     }
@@ -55,19 +50,10 @@ where
         // not leave the other waiting forever.
         tokio::try_join!(forward, backward).map(|_| ())
     };
-    Relayed {
-        sent,
-        received,
-        result,
-    }
+    Relayed { sent, received, result }
 }
 
-async fn copy_one<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    buffer_size: usize,
-    count: &mut u64,
-) -> io::Result<()>
+async fn copy_one<R, W>(reader: &mut R, writer: &mut W, buffer_size: usize, count: &mut u64) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -98,10 +84,7 @@ mod tests {
         client_w.write_all(b"hello").await.expect("write");
         client_w.shutdown().await.expect("half-close");
         let mut got = Vec::new();
-        server_r
-            .read_to_end(&mut got)
-            .await
-            .expect("server reads to EOF");
+        server_r.read_to_end(&mut got).await.expect("server reads to EOF");
         assert_eq!(got, b"hello");
         // After the client's half-close the other direction still flows.
         server_w.write_all(b"world!").await.expect("write back");

@@ -36,8 +36,6 @@ pub fn async_fd_readable<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::As
     // SAFETY: the AsyncFd takes ownership of `inner`, which owns the fd, so
     // the fd stays open for as long as it is registered and is deregistered
     // before `inner` (and the fd) is dropped.
-    unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
-    }
-    .map_err(io::Error::from)
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
 }

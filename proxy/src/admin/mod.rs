@@ -43,9 +43,7 @@ pub struct AdminState {
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AdminError::Bind { addr, source })
+    TcpListener::bind(addr).await.map_err(|source| AdminError::Bind { addr, source })
 }
 
 /// Serves until `stop` is cancelled. The admin server outlives the proxy's
@@ -68,9 +66,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, req)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
@@ -78,20 +74,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
 }
 
 fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec_pretty(value).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(body)));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     resp
 }
 
@@ -101,29 +91,19 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => match status().readiness() {
             Ok(()) => text(StatusCode::OK, "ready\n"),
-            Err(why) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {why}\n"),
-            ),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
         },
-        (&Method::GET, "/metrics" | "/stats/prometheus") => {
-            match crate::metrics::encode(&state.registry) {
-                Ok(body) => {
-                    let mut resp = text(StatusCode::OK, body);
-                    resp.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        header::HeaderValue::from_static(
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        ),
-                    );
-                    resp
-                }
-                Err(_) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "encoding metrics failed\n",
-                ),
+        (&Method::GET, "/metrics" | "/stats/prometheus") => match crate::metrics::encode(&state.registry) {
+            Ok(body) => {
+                let mut resp = text(StatusCode::OK, body);
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                );
+                resp
             }
-        }
+            Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n"),
+        },
         (&Method::GET, "/config_dump") => {
             let node = status();
             let dump = serde_json::json!({
@@ -146,10 +126,9 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")))
                 .map(|v| v.replace("%2C", ",").replace("%3D", "="));
             match level {
-                None => text(
-                    StatusCode::BAD_REQUEST,
-                    "usage: POST /logging?level=FILTER (e.g. info, outrigger=debug)\n",
-                ),
+                None => {
+                    text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=FILTER (e.g. info, outrigger=debug)\n")
+                }
                 Some(level) => match state.log.set(&level) {
                     Ok(()) => {
                         tracing::info!(filter = %level, "log filter changed");

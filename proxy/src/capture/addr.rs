@@ -14,22 +14,14 @@ pub fn to_kernel(addr: SocketAddr) -> SockAddr {
             None => {
                 let o = ip.octets();
                 let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-                SockAddr {
-                    family: FAMILY_V6,
-                    port,
-                    ip: [word(0), word(4), word(8), word(12)],
-                }
+                SockAddr { family: FAMILY_V6, port, ip: [word(0), word(4), word(8), word(12)] }
             }
         },
     }
 }
 
 fn v4(ip: Ipv4Addr, port: u32) -> SockAddr {
-    SockAddr {
-        family: FAMILY_V4,
-        port,
-        ip: [u32::from_ne_bytes(ip.octets()), 0, 0, 0],
-    }
+    SockAddr { family: FAMILY_V4, port, ip: [u32::from_ne_bytes(ip.octets()), 0, 0, 0] }
 }
 
 /// `None` when the family tag is not one the kernel programs write.

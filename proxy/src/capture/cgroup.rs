@@ -16,20 +16,14 @@ pub fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
 
 /// /proc/self/mounts escapes spaces and a few other bytes as octal.
 fn unescape_mount_path(path: &str) -> String {
-    path.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
+    path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }
 
 /// The cgroup to attach to: the override if given (it must be inside a
 /// cgroup2 mount), else the root of the cgroup2 mount.
 pub fn resolve(override_path: Option<&Path>) -> Result<PathBuf, CaptureError> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mounts").map_err(|source| CaptureError::Io {
-            what: "reading /proc/self/mounts".into(),
-            source,
-        })?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(|source| CaptureError::Io { what: "reading /proc/self/mounts".into(), source })?;
     let root = cgroup2_mount_in(&mounts).ok_or(CaptureError::NoCgroup2)?;
     match override_path {
         None => Ok(root),
@@ -51,10 +45,7 @@ mod tests {
         let mounts = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
                       cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
                       cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(
-            cgroup2_mount_in(mounts),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
+        assert_eq!(cgroup2_mount_in(mounts), Some(PathBuf::from("/sys/fs/cgroup/unified")));
     }
 
     #[test]
@@ -65,9 +56,6 @@ mod tests {
     #[test]
     fn unescapes_spaces() {
         let mounts = "cgroup2 /mnt/my\\040cgroup cgroup2 rw 0 0\n";
-        assert_eq!(
-            cgroup2_mount_in(mounts),
-            Some(PathBuf::from("/mnt/my cgroup"))
-        );
+        assert_eq!(cgroup2_mount_in(mounts), Some(PathBuf::from("/mnt/my cgroup")));
     }
 }

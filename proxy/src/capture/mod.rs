@@ -28,8 +28,7 @@ use serde::Serialize;
 
 /// The kernel programs built by `cargo xtask build-ebpf`, embedded at build
 /// time (empty when they were not built).
-static EMBEDDED_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/outrigger-ebpf.o"));
+static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/outrigger-ebpf.o"));
 
 const CONNECT4: &str = "outrigger_connect4";
 const CONNECT6: &str = "outrigger_connect6";
@@ -57,9 +56,7 @@ pub enum CaptureError {
     },
     #[error("loading the eBPF object failed: {0} (is the proxy running as root with CAP_BPF and CAP_NET_ADMIN?)")]
     Load(#[source] Box<EbpfError>),
-    #[error(
-        "eBPF program {name} is missing from the object: rebuild with `cargo xtask build-ebpf`"
-    )]
+    #[error("eBPF program {name} is missing from the object: rebuild with `cargo xtask build-ebpf`")]
     MissingProgram { name: &'static str },
     #[error("eBPF map {name} is missing from the object: rebuild with `cargo xtask build-ebpf`")]
     MissingMap { name: &'static str },
@@ -104,33 +101,23 @@ pub struct Capture {
 
 impl std::fmt::Debug for Capture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Capture")
-            .field("attached", &self.attached)
-            .finish_non_exhaustive()
+        f.debug_struct("Capture").field("attached", &self.attached).finish_non_exhaustive()
     }
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> CaptureError {
-    move |source| CaptureError::Map {
-        name,
-        source: Box::new(source),
-    }
+    move |source| CaptureError::Map { name, source: Box::new(source) }
 }
 
 fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> CaptureError {
-    move |source| CaptureError::Program {
-        name,
-        source: Box::new(source),
-    }
+    move |source| CaptureError::Program { name, source: Box::new(source) }
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(CaptureError::MissingMap { name })?;
+    let map = ebpf.take_map(name).ok_or(CaptureError::MissingMap { name })?;
     T::try_from(map).map_err(map_err(name))
 }
 
@@ -145,43 +132,27 @@ impl Capture {
             None if EMBEDDED_OBJECT.is_empty() => return Err(CaptureError::NotBuilt),
             None => EMBEDDED_OBJECT.to_vec(),
         };
-        let mut ebpf = EbpfLoader::new()
-            .load(&bytes)
-            .map_err(|e| CaptureError::Load(Box::new(e)))?;
+        let mut ebpf = EbpfLoader::new().load(&bytes).map_err(|e| CaptureError::Load(Box::new(e)))?;
         logger::spawn(&mut ebpf);
 
         let mut settings: Array<MapData, Settings> = take_map(&mut ebpf, "SETTINGS")?;
         settings
-            .set(
-                0,
-                Settings {
-                    mark: opts.mark,
-                    proxy_tgid: std::process::id(),
-                },
-                0,
-            )
+            .set(0, Settings { mark: opts.mark, proxy_tgid: std::process::id() }, 0)
             .map_err(map_err("SETTINGS"))?;
         let meshed = take_map(&mut ebpf, "MESHED_NETNS")?;
         let orig_dst = take_map(&mut ebpf, "ORIG_DST")?;
         let orig_by_cookie = take_map(&mut ebpf, "ORIG_DST_BY_COOKIE")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
 
-        let cgroup = File::open(opts.cgroup).map_err(|source| CaptureError::Io {
-            what: format!("opening cgroup {}", opts.cgroup.display()),
-            source,
-        })?;
+        let cgroup = File::open(opts.cgroup)
+            .map_err(|source| CaptureError::Io { what: format!("opening cgroup {}", opts.cgroup.display()), source })?;
         let mut attached = Vec::new();
         // sockops first: a connect steered before it is attached would never be re-keyed.
         {
             let prog: &mut SockOps = program(&mut ebpf, SOCKOPS)?;
             prog.load().map_err(prog_err(SOCKOPS))?;
-            prog.attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(prog_err(SOCKOPS))?;
-            attached.push(AttachedProgram {
-                name: SOCKOPS,
-                attach_type: "sock_ops",
-                cgroup: opts.cgroup.into(),
-            });
+            prog.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err(SOCKOPS))?;
+            attached.push(AttachedProgram { name: SOCKOPS, attach_type: "sock_ops", cgroup: opts.cgroup.into() });
         }
         for (name, attach_type) in [
             (GETPEERNAME4, "cgroup_inet4_getpeername"),
@@ -193,22 +164,10 @@ impl Capture {
             prog.load().map_err(prog_err(name))?;
             // Single is the only mode bpf_link_create accepts here; links
             // still stack with other programs as if multi.
-            prog.attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(prog_err(name))?;
-            attached.push(AttachedProgram {
-                name,
-                attach_type,
-                cgroup: opts.cgroup.into(),
-            });
+            prog.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err(name))?;
+            attached.push(AttachedProgram { name, attach_type, cgroup: opts.cgroup.into() });
         }
-        Ok(Self {
-            _ebpf: ebpf,
-            meshed: Mutex::new(meshed),
-            orig_dst,
-            orig_by_cookie,
-            counters,
-            attached,
-        })
+        Ok(Self { _ebpf: ebpf, meshed: Mutex::new(meshed), orig_dst, orig_by_cookie, counters, attached })
     }
 
     pub fn attached(&self) -> &[AttachedProgram] {
@@ -218,8 +177,7 @@ impl Capture {
     /// Starts capturing the connects made in the netns with this cookie.
     pub fn mesh(&self, netns_cookie: u64, pod: MeshedPod) -> Result<(), CaptureError> {
         let mut map = self.meshed.lock().unwrap_or_else(|e| e.into_inner());
-        map.insert(netns_cookie, pod, 0)
-            .map_err(map_err("MESHED_NETNS"))
+        map.insert(netns_cookie, pod, 0).map_err(map_err("MESHED_NETNS"))
     }
 
     /// Stops capturing; connections already steered are unaffected.
@@ -247,10 +205,7 @@ impl Capture {
     pub fn counters(&self) -> Result<[u64; counter::COUNT as usize], CaptureError> {
         let mut out = [0u64; counter::COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
-            let per_cpu = self
-                .counters
-                .get(&(i as u32), 0)
-                .map_err(map_err("COUNTERS"))?;
+            let per_cpu = self.counters.get(&(i as u32), 0).map_err(map_err("COUNTERS"))?;
             *slot = per_cpu.iter().sum();
         }
         Ok(out)
@@ -259,12 +214,7 @@ impl Capture {
     /// Entries in (ORIG_DST, ORIG_DST_BY_COOKIE, MESHED_NETNS). Walks the
     /// maps: for the admin server, not the data path.
     pub fn map_entries(&self) -> MapEntries {
-        let meshed = self
-            .meshed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .count();
+        let meshed = self.meshed.lock().unwrap_or_else(|e| e.into_inner()).keys().count();
         MapEntries {
             orig_dst: self.orig_dst.keys().count(),
             orig_dst_by_cookie: self.orig_by_cookie.keys().count(),
@@ -291,8 +241,6 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, C
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or(CaptureError::MissingProgram { name })?;
+    let prog = ebpf.program_mut(name).ok_or(CaptureError::MissingProgram { name })?;
     prog.try_into().map_err(prog_err(name))
 }

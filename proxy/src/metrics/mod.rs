@@ -64,26 +64,14 @@ pub struct ConnMetrics {
 impl Metrics {
     pub fn register(self: &Arc<Self>, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("outrigger");
-        r.register(
-            "connections_opened",
-            "TCP connections accepted by the proxy",
-            self.connections_opened.clone(),
-        );
-        r.register(
-            "connections_closed",
-            "Proxied TCP connections that ended",
-            self.connections_closed.clone(),
-        );
+        r.register("connections_opened", "TCP connections accepted by the proxy", self.connections_opened.clone());
+        r.register("connections_closed", "Proxied TCP connections that ended", self.connections_closed.clone());
         r.register(
             "connections_failed",
             "Connections the proxy could not forward, by reason",
             self.connections_failed.clone(),
         );
-        r.register(
-            "connections_open",
-            "Proxied TCP connections open now",
-            self.connections_open.clone(),
-        );
+        r.register("connections_open", "Proxied TCP connections open now", self.connections_open.clone());
         r.register(
             "sent_bytes",
             "Bytes forwarded from the source pod towards the destination",
@@ -99,16 +87,8 @@ impl Metrics {
             "Accepted connections whose original destination the kernel maps did not hold",
             self.orig_dst_misses.clone(),
         );
-        r.register(
-            "config_reloads",
-            "Mesh file loads, by result (applied, rejected)",
-            self.config_reloads.clone(),
-        );
-        r.register(
-            "pods_meshed",
-            "Pods whose connections are captured now",
-            self.pods_meshed.clone(),
-        );
+        r.register("config_reloads", "Mesh file loads, by result (applied, rejected)", self.config_reloads.clone());
+        r.register("pods_meshed", "Pods whose connections are captured now", self.pods_meshed.clone());
     }
 
     pub fn connection(&self, labels: &PodLabels) -> ConnMetrics {

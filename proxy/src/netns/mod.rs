@@ -27,7 +27,9 @@ const QUEUE_DEPTH: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
-    #[error("opening netns {path}: {source} (is the pod running? for `ip netns` pods the file is /var/run/netns/NAME)")]
+    #[error(
+        "opening netns {path}: {source} (is the pod running? for `ip netns` pods the file is /var/run/netns/NAME)"
+    )]
     Open {
         path: PathBuf,
         #[source]
@@ -71,16 +73,11 @@ pub struct Netns {
 impl Netns {
     /// Opens the netns file, starts its thread and reads its cookie.
     pub fn open(path: &Path, thread_name: &str) -> Result<Self, NetnsError> {
-        let open_err = |source| NetnsError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
+        let open_err = |source| NetnsError::Open { path: path.to_path_buf(), source };
         let file = File::open(path).map_err(open_err)?;
         let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| open_err(e.into()))?;
         if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
-            return Err(NetnsError::NotANetns {
-                path: path.to_path_buf(),
-            });
+            return Err(NetnsError::NotANetns { path: path.to_path_buf() });
         }
         let (jobs, mut queue) = mpsc::channel::<Job>(QUEUE_DEPTH);
         let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
@@ -89,15 +86,10 @@ impl Netns {
             .name(thread_name.chars().take(15).collect())
             .spawn(move || {
                 let entered = nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
-                    .map_err(|source| NetnsError::Enter {
-                        path: thread_path.clone(),
-                        source,
-                    })
+                    .map_err(|source| NetnsError::Enter { path: thread_path.clone(), source })
                     .and_then(|()| {
-                        sockets::current_netns_cookie().map_err(|source| NetnsError::Cookie {
-                            path: thread_path.clone(),
-                            source,
-                        })
+                        sockets::current_netns_cookie()
+                            .map_err(|source| NetnsError::Cookie { path: thread_path.clone(), source })
                     });
                 let ok = entered.is_ok();
                 let _ = ready_tx.send(entered);
@@ -109,18 +101,9 @@ impl Netns {
                     job();
                 }
             })
-            .map_err(|source| NetnsError::Spawn {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let cookie = ready_rx.recv().map_err(|_| NetnsError::Stopped {
-            path: path.to_path_buf(),
-        })??;
-        Ok(Self {
-            path: path.to_path_buf(),
-            cookie,
-            jobs,
-        })
+            .map_err(|source| NetnsError::Spawn { path: path.to_path_buf(), source })?;
+        let cookie = ready_rx.recv().map_err(|_| NetnsError::Stopped { path: path.to_path_buf() })??;
+        Ok(Self { path: path.to_path_buf(), cookie, jobs })
     }
 
     pub fn path(&self) -> &Path {
@@ -142,9 +125,7 @@ impl Netns {
         let job: Job = Box::new(move || {
             let _ = tx.send(f());
         });
-        let stopped = || NetnsError::Stopped {
-            path: self.path.clone(),
-        };
+        let stopped = || NetnsError::Stopped { path: self.path.clone() };
         self.jobs.send(job).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())
     }

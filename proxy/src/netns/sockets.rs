@@ -21,11 +21,7 @@ pub fn current_netns_cookie() -> io::Result<u64> {
 
 /// A non-blocking TCP listener on `addr` in the calling thread's netns.
 pub fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
         // The IPv4 listener serves IPv4-mapped connects; this one is v6 only.
@@ -39,16 +35,8 @@ pub fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// A non-blocking TCP socket for a connection to `dest`, carrying the
 /// proxy's mark so the kernel programs leave it alone.
 pub fn upstream_socket(dest: IpAddr, mark: u32) -> io::Result<std::net::TcpStream> {
-    let domain = if dest.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let socket = Socket::new(
-        domain,
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
+    let domain = if dest.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
     socket.set_mark(mark)?;
     socket.set_tcp_nodelay(true)?;
     Ok(socket.into())

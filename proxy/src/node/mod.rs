@@ -41,12 +41,7 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(
-        proxy: Arc<Proxy>,
-        outbound_port: u16,
-        own_netns_cookie: u64,
-        status: Arc<RwLock<NodeStatus>>,
-    ) -> Self {
+    pub fn new(proxy: Arc<Proxy>, outbound_port: u16, own_netns_cookie: u64, status: Arc<RwLock<NodeStatus>>) -> Self {
         Self {
             proxy,
             outbound_port,
@@ -72,8 +67,7 @@ impl Node {
                 self.stop_pod(&key, pod);
             }
         }
-        self.failed
-            .retain(|key, (spec, _)| state.pods.get(key) == Some(spec));
+        self.failed.retain(|key, (spec, _)| state.pods.get(key) == Some(spec));
         for (key, spec) in &state.pods {
             if !self.running.contains_key(key) {
                 self.start_or_record(key.clone(), spec.clone()).await;
@@ -106,11 +100,7 @@ impl Node {
             }
             Err(e) => {
                 let message = e.to_string();
-                let known = self
-                    .failed
-                    .get(&key)
-                    .map(|(_, m)| m == &message)
-                    .unwrap_or(false);
+                let known = self.failed.get(&key).map(|(_, m)| m == &message).unwrap_or(false);
                 if !known {
                     tracing::error!(pod = %key, error = %message, "pod not meshed; retrying");
                 }
@@ -130,32 +120,19 @@ impl Node {
                 flags |= POD_FLAG_V6_LISTENER;
             }
             addrs.push(listener.local_addr().map_err(PodError::ListenerAddr)?);
-            tokio::spawn(crate::outbound::serve(
-                listener,
-                ctx.clone(),
-                self.proxy.clone(),
-                stop.clone(),
-            ));
+            tokio::spawn(crate::outbound::serve(listener, ctx.clone(), self.proxy.clone(), stop.clone()));
         }
         // Capture only once the listeners are up: a connect steered to a
         // port nobody listens on would be refused.
-        if let Err(e) = self.proxy.capture.mesh(
-            ctx.netns.cookie(),
-            MeshedPod {
-                pod_id: id,
-                outbound_port: u32::from(self.outbound_port),
-                flags,
-            },
-        ) {
+        if let Err(e) = self
+            .proxy
+            .capture
+            .mesh(ctx.netns.cookie(), MeshedPod { pod_id: id, outbound_port: u32::from(self.outbound_port), flags })
+        {
             stop.cancel();
             return Err(PodError::Capture(e));
         }
-        Ok(RunningPod {
-            spec: spec.clone(),
-            ctx,
-            listeners: addrs,
-            stop,
-        })
+        Ok(RunningPod { spec: spec.clone(), ctx, listeners: addrs, stop })
     }
 
     fn stop_pod(&self, key: &PodKey, pod: RunningPod) {
@@ -185,10 +162,7 @@ impl Node {
     }
 
     fn publish(&self) {
-        self.proxy
-            .metrics
-            .pods_meshed
-            .set(self.running.len() as i64);
+        self.proxy.metrics.pods_meshed.set(self.running.len() as i64);
         let mut pods: Vec<PodStatus> = self
             .running
             .iter()
@@ -230,11 +204,7 @@ pub async fn reload_loop(
         match watch.poll().await {
             Ok(Some(state)) => {
                 node.reconcile(&state).await;
-                node.proxy
-                    .metrics
-                    .config_reloads
-                    .get_or_create(&ResultLabels { result: "applied" })
-                    .inc();
+                node.proxy.metrics.config_reloads.get_or_create(&ResultLabels { result: "applied" }).inc();
                 node.record_reload(None);
                 tracing::info!(file = %watch.path().display(), pods = state.pods.len(), "mesh file applied");
             }
@@ -242,11 +212,7 @@ pub async fn reload_loop(
             Err(e) => {
                 let message = e.to_string();
                 if node.record_reload(Some(message.clone())) {
-                    node.proxy
-                        .metrics
-                        .config_reloads
-                        .get_or_create(&ResultLabels { result: "rejected" })
-                        .inc();
+                    node.proxy.metrics.config_reloads.get_or_create(&ResultLabels { result: "rejected" }).inc();
                     tracing::error!(error = %message, "mesh file rejected; the last good state stays in force");
                 }
                 node.retry_failed().await;

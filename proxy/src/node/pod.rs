@@ -14,9 +14,7 @@ use crate::{
 pub enum PodError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
-    #[error(
-        "netns {0} is the proxy's own network namespace; meshing it would capture the proxy itself"
-    )]
+    #[error("netns {0} is the proxy's own network namespace; meshing it would capture the proxy itself")]
     OwnNetns(String),
     #[error("binding {addr} in the pod's netns: {source} (is another process using port {port} in the pod, or loopback down?)")]
     Bind {
@@ -50,12 +48,7 @@ impl PodContext {
         if netns.cookie() == own_netns_cookie {
             return Err(PodError::OwnNetns(spec.netns.display().to_string()));
         }
-        Ok(Self {
-            id,
-            key: spec.key(),
-            spec: spec.clone(),
-            netns,
-        })
+        Ok(Self { id, key: spec.key(), spec: spec.clone(), netns })
     }
 
     /// Binds `127.0.0.1:port` and `[::1]:port` inside the pod. A pod
@@ -67,8 +60,8 @@ impl PodContext {
             let bound = self.netns.run(move || bind_listener(addr)).await?;
             match bound {
                 Ok(std_listener) => {
-                    let listener = TcpListener::from_std(std_listener)
-                        .map_err(|source| PodError::Bind { addr, port, source })?;
+                    let listener =
+                        TcpListener::from_std(std_listener).map_err(|source| PodError::Bind { addr, port, source })?;
                     listeners.push(listener);
                 }
                 Err(e) if v6 && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {

@@ -46,11 +46,8 @@ impl NodeStatus {
             });
         }
         if !self.pods_ready {
-            let failing: Vec<String> = self
-                .pods
-                .iter()
-                .filter_map(|p| p.error.as_ref().map(|e| format!("{}: {e}", p.key)))
-                .collect();
+            let failing: Vec<String> =
+                self.pods.iter().filter_map(|p| p.error.as_ref().map(|e| format!("{}: {e}", p.key))).collect();
             return Err(format!("pods not meshed: {}", failing.join("; ")));
         }
         Ok(())

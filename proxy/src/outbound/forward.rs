@@ -7,8 +7,8 @@ use outrigger_common::ConnKey;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::{
-    capture::addr::to_kernel, metrics::PodLabels, netns::sockets::upstream_socket,
-    node::PodContext, proxy::Proxy, relay::relay,
+    capture::addr::to_kernel, metrics::PodLabels, netns::sockets::upstream_socket, node::PodContext, proxy::Proxy,
+    relay::relay,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -16,10 +16,7 @@ pub enum ForwardError {
     #[error("connection to {dest} refused: is anything listening there?")]
     Refused { dest: SocketAddr },
     #[error("connection to {dest} timed out after {timeout:?}: is the destination reachable from the pod?")]
-    Timeout {
-        dest: SocketAddr,
-        timeout: std::time::Duration,
-    },
+    Timeout { dest: SocketAddr, timeout: std::time::Duration },
     #[error("no route to {dest}: {source}")]
     NoRoute {
         dest: SocketAddr,
@@ -60,11 +57,8 @@ pub async fn run(client: TcpStream, conn: Connection, proxy: Arc<Proxy>) {
     let start = Instant::now();
     let _ = client.set_nodelay(true);
     let pod = &conn.pod;
-    let key = ConnKey {
-        netns_cookie: pod.netns.cookie(),
-        client: to_kernel(conn.peer),
-        listener: to_kernel(conn.local),
-    };
+    let key =
+        ConnKey { netns_cookie: pod.netns.cookie(), client: to_kernel(conn.peer), listener: to_kernel(conn.local) };
     let dest = match proxy.capture.original_destination(&key) {
         Ok(Some(dest)) => dest,
         Ok(None) => {
@@ -121,11 +115,7 @@ pub async fn run(client: TcpStream, conn: Connection, proxy: Arc<Proxy>) {
     );
 }
 
-async fn connect(
-    pod: &PodContext,
-    dest: SocketAddr,
-    proxy: &Proxy,
-) -> Result<TcpStream, ForwardError> {
+async fn connect(pod: &PodContext, dest: SocketAddr, proxy: &Proxy) -> Result<TcpStream, ForwardError> {
     let mark = proxy.forward.mark;
     let ip = dest.ip();
     let socket = pod

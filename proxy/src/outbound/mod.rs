@@ -16,12 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{node::PodContext, proxy::Proxy};
 
 /// Serves one pod-local listener until `stop` is cancelled.
-pub async fn serve(
-    listener: TcpListener,
-    pod: Arc<PodContext>,
-    proxy: Arc<Proxy>,
-    stop: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>, stop: CancellationToken) {
     let local = match listener.local_addr() {
         Ok(addr) => addr,
         Err(e) => {
@@ -37,14 +32,8 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let conn = forward::Connection {
-                    pod: pod.clone(),
-                    peer,
-                    local,
-                };
-                proxy
-                    .connections
-                    .spawn(forward::run(stream, conn, proxy.clone()));
+                let conn = forward::Connection { pod: pod.clone(), peer, local };
+                proxy.connections.spawn(forward::run(stream, conn, proxy.clone()));
             }
             Err(e) => {
                 // Out of file descriptors or memory: back off instead of spinning;

@@ -88,10 +88,7 @@ impl fmt::Display for PodKey {
 
 impl PodSpec {
     pub fn key(&self) -> PodKey {
-        PodKey {
-            namespace: self.namespace.clone(),
-            name: self.name.clone(),
-        }
+        PodKey { namespace: self.namespace.clone(), name: self.name.clone() }
     }
 }
 
@@ -103,39 +100,25 @@ pub struct MeshState {
 
 impl MeshState {
     pub fn parse(path: &Path, text: &str) -> Result<Self, MeshFileError> {
-        let invalid = |problem: String| MeshFileError::Invalid {
-            path: path.to_path_buf(),
-            problem,
-        };
+        let invalid = |problem: String| MeshFileError::Invalid { path: path.to_path_buf(), problem };
         let file: MeshFile = if text.trim().is_empty() {
             MeshFile { pods: Vec::new() }
         } else {
-            serde_yaml::from_str(text).map_err(|source| MeshFileError::Parse {
-                path: path.to_path_buf(),
-                source,
-            })?
+            serde_yaml::from_str(text).map_err(|source| MeshFileError::Parse { path: path.to_path_buf(), source })?
         };
         let mut pods = BTreeMap::new();
         let mut netns_owner: HashMap<&Path, PodKey> = HashMap::new();
         let mut ip_owner: HashMap<IpAddr, PodKey> = HashMap::new();
         for (i, pod) in file.pods.iter().enumerate() {
             check_name("pod name", &pod.name).map_err(|p| invalid(format!("pods[{i}]: {p}")))?;
-            check_name("namespace", &pod.namespace)
-                .map_err(|p| invalid(format!("pod {}: {p}", pod.name)))?;
+            check_name("namespace", &pod.namespace).map_err(|p| invalid(format!("pod {}: {p}", pod.name)))?;
             let key = pod.key();
-            check_name("serviceAccount", &pod.service_account)
-                .map_err(|p| invalid(format!("pod {key}: {p}")))?;
+            check_name("serviceAccount", &pod.service_account).map_err(|p| invalid(format!("pod {key}: {p}")))?;
             if !pod.netns.is_absolute() {
-                return Err(invalid(format!(
-                    "pod {key}: netns {:?} must be an absolute path",
-                    pod.netns
-                )));
+                return Err(invalid(format!("pod {key}: netns {:?} must be an absolute path", pod.netns)));
             }
             if let Some(other) = netns_owner.insert(&pod.netns, key.clone()) {
-                return Err(invalid(format!(
-                    "pods {other} and {key} share netns {}",
-                    pod.netns.display()
-                )));
+                return Err(invalid(format!("pods {other} and {key} share netns {}", pod.netns.display())));
             }
             for ip in &pod.ips {
                 if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
@@ -157,15 +140,9 @@ impl MeshState {
 /// at most 63) — also what keeps them safe as metric labels and in logs.
 fn check_name(what: &str, name: &str) -> Result<(), String> {
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
-    if name.is_empty()
-        || name.len() > 253
-        || !name.chars().all(ok_char)
-        || name.starts_with('-')
-        || name.ends_with('-')
+    if name.is_empty() || name.len() > 253 || !name.chars().all(ok_char) || name.starts_with('-') || name.ends_with('-')
     {
-        return Err(format!(
-            "{what} {name:?} is not a valid Kubernetes name (lower-case letters, digits, '-', '.')"
-        ));
+        return Err(format!("{what} {name:?} is not a valid Kubernetes name (lower-case letters, digits, '-', '.')"));
     }
     Ok(())
 }
@@ -180,10 +157,8 @@ mod tests {
 
     #[test]
     fn parses_pods_with_defaults() {
-        let state = parse(
-            "pods:\n  - name: a\n    netns: /var/run/netns/a\n    ips: [10.0.0.1, 'fd00::1']\n",
-        )
-        .expect("valid");
+        let state =
+            parse("pods:\n  - name: a\n    netns: /var/run/netns/a\n    ips: [10.0.0.1, 'fd00::1']\n").expect("valid");
         let pod = state.pods.values().next().expect("one pod");
         assert_eq!(pod.namespace, "default");
         assert_eq!(pod.service_account, "default");
@@ -197,29 +172,20 @@ mod tests {
 
     #[test]
     fn rejects_unknown_fields_with_location() {
-        let err =
-            parse("pods:\n  - name: a\n    netns: /x\n    ipz: []\n").expect_err("unknown field");
+        let err = parse("pods:\n  - name: a\n    netns: /x\n    ipz: []\n").expect_err("unknown field");
         let msg = err.to_string();
         assert!(msg.contains("ipz") && msg.contains("line"), "{msg}");
     }
 
     #[test]
     fn rejects_duplicates() {
-        let dup_ip = "pods:\n  - {name: a, netns: /n/a, ips: [10.0.0.1]}\n  - {name: b, netns: /n/b, ips: [10.0.0.1]}\n";
-        assert!(parse(dup_ip)
-            .expect_err("dup ip")
-            .to_string()
-            .contains("both claim 10.0.0.1"));
+        let dup_ip =
+            "pods:\n  - {name: a, netns: /n/a, ips: [10.0.0.1]}\n  - {name: b, netns: /n/b, ips: [10.0.0.1]}\n";
+        assert!(parse(dup_ip).expect_err("dup ip").to_string().contains("both claim 10.0.0.1"));
         let dup_netns = "pods:\n  - {name: a, netns: /n/a}\n  - {name: b, netns: /n/a}\n";
-        assert!(parse(dup_netns)
-            .expect_err("dup netns")
-            .to_string()
-            .contains("share netns"));
+        assert!(parse(dup_netns).expect_err("dup netns").to_string().contains("share netns"));
         let dup_name = "pods:\n  - {name: a, netns: /n/a}\n  - {name: a, netns: /n/b}\n";
-        assert!(parse(dup_name)
-            .expect_err("dup")
-            .to_string()
-            .contains("listed twice"));
+        assert!(parse(dup_name).expect_err("dup").to_string().contains("listed twice"));
     }
 
     #[test]

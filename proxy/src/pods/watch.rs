@@ -15,10 +15,7 @@ pub struct FileWatch {
 
 impl FileWatch {
     pub fn new(path: &Path) -> Self {
-        Self {
-            path: path.to_path_buf(),
-            last: None,
-        }
+        Self { path: path.to_path_buf(), last: None }
     }
 
     pub fn path(&self) -> &Path {
@@ -30,19 +27,14 @@ impl FileWatch {
     pub async fn poll(&mut self) -> Result<Option<MeshState>, MeshFileError> {
         let bytes = tokio::fs::read(&self.path)
             .await
-            .map_err(|source| MeshFileError::Read {
-                path: self.path.clone(),
-                source,
-            })?;
+            .map_err(|source| MeshFileError::Read { path: self.path.clone(), source })?;
         if self.last.as_deref() == Some(&bytes[..]) {
             return Ok(None);
         }
         self.last = Some(bytes);
         let bytes = self.last.as_deref().unwrap_or_default();
-        let text = std::str::from_utf8(bytes).map_err(|e| MeshFileError::Invalid {
-            path: self.path.clone(),
-            problem: format!("not UTF-8: {e}"),
-        })?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| MeshFileError::Invalid { path: self.path.clone(), problem: format!("not UTF-8: {e}") })?;
         MeshState::parse(&self.path, text).map(Some)
     }
 }

@@ -2,17 +2,13 @@
 //! server, so a node can be debugged without a restart.
 #![forbid(unsafe_code)]
 
-use tracing_subscriber::{
-    fmt, layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Registry,
-};
+use tracing_subscriber::{fmt, layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Registry};
 
 use crate::config::LogFormat;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoggingError {
-    #[error(
-        "invalid log filter {filter:?}: {source} (examples: \"info\", \"outrigger=debug,warn\")"
-    )]
+    #[error("invalid log filter {filter:?}: {source} (examples: \"info\", \"outrigger=debug,warn\")")]
     Filter {
         filter: String,
         #[source]
@@ -33,9 +29,7 @@ pub struct LogControl {
 
 impl std::fmt::Debug for LogControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogControl")
-            .field("current", &self.current())
-            .finish()
+        f.debug_struct("LogControl").field("current", &self.current()).finish()
     }
 }
 
@@ -48,42 +42,23 @@ impl LogControl {
     }
 
     pub fn current(&self) -> String {
-        self.current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
 fn parse_filter(filter: &str) -> Result<EnvFilter, LoggingError> {
-    EnvFilter::builder()
-        .parse(filter)
-        .map_err(|source| LoggingError::Filter {
-            filter: filter.to_string(),
-            source,
-        })
+    EnvFilter::builder().parse(filter).map_err(|source| LoggingError::Filter { filter: filter.to_string(), source })
 }
 
 pub fn init(format: LogFormat, filter: &str) -> Result<LogControl, LoggingError> {
     let (filter_layer, handle) = reload::Layer::new(parse_filter(filter)?);
     let registry = tracing_subscriber::registry().with(filter_layer);
     let result = match format {
-        LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
+        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
         LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_writer(std::io::stderr),
-            )
+            .with(fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stderr))
             .try_init(),
     };
     result.map_err(|_| LoggingError::AlreadyInstalled)?;
-    Ok(LogControl {
-        handle,
-        current: std::sync::Arc::new(std::sync::Mutex::new(filter.to_string())),
-    })
+    Ok(LogControl { handle, current: std::sync::Arc::new(std::sync::Mutex::new(filter.to_string())) })
 }

@@ -1,0 +1,149 @@
+//! Running `outrigger run` for a sandbox node and talking to its admin server.
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
+
+use crate::{http, outrigger_bin, wait_for, MetricsText, Sandbox};
+
+pub struct ProxyProcess {
+    child: Child,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    pub pods_file: PathBuf,
+    pub node: usize,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl ProxyProcess {
+    /// Starts the proxy for `node`, inside the node's cgroup (so its own
+    /// sockets meet its programs: the loop guard is exercised), and waits
+    /// until it is ready.
+    pub fn start(sandbox: &Sandbox, node: usize, pods_file: PathBuf, extra: &[&str]) -> Result<Self> {
+        let proxy = Self::spawn(sandbox, node, pods_file, extra)?;
+        proxy.wait_ready(Duration::from_secs(30))?;
+        Ok(proxy)
+    }
+
+    /// Starts the proxy without waiting for readiness.
+    pub fn spawn(sandbox: &Sandbox, node: usize, pods_file: PathBuf, extra: &[&str]) -> Result<Self> {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let log = sandbox.dir.join(format!("outrigger-n{node}-{}.log", admin.port()));
+        let cgroup = sandbox.node_cgroup(node);
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+            .arg(&cgroup)
+            .arg(outrigger_bin())
+            .arg("run")
+            .arg("--pods-file")
+            .arg(&pods_file)
+            .arg("--cgroup2-path")
+            .arg(&cgroup)
+            .arg("--admin-addr")
+            .arg(admin.to_string())
+            .arg("--reload-interval")
+            .arg("100ms")
+            .arg("--drain-timeout")
+            .arg("5s")
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log)?)
+            .stderr(fs::OpenOptions::new().append(true).open(&log)?)
+            .env("NO_COLOR", "1");
+        let child = cmd.spawn().context("starting outrigger")?;
+        Ok(Self { child, admin, log, pods_file, node })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let ready = wait_for(timeout, || match http::get(self.admin, "/ready") {
+            Ok((200, _)) => Some(()),
+            _ => None,
+        });
+        if ready.is_none() {
+            bail!("outrigger did not become ready within {timeout:?}; its log:\n{}", self.log_text());
+        }
+        Ok(())
+    }
+
+    pub fn metrics(&self) -> Result<MetricsText> {
+        let (status, body) = http::get(self.admin, "/metrics")?;
+        if status != 200 {
+            bail!("/metrics returned {status}: {body}");
+        }
+        Ok(MetricsText::parse(&body))
+    }
+
+    pub fn config_dump(&self) -> Result<serde_json::Value> {
+        let (status, body) = http::get(self.admin, "/config_dump")?;
+        if status != 200 {
+            bail!("/config_dump returned {status}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// A kernel event counter (`outrigger_ebpf_events_total{event}`).
+    pub fn kernel_events(&self, event: &str) -> f64 {
+        self.metrics().map(|m| m.sum("outrigger_ebpf_events_total", &[("event", event)])).unwrap_or(f64::NAN)
+    }
+
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)?;
+        Ok(())
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_for(timeout, || self.child.try_wait().ok().flatten())
+    }
+
+    /// Writes the pods file atomically (temp file + rename), as a
+    /// ConfigMap update or an editor would.
+    pub fn write_pods_file(path: &std::path::Path, text: &str) -> Result<()> {
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, path)?;
+        Ok(())
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// YAML for a pods file listing `pods`.
+pub fn pods_yaml(pods: &[&crate::Pod]) -> String {
+    let mut out = String::from("pods:\n");
+    for pod in pods {
+        out.push_str(&format!(
+            "  - name: {}\n    namespace: default\n    serviceAccount: {}\n    netns: {}\n    ips: [\"{}\", \"{}\"]\n",
+            pod.name,
+            pod.name,
+            pod.netns_path.display(),
+            pod.ip4,
+            pod.ip6
+        ));
+    }
+    out
+}
