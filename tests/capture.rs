@@ -144,7 +144,19 @@ fn five_hundred_concurrent_connections_complete_and_the_maps_drain() -> Result<(
         SocketAddr::new(b.ip4.into(), 8080),
         &["--conns", "500", "--parallel", "500", "--hold-ms", "500", "--bytes", "65536"],
     )?;
-    ensure!(ok_count(&summary) == 500, "not all 500 connections completed: {}", summary["errors"]);
+    if ok_count(&summary) != 500 {
+        let m = proxy.metrics()?;
+        let log = proxy.log_text();
+        let problems: Vec<&str> =
+            log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("failed")).collect();
+        anyhow::bail!(
+            "not all 500 connections completed: {}; lookup misses {}, failures {}; proxy log:\n{}",
+            summary["errors"],
+            m.sum("outrigger_orig_dst_lookup_misses_total", &[]),
+            m.sum("outrigger_connections_failed_total", &[]),
+            problems.join("\n")
+        );
+    }
     ensure!(opened(&proxy, "a") == 500.0);
     let drained = wait_for(Duration::from_secs(10), || {
         let maps = proxy.config_dump().ok()?["maps"].clone();

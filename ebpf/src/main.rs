@@ -90,7 +90,7 @@ fn should_steer(ctx: &SockAddrContext) -> Verdict {
     // SAFETY: as above.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out immediately.
-    let pod = match unsafe { MESHED_NETNS.get(&netns) } {
+    let pod = match unsafe { MESHED_NETNS.get(netns) } {
         Some(pod) => *pod,
         None => {
             count(counter::BYPASS_UNMESHED);
@@ -132,7 +132,7 @@ fn is_proxy(sa: *mut bpf_sock_addr) -> bool {
 fn remember(ctx: &SockAddrContext, orig: &SockAddr) -> bool {
     // SAFETY: context pointer from the kernel.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Err(errno) = ORIG_DST_BY_COOKIE.insert(&cookie, orig, 0) {
+    if let Err(errno) = ORIG_DST_BY_COOKIE.insert(cookie, orig, 0) {
         count(counter::MAP_UPDATE_FAILED);
         warn!(ctx, "ORIG_DST_BY_COOKIE update failed ({}): connect not captured", errno);
         return false;
@@ -228,7 +228,7 @@ pub fn outrigger_getpeername4(ctx: SockAddrContext) -> i32 {
     // SAFETY: context pointer from the kernel.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out immediately.
-    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
         return ALLOW;
     };
     if orig.family != FAMILY_V4 {
@@ -249,7 +249,7 @@ pub fn outrigger_getpeername6(ctx: SockAddrContext) -> i32 {
     // SAFETY: context pointer from the kernel.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out immediately.
-    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
         return ALLOW;
     };
     let ip = if orig.family == FAMILY_V4 { [0, 0, V4_MAPPED_PREFIX, orig.ip[0]] } else { orig.ip };
@@ -271,11 +271,8 @@ pub fn outrigger_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
-        BPF_SOCK_OPS_STATE_CB => {
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                on_close(&ctx);
-            }
-        }
+        // arg(1) is the new state.
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
     1
@@ -287,7 +284,7 @@ pub fn outrigger_sockops(ctx: SockOpsContext) -> u32 {
 fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: context pointer from the kernel.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ORIG_DST_BY_COOKIE.get_ptr(&cookie).is_some() {
+    if ORIG_DST_BY_COOKIE.get_ptr(cookie).is_some() {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
 }
@@ -297,11 +294,11 @@ fn on_established(ctx: &SockOpsContext) {
     // SAFETY: context pointer from the kernel.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out immediately.
-    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
     let key = conn_key(ctx);
-    if let Err(errno) = ORIG_DST.insert(&key, &orig, 0) {
+    if let Err(errno) = ORIG_DST.insert(key, orig, 0) {
         count(counter::MAP_UPDATE_FAILED);
         warn!(ctx, "ORIG_DST update failed ({}): the proxy will not find this connection", errno);
         return;
@@ -313,15 +310,15 @@ fn on_established(ctx: &SockOpsContext) {
 fn on_close(ctx: &SockOpsContext) {
     // SAFETY: context pointer from the kernel.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ORIG_DST_BY_COOKIE.get_ptr(&cookie).is_none() {
+    if ORIG_DST_BY_COOKIE.get_ptr(cookie).is_none() {
         count(counter::COOKIE_MISS);
         return;
     }
     // The callback runs before the kernel clears the socket's addresses,
     // so the key computes as it did at establishment.
     let key = conn_key(ctx);
-    let _ = ORIG_DST.remove(&key);
-    let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
+    let _ = ORIG_DST.remove(key);
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
     count(counter::CLOSED);
 }
 

@@ -34,13 +34,17 @@ impl Relayed {
 /// Relays until both directions have seen end-of-stream. A half-close is
 /// passed on: EOF from one side becomes a write shutdown on the other, and
 /// the other direction keeps flowing.
-pub async fn relay<A, B>(a: A, b: B, buffer_size: usize) -> Relayed
+///
+/// Takes the two streams as read/write halves so that a TCP stream can be
+/// split without a lock (`TcpStream::split`).
+pub async fn relay<AR, AW, BR, BW>(a: (AR, AW), b: (BR, BW), buffer_size: usize) -> Relayed
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    AR: AsyncRead + Unpin,
+    AW: AsyncWrite + Unpin,
+    BR: AsyncRead + Unpin,
+    BW: AsyncWrite + Unpin,
 {
-    let (mut a_read, mut a_write) = tokio::io::split(a);
-    let (mut b_read, mut b_write) = tokio::io::split(b);
+    let ((mut a_read, mut a_write), (mut b_read, mut b_write)) = (a, b);
     let mut sent = 0u64;
     let mut received = 0u64;
     let result = {
@@ -78,7 +82,7 @@ mod tests {
     async fn relays_both_ways_with_half_close() {
         let (client, proxy_a) = tokio::io::duplex(1024);
         let (proxy_b, server) = tokio::io::duplex(1024);
-        let relay_task = tokio::spawn(relay(proxy_a, proxy_b, 256));
+        let relay_task = tokio::spawn(relay(tokio::io::split(proxy_a), tokio::io::split(proxy_b), 256));
         let (mut client_r, mut client_w) = tokio::io::split(client);
         let (mut server_r, mut server_w) = tokio::io::split(server);
         client_w.write_all(b"hello").await.expect("write");

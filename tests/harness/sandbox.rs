@@ -134,7 +134,8 @@ pub fn clean_stale() {
                 }
             }
         }
-        if let Ok(entries) = fs::read_dir(TMP_PARENT) {
+        let keep_logs = std::env::var_os("OUTRIGGER_KEEP_LOGS").is_some();
+        if let Ok(entries) = fs::read_dir(TMP_PARENT).map(|e| e.filter(|_| !keep_logs)) {
             for e in entries.flatten() {
                 if stale(&e.file_name().to_string_lossy()) {
                     let _ = fs::remove_dir_all(e.path());

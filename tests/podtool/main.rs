@@ -146,7 +146,7 @@ fn bind(addr: SocketAddr) -> Result<TcpListener> {
     // Retry briefly: a v6 address may still be settling right after set-up.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match TcpListener::bind(addr) {
+        match listen(addr) {
             Ok(l) => return Ok(l),
             Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
                 thread::sleep(Duration::from_millis(50))
@@ -154,6 +154,18 @@ fn bind(addr: SocketAddr) -> Result<TcpListener> {
             Err(e) => return Err(e).with_context(|| format!("binding {addr}")),
         }
     }
+}
+
+/// A listener with a deep backlog: the tests open hundreds of connections at once.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }
 
 fn echo(mut stream: TcpStream, greeting: Option<&str>, first_byte_delay: Duration) {
@@ -346,10 +358,12 @@ fn one_connection(opts: &ClientOpts, index: u64) -> Result<ConnResult> {
         }
         received += n;
     }
-    sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))?.context("sending")?;
+    let sent = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))?;
     if received != bytes {
-        bail!("echo ended after {received} of {bytes} bytes");
+        // A reset is reported to whichever thread asks first; show both.
+        bail!("echo ended after {received} of {bytes} bytes (sender: {sent:?})");
     }
+    sent.context("sending")?;
     Ok(ConnResult { peer, local, greeting, connect_us })
 }
 

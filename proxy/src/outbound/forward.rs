@@ -99,7 +99,14 @@ pub async fn run(client: TcpStream, conn: Connection, proxy: Arc<Proxy>) {
     let metrics = proxy.metrics.connection(&labels);
     metrics.opened.inc();
     metrics.open.inc();
-    let relayed = relay(client, upstream, proxy.forward.buffer_size).await;
+    let (mut client, mut upstream) = (client, upstream);
+    let relayed = relay(client.split(), upstream.split(), proxy.forward.buffer_size).await;
+    if relayed.result.is_err() {
+        // Pass a reset on as a reset: the application should see the
+        // failure it would have seen without the proxy, not a clean EOF.
+        let _ = client.set_zero_linger();
+        let _ = upstream.set_zero_linger();
+    }
     let (sent, received, result) = (relayed.sent, relayed.received, relayed.outcome());
     metrics.open.dec();
     metrics.closed.inc();

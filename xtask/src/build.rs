@@ -1,0 +1,37 @@
+//! Building the kernel programs (nightly, build-std, bpf-linker) and the proxy.
+
+use anyhow::Result;
+
+use crate::util::{cargo, exec, workspace_root};
+
+pub fn ebpf() -> Result<()> {
+    crate::setup::run()?;
+    let root = workspace_root();
+    exec(
+        std::process::Command::new("cargo")
+            .current_dir(root.join("ebpf"))
+            // rustup picks nightly from ebpf/rust-toolchain.toml; the outer
+            // cargo's variables would pin the stable toolchain instead.
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO")
+            .env_remove("RUSTC")
+            .args(["+nightly", "build", "--release", "-Z", "build-std=core", "--target", "bpfel-unknown-none"])
+            .arg("--target-dir")
+            .arg(root.join("target")),
+    )
+}
+
+/// The eBPF object, the release proxy and the in-pod test tool.
+pub fn all() -> Result<()> {
+    ebpf()?;
+    exec(cargo().args(["build", "--release", "-p", "outrigger"]))?;
+    exec(cargo().args(["build", "-p", "outrigger-e2e", "--bins"]))
+}
+
+/// Points the test harness at the binaries `all` built.
+pub fn export_binaries() {
+    let target = workspace_root().join("target");
+    // Single-threaded here: nothing else reads the environment concurrently.
+    std::env::set_var("OUTRIGGER_BIN", target.join("release/outrigger"));
+    std::env::set_var("OUTRIGGER_PODTOOL", target.join("debug/outrigger-podtool"));
+}

@@ -1,0 +1,68 @@
+//! Installing what the build, tests, demo and benchmark need — only what is
+//! missing, so running it again is quick.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::util::{exec, have, output};
+
+/// The linker for the eBPF crate: 0.10.x uses rustc's own LLVM; 0.11+ needs
+/// a system LLVM that Debian here lacks; 0.10.0–0.10.1 emit BTF the kernel rejects.
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+/// Debian packages: (command that proves it is installed, package).
+const PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("bpftool", "bpftool"),
+    ("haproxy", "haproxy"),
+    ("iperf3", "iperf3"),
+    ("sockperf", "sockperf"),
+    ("tcpdump", "tcpdump"),
+    ("curl", "curl"),
+];
+
+pub fn run() -> Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    packages()?;
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["+nightly", "component", "list", "--installed"]))
+        .context("the nightly toolchain is needed for the eBPF crate: rustup toolchain install nightly")?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    if have("bpf-linker") {
+        let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+        if version.contains(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+        eprintln!("xtask: found {} — replacing it with bpf-linker {BPF_LINKER_VERSION}", version.trim());
+    }
+    exec(Command::new("cargo").args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"]))
+}
+
+fn packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(cmd, _)| !have(cmd)).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("missing Debian packages {missing:?}: run as root, or `apt-get install {}`", missing.join(" "));
+    }
+    exec(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
