@@ -4,21 +4,25 @@ use anyhow::Result;
 
 use crate::util::{cargo, exec, workspace_root};
 
+/// `cargo +nightly SUBCOMMAND` in ebpf/, for the BPF target, sharing the
+/// workspace's target directory.
+pub fn ebpf_cargo(subcommand: &str) -> std::process::Command {
+    let root = workspace_root();
+    let mut cmd = std::process::Command::new("cargo");
+    cmd.current_dir(root.join("ebpf"))
+        // The outer cargo's variables would pin the stable toolchain.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .args(["+nightly", subcommand, "--release", "-Z", "build-std=core", "--target", "bpfel-unknown-none"])
+        .arg("--target-dir")
+        .arg(root.join("target"));
+    cmd
+}
+
 pub fn ebpf() -> Result<()> {
     crate::setup::run()?;
-    let root = workspace_root();
-    exec(
-        std::process::Command::new("cargo")
-            .current_dir(root.join("ebpf"))
-            // rustup picks nightly from ebpf/rust-toolchain.toml; the outer
-            // cargo's variables would pin the stable toolchain instead.
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("CARGO")
-            .env_remove("RUSTC")
-            .args(["+nightly", "build", "--release", "-Z", "build-std=core", "--target", "bpfel-unknown-none"])
-            .arg("--target-dir")
-            .arg(root.join("target")),
-    )
+    exec(&mut ebpf_cargo("build"))
 }
 
 /// The eBPF object, the release proxy and the in-pod test tool.
