@@ -10,13 +10,8 @@ use serde_json::Value;
 
 const MIB: usize = 1024 * 1024;
 
-/// Runs the podtool client in `pod` and returns its JSON summary.
 fn client(sb: &Sandbox, pod: &Pod, target: SocketAddr, args: &[&str]) -> Result<Value> {
-    let mut cmd = sb.podtool(pod);
-    cmd.arg("client").arg("--connect").arg(target.to_string()).args(args);
-    let out = sb.run(cmd)?;
-    ensure!(out.status.success(), "client in {} failed: {}", pod.name, String::from_utf8_lossy(&out.stderr));
-    Ok(serde_json::from_slice(&out.stdout)?)
+    sb.client(pod, target, args)
 }
 
 fn ok_count(summary: &Value) -> u64 {

@@ -18,6 +18,10 @@ pub const FAMILY_V6: u32 = 6;
 /// `::1`), unless `--outbound-port` says otherwise.
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 
+/// Max entries of the refused-VIP map, and size of the per-service refusal
+/// counters (service ids are below this).
+pub const MAX_SERVICES: u32 = 16_384;
+
 /// Max entries of the meshed-netns map: pods on one node.
 pub const MAX_MESHED_NETNS: u32 = 4096;
 /// Max entries of each original-destination map: concurrent captured
@@ -101,7 +105,9 @@ pub mod counter {
     pub const CLOSED: u32 = 9;
     /// A meshed pod's IPv6 connect left alone: the pod has no IPv6 listener.
     pub const BYPASS_NO_V6_LISTENER: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// A meshed pod dialled a service VIP with no endpoints: refused at connect.
+    pub const REFUSED_NO_ENDPOINTS: u32 = 11;
+    pub const COUNT: u32 = 12;
 
     /// Names as exported in metrics, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -116,6 +122,7 @@ pub mod counter {
         "peername_rewritten",
         "closed",
         "bypass_no_v6_listener",
+        "refused_no_endpoints",
     ];
 }
 

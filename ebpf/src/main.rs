@@ -31,7 +31,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use outrigger_common::{
     counter, ConnKey, MeshedPod, Settings, SockAddr, FAMILY_V4, FAMILY_V6, MAX_MESHED_NETNS, MAX_ORIG_DST,
-    POD_FLAG_V6_LISTENER,
+    MAX_SERVICES, POD_FLAG_V6_LISTENER,
 };
 
 use addr::{is_loopback_v4, is_loopback_v6, is_v4_mapped, LOOPBACK_V4, LOOPBACK_V6, V4_MAPPED_PREFIX};
@@ -55,6 +55,15 @@ static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> = LruHashMap::with_max_entr
 /// proxy sees on accept.
 #[map]
 static ORIG_DST: LruHashMap<ConnKey, SockAddr> = LruHashMap::with_max_entries(MAX_ORIG_DST, 0);
+
+/// Service VIP:ports with no endpoints, to the service's id: refused at
+/// connect time, as kube-proxy refuses a Service without endpoints.
+#[map]
+static REFUSED_VIPS: HashMap<SockAddr, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Connects refused per service id.
+#[map]
+static SERVICE_REFUSED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -128,6 +137,23 @@ fn is_proxy(sa: *mut bpf_sock_addr) -> bool {
     settings.mark != 0 && mark == settings.mark
 }
 
+/// True when `orig` is a VIP:port the proxy marked as having no endpoints:
+/// the connect is then sent to port 0 on loopback, which nothing can
+/// listen on, so the application gets ECONNREFUSED at once.
+#[inline(always)]
+fn refuse(orig: &SockAddr) -> bool {
+    // SAFETY: the value is copied out immediately.
+    let Some(id) = (unsafe { REFUSED_VIPS.get(orig) }).copied() else {
+        return false;
+    };
+    count(counter::REFUSED_NO_ENDPOINTS);
+    if let Some(slot) = SERVICE_REFUSED.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot, see `count`.
+        unsafe { *slot += 1 };
+    }
+    true
+}
+
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, orig: &SockAddr) -> bool {
     // SAFETY: context pointer from the kernel.
@@ -154,15 +180,19 @@ pub fn outrigger_connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let orig = SockAddr { family: FAMILY_V4, port: u16::from_be(user_port as u16) as u32, ip: [ip, 0, 0, 0] };
-    if !remember(&ctx, &orig) {
+    let port = if refuse(&orig) {
+        0
+    } else if remember(&ctx, &orig) {
+        count(counter::CAPTURED);
+        port
+    } else {
         return ALLOW;
-    }
+    };
     // SAFETY: whole-u32 context writes, as the verifier requires.
     unsafe {
         write_volatile(&mut (*sa).user_ip4, LOOPBACK_V4);
         write_volatile(&mut (*sa).user_port, port.to_be() as u32);
     }
-    count(counter::CAPTURED);
     ALLOW
 }
 
@@ -208,9 +238,14 @@ pub fn outrigger_connect6(ctx: SockAddrContext) -> i32 {
         }
         (SockAddr { family: FAMILY_V6, port: port_host, ip }, LOOPBACK_V6)
     };
-    if !remember(&ctx, &orig) {
+    let port = if refuse(&orig) {
+        0
+    } else if remember(&ctx, &orig) {
+        count(counter::CAPTURED);
+        port
+    } else {
         return ALLOW;
-    }
+    };
     // SAFETY: whole-u32 context writes.
     unsafe {
         write_volatile(&mut (*sa).user_ip6[0], listener[0]);
@@ -219,7 +254,6 @@ pub fn outrigger_connect6(ctx: SockAddrContext) -> i32 {
         write_volatile(&mut (*sa).user_ip6[3], listener[3]);
         write_volatile(&mut (*sa).user_port, port.to_be() as u32);
     }
-    count(counter::CAPTURED);
     ALLOW
 }
 

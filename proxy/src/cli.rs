@@ -16,10 +16,10 @@ use crate::{
     admin::{self, AdminState},
     capture::{self, Capture, CaptureOptions},
     config::{Cli, Command, RunArgs},
+    mesh::watch::FileWatch,
     metrics::{KernelCounters, Metrics},
     netns::sockets::current_netns_cookie,
     node::{self, status::NodeStatus, Node},
-    pods::watch::FileWatch,
     proxy::{ForwardSettings, Proxy},
     telemetry,
 };
@@ -68,19 +68,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
-    registry.register_collector(Box::new(KernelCounters(capture.clone())));
 
     let proxy = Arc::new(Proxy {
         capture,
         metrics,
         forward: ForwardSettings {
             connect_timeout: args.connect_timeout,
+            connect_attempts: args.connect_attempts,
             buffer_size: args.buffer_size as usize,
             mark: args.mark,
         },
+        services: Default::default(),
+        balance: args.balance_settings(),
         connections: TaskTracker::new(),
         shutdown: CancellationToken::new(),
     });
+    registry.register_collector(Box::new(KernelCounters(proxy.clone())));
     let status = Arc::new(RwLock::new(NodeStatus { capture_attached: true, ..Default::default() }));
 
     let admin_listener = admin::bind(args.admin_addr).await?;

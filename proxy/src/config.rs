@@ -7,6 +7,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::balance::{Algorithm, BalanceSettings};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "outrigger",
@@ -73,9 +75,46 @@ pub struct RunArgs {
     #[arg(long, env = "OUTRIGGER_EBPF_OBJECT")]
     pub ebpf_object: Option<PathBuf>,
 
-    /// Time allowed for an upstream TCP connect before the client's connection is closed.
+    /// Time allowed for one upstream TCP connect attempt.
     #[arg(long, env = "OUTRIGGER_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+
+    /// Connect attempts for a connection to a service VIP: a refused or timed-out
+    /// connect is retried on another endpoint, up to this many attempts in all.
+    #[arg(long, env = "OUTRIGGER_CONNECT_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub connect_attempts: u32,
+
+    /// How a service's endpoint is chosen for each new connection.
+    #[arg(long, env = "OUTRIGGER_LB_ALGORITHM", value_enum, default_value_t = Algorithm::P2cEwma)]
+    pub lb_algorithm: Algorithm,
+
+    /// p2c-ewma: decay time of the latency estimate (linkerd2-proxy uses 10s).
+    #[arg(long, env = "OUTRIGGER_LB_EWMA_DECAY", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lb_ewma_decay: Duration,
+
+    /// p2c-ewma: latency assumed for an endpoint before its first sample.
+    #[arg(long, env = "OUTRIGGER_LB_EWMA_DEFAULT_RTT", default_value = "30ms", value_parser = humantime::parse_duration)]
+    pub lb_ewma_default_rtt: Duration,
+
+    /// Consecutive connect failures (refused, timed out) that eject an endpoint
+    /// from its service (Envoy's consecutive_5xx applied to connects). 0 disables ejection.
+    #[arg(long, env = "OUTRIGGER_EJECTION_CONSECUTIVE_FAILURES", default_value_t = 5)]
+    pub ejection_consecutive_failures: u32,
+
+    /// First ejection time; each further ejection of the same endpoint lasts
+    /// this times the number of ejections (Envoy's base_ejection_time).
+    #[arg(long, env = "OUTRIGGER_EJECTION_BASE_TIME", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ejection_base_time: Duration,
+
+    /// Longest ejection (Envoy's max_ejection_time).
+    #[arg(long, env = "OUTRIGGER_EJECTION_MAX_TIME", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub ejection_max_time: Duration,
+
+    /// Most endpoints of one service ejected at once, in percent (Envoy's
+    /// max_ejection_percent; its default of 10 would never eject in services
+    /// of fewer than ten endpoints).
+    #[arg(long, env = "OUTRIGGER_EJECTION_MAX_PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub ejection_max_percent: u32,
 
     /// On SIGTERM/SIGINT: time open connections get to finish before the proxy exits.
     /// Keep it below the pod's terminationGracePeriodSeconds.
@@ -98,6 +137,20 @@ pub struct RunArgs {
     /// Worker threads of the async runtime. Default: one per CPU.
     #[arg(long, env = "OUTRIGGER_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+}
+
+impl RunArgs {
+    pub fn balance_settings(&self) -> BalanceSettings {
+        BalanceSettings {
+            algorithm: self.lb_algorithm,
+            ewma_decay: self.lb_ewma_decay,
+            ewma_default_rtt: self.lb_ewma_default_rtt,
+            ejection_consecutive_failures: self.ejection_consecutive_failures,
+            ejection_base_time: self.ejection_base_time,
+            ejection_max_time: self.ejection_max_time,
+            ejection_max_percent: self.ejection_max_percent,
+        }
+    }
 }
 
 /// Accepts decimal or 0x-prefixed hex; zero would disable the loop guard.

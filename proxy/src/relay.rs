@@ -5,7 +5,11 @@
 //! (back-pressure) rather than queueing.
 #![forbid(unsafe_code)]
 
-use std::io;
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -37,19 +41,36 @@ impl Relayed {
 ///
 /// Takes the two streams as read/write halves so that a TCP stream can be
 /// split without a lock (`TcpStream::split`).
-pub async fn relay<AR, AW, BR, BW>(a: (AR, AW), b: (BR, BW), buffer_size: usize) -> Relayed
+pub async fn relay<AR, AW, BR, BW, F>(a: (AR, AW), b: (BR, BW), buffer_size: usize, on_first_response: F) -> Relayed
 where
     AR: AsyncRead + Unpin,
     AW: AsyncWrite + Unpin,
     BR: AsyncRead + Unpin,
     BW: AsyncWrite + Unpin,
+    F: FnOnce(Duration),
 {
     let ((mut a_read, mut a_write), (mut b_read, mut b_write)) = (a, b);
     let mut sent = 0u64;
     let mut received = 0u64;
+    let started = Instant::now();
+    // Nanoseconds after `started` at which the first byte went to `b`
+    // (0: not yet). Shared by the two directions of one task.
+    let first_sent = AtomicU64::new(0);
+    let mut on_first_response = Some(on_first_response);
     let result = {
-        let forward = copy_one(&mut a_read, &mut b_write, buffer_size, &mut sent);
-        let backward = copy_one(&mut b_read, &mut a_write, buffer_size, &mut received);
+        let forward = copy_one(&mut a_read, &mut b_write, buffer_size, &mut sent, || {
+            if first_sent.load(Ordering::Relaxed) == 0 {
+                first_sent.store(started.elapsed().as_nanos().max(1) as u64, Ordering::Relaxed);
+            }
+        });
+        let backward = copy_one(&mut b_read, &mut a_write, buffer_size, &mut received, || {
+            if let Some(observe) = on_first_response.take() {
+                // Measured from the first byte sent, or from the start when
+                // `b` speaks first.
+                let sent_at = Duration::from_nanos(first_sent.load(Ordering::Relaxed));
+                observe(started.elapsed().saturating_sub(sent_at));
+            }
+        });
         // The first error ends both directions: a reset on one side must
         // not leave the other waiting forever.
         tokio::try_join!(forward, backward).map(|_| ())
@@ -57,7 +78,13 @@ where
     Relayed { sent, received, result }
 }
 
-async fn copy_one<R, W>(reader: &mut R, writer: &mut W, buffer_size: usize, count: &mut u64) -> io::Result<()>
+async fn copy_one<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    buffer_size: usize,
+    count: &mut u64,
+    mut on_data: impl FnMut(),
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -69,6 +96,7 @@ where
             writer.shutdown().await?;
             return Ok(());
         }
+        on_data();
         writer.write_all(&buf[..n]).await?;
         *count += n as u64;
     }
@@ -82,7 +110,7 @@ mod tests {
     async fn relays_both_ways_with_half_close() {
         let (client, proxy_a) = tokio::io::duplex(1024);
         let (proxy_b, server) = tokio::io::duplex(1024);
-        let relay_task = tokio::spawn(relay(tokio::io::split(proxy_a), tokio::io::split(proxy_b), 256));
+        let relay_task = tokio::spawn(relay(tokio::io::split(proxy_a), tokio::io::split(proxy_b), 256, |_| {}));
         let (mut client_r, mut client_w) = tokio::io::split(client);
         let (mut server_r, mut server_w) = tokio::io::split(server);
         client_w.write_all(b"hello").await.expect("write");

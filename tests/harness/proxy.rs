@@ -147,3 +147,40 @@ pub fn pods_yaml(pods: &[&crate::Pod]) -> String {
     }
     out
 }
+
+/// A service for [`mesh_yaml`]: VIPs, one port, and endpoints given as
+/// (pod name, weight).
+pub struct ServiceDef<'a> {
+    pub name: &'a str,
+    pub vips: Vec<std::net::IpAddr>,
+    pub port: u16,
+    pub target_port: u16,
+    pub endpoints: Vec<(&'a str, u32)>,
+}
+
+/// YAML for a mesh file with `pods` and `services`.
+pub fn mesh_yaml(pods: &[&crate::Pod], services: &[ServiceDef<'_>]) -> String {
+    let mut out = pods_yaml(pods);
+    if services.is_empty() {
+        return out;
+    }
+    out.push_str("services:\n");
+    for svc in services {
+        let vips: Vec<String> = svc.vips.iter().map(|v| format!("\"{v}\"")).collect();
+        out.push_str(&format!(
+            "  - name: {}\n    namespace: default\n    vips: [{}]\n    ports: [{{port: {}, targetPort: {}}}]\n    endpoints:\n",
+            svc.name,
+            vips.join(", "),
+            svc.port,
+            svc.target_port
+        ));
+        if svc.endpoints.is_empty() {
+            out.truncate(out.len() - "    endpoints:\n".len());
+            out.push_str("    endpoints: []\n");
+        }
+        for (pod, weight) in &svc.endpoints {
+            out.push_str(&format!("      - {{pod: {pod}, weight: {weight}}}\n"));
+        }
+    }
+    out
+}

@@ -318,6 +318,18 @@ impl Sandbox {
         Ok(spawned)
     }
 
+    /// Runs the podtool client in `pod` against `target` and returns its
+    /// JSON summary (`ok`, `failed`, `peers`, `greetings`, `errors`, ...).
+    pub fn client(&self, pod: &Pod, target: std::net::SocketAddr, args: &[&str]) -> Result<serde_json::Value> {
+        let mut cmd = self.podtool(pod);
+        cmd.arg("client").arg("--connect").arg(target.to_string()).args(args);
+        let out = self.run(cmd)?;
+        if !out.status.success() {
+            bail!("client in {} failed: {}", pod.name, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
     /// Runs a command to completion.
     pub fn run(&self, mut cmd: Command) -> Result<Output> {
         cmd.stdin(Stdio::null());

@@ -210,6 +210,8 @@ struct Summary {
     errors: Vec<String>,
     /// Connect times in microseconds, sorted.
     connect_us: Vec<u64>,
+    /// Time until each failed connection gave up, microseconds.
+    failed_after_us: Vec<u64>,
 }
 
 struct ClientOpts {
@@ -249,6 +251,7 @@ fn client(mut args: Args) -> Result<()> {
                     if i >= conns {
                         return;
                     }
+                    let started = Instant::now();
                     let result = one_connection(&opts, i as u64);
                     let mut s = summary.lock().unwrap_or_else(|e| e.into_inner());
                     match result {
@@ -263,6 +266,7 @@ fn client(mut args: Args) -> Result<()> {
                         }
                         Err(e) => {
                             s.failed += 1;
+                            s.failed_after_us.push(started.elapsed().as_micros() as u64);
                             if s.errors.len() < 20 {
                                 s.errors.push(format!("{e:#}"));
                             }

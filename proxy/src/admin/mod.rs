@@ -5,7 +5,7 @@
 //! | `/live` | 200 while the process serves requests |
 //! | `/ready` | 200 once programs are attached and every pod's listeners are bound; 503 with the reason otherwise |
 //! | `/metrics`, `/stats/prometheus` | OpenMetrics text |
-//! | `/config_dump` | pods, listeners, attached programs, kernel map sizes (JSON) |
+//! | `/config_dump` | pods, listeners, services and endpoint health, attached programs, kernel map sizes (JSON) |
 //! | `/logging` | GET: current filter; POST `?level=FILTER`: change it |
 #![forbid(unsafe_code)]
 
@@ -109,6 +109,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let dump = serde_json::json!({
                 "node": &*node,
                 "programs": state.proxy.capture.attached(),
+                "services": state.proxy.services.load().dump(),
                 "maps": state.proxy.capture.map_entries(),
                 "forward": {
                     "connect_timeout_ms": state.proxy.forward.connect_timeout.as_millis() as u64,

@@ -96,6 +96,8 @@ pub struct Capture {
     orig_dst: HashMap<MapData, ConnKey, SockAddr>,
     orig_by_cookie: HashMap<MapData, u64, SockAddr>,
     counters: PerCpuArray<MapData, u64>,
+    refused_vips: Mutex<HashMap<MapData, SockAddr, u32>>,
+    service_refused: PerCpuArray<MapData, u64>,
     attached: Vec<AttachedProgram>,
 }
 
@@ -143,6 +145,8 @@ impl Capture {
         let orig_dst = take_map(&mut ebpf, "ORIG_DST")?;
         let orig_by_cookie = take_map(&mut ebpf, "ORIG_DST_BY_COOKIE")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
+        let refused_vips = Mutex::new(take_map(&mut ebpf, "REFUSED_VIPS")?);
+        let service_refused = take_map(&mut ebpf, "SERVICE_REFUSED")?;
 
         let cgroup = File::open(opts.cgroup)
             .map_err(|source| CaptureError::Io { what: format!("opening cgroup {}", opts.cgroup.display()), source })?;
@@ -167,7 +171,16 @@ impl Capture {
             prog.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err(name))?;
             attached.push(AttachedProgram { name, attach_type, cgroup: opts.cgroup.into() });
         }
-        Ok(Self { _ebpf: ebpf, meshed: Mutex::new(meshed), orig_dst, orig_by_cookie, counters, attached })
+        Ok(Self {
+            _ebpf: ebpf,
+            meshed: Mutex::new(meshed),
+            orig_dst,
+            orig_by_cookie,
+            counters,
+            refused_vips,
+            service_refused,
+            attached,
+        })
     }
 
     pub fn attached(&self) -> &[AttachedProgram] {
@@ -199,6 +212,33 @@ impl Capture {
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(map_err("ORIG_DST")(e)),
         }
+    }
+
+    /// Makes the kernel refuse connects to exactly these VIP:ports (services
+    /// with no endpoints), each counted under its service id.
+    pub fn set_refused_vips(&self, entries: &[(SocketAddr, u32)]) -> Result<(), CaptureError> {
+        let mut map = self.refused_vips.lock().unwrap_or_else(|e| e.into_inner());
+        let wanted: std::collections::HashMap<SockAddr, u32> =
+            entries.iter().map(|(vip, id)| (addr::to_kernel(*vip), *id)).collect();
+        let present: Vec<SockAddr> = map.keys().filter_map(Result::ok).collect();
+        for key in present {
+            if !wanted.contains_key(&key) {
+                match map.remove(&key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(map_err("REFUSED_VIPS")(e)),
+                }
+            }
+        }
+        for (key, id) in wanted {
+            map.insert(key, id, 0).map_err(map_err("REFUSED_VIPS"))?;
+        }
+        Ok(())
+    }
+
+    /// Connects the kernel refused for the service with this id.
+    pub fn service_refused(&self, id: u32) -> u64 {
+        self.service_refused.get(&id, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
     /// Kernel counters summed over CPUs, indexed like `outrigger_common::counter`.

@@ -9,14 +9,29 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
 };
 
-use crate::capture::Capture;
+use super::ServiceLabels;
+use crate::{capture::Capture, proxy::Proxy};
 
 #[derive(Debug)]
-pub struct KernelCounters(pub Arc<Capture>);
+pub struct KernelCounters(pub Arc<Proxy>);
 
 impl Collector for KernelCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let counts = match self.0.counters() {
+        let capture: &Capture = &self.0.capture;
+        {
+            let table = self.0.services.load();
+            let mut family = encoder.encode_descriptor(
+                "outrigger_service_refused_connections",
+                "Connects to a service VIP refused by the kernel because the service had no endpoints",
+                None,
+                MetricType::Counter,
+            )?;
+            for (key, id) in table.ids() {
+                let labels = ServiceLabels::of(key);
+                ConstCounter::new(capture.service_refused(*id)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let counts = match capture.counters() {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "reading kernel counters failed");
@@ -35,7 +50,7 @@ impl Collector for KernelCounters {
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
         }
-        let entries = self.0.map_entries();
+        let entries = capture.map_entries();
         let mut family = encoder.encode_descriptor(
             "outrigger_ebpf_map_entries",
             "Entries in the kernel capture maps",

@@ -32,6 +32,18 @@ pub struct FailureLabels {
     pub reason: &'static str,
 }
 
+/// A service as a metric label: `name.namespace`, as Istio and Linkerd show it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub destination_service: String,
+}
+
+impl ServiceLabels {
+    pub fn of(key: &crate::mesh::ServiceKey) -> Self {
+        Self { destination_service: format!("{}.{}", key.name, key.namespace) }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -49,6 +61,7 @@ pub struct Metrics {
     pub orig_dst_misses: Counter,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub pods_meshed: Gauge,
+    pub ejections: Family<ServiceLabels, Counter>,
 }
 
 /// Handles for one connection's metrics, resolved once at accept.
@@ -89,6 +102,11 @@ impl Metrics {
         );
         r.register("config_reloads", "Mesh file loads, by result (applied, rejected)", self.config_reloads.clone());
         r.register("pods_meshed", "Pods whose connections are captured now", self.pods_meshed.clone());
+        r.register(
+            "endpoint_ejections",
+            "Endpoints ejected from a service after consecutive connect failures",
+            self.ejections.clone(),
+        );
     }
 
     pub fn connection(&self, labels: &PodLabels) -> ConnMetrics {

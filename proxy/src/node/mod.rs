@@ -14,9 +14,10 @@ use outrigger_common::{MeshedPod, POD_FLAG_V6_LISTENER};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    mesh::{watch::FileWatch, MeshState, PodKey, PodSpec},
     metrics::ResultLabels,
-    pods::{watch::FileWatch, MeshState, PodKey, PodSpec},
     proxy::Proxy,
+    services::ServiceTable,
 };
 pub use pod::{PodContext, PodError};
 use status::{NodeStatus, PodStatus};
@@ -73,7 +74,19 @@ impl Node {
                 self.start_or_record(key.clone(), spec.clone()).await;
             }
         }
+        self.apply_services(state);
         self.publish();
+    }
+
+    /// Swaps in a service table built from `state`, keeping endpoint health,
+    /// and tells the kernel which VIPs to refuse (no endpoints). New
+    /// connections follow the new table; open ones keep their upstream.
+    fn apply_services(&self, state: &MeshState) {
+        let table = ServiceTable::build(state, &self.proxy.services.load(), &self.proxy.balance);
+        if let Err(e) = self.proxy.capture.set_refused_vips(&table.refused()) {
+            tracing::error!(error = %e, "updating the kernel's refused-VIP map failed; such connects reach the proxy and are reset there");
+        }
+        self.proxy.services.store(Arc::new(table));
     }
 
     /// Retries pods that failed to start (their netns may exist by now).

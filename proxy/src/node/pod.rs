@@ -5,9 +5,9 @@ use std::{io, sync::Arc};
 use tokio::net::TcpListener;
 
 use crate::{
+    mesh::{PodKey, PodSpec},
     netns::{sockets::bind_listener, Netns, NetnsError},
     outbound::listener_addr,
-    pods::{PodKey, PodSpec},
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use crate::pods::{PodKey, PodSpec};
+use crate::mesh::{PodKey, PodSpec};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PodStatus {

@@ -1,49 +1,14 @@
-//! One captured connection: find where it was going, connect there from
-//! inside the source pod's netns, copy both ways.
+//! One captured connection: find where it was going, resolve a service VIP
+//! to an endpoint, connect there from inside the source pod's netns, copy
+//! both ways.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use outrigger_common::ConnKey;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
-use crate::{
-    capture::addr::to_kernel, metrics::PodLabels, netns::sockets::upstream_socket, node::PodContext, proxy::Proxy,
-    relay::relay,
-};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
-    #[error("connection to {dest} refused: is anything listening there?")]
-    Refused { dest: SocketAddr },
-    #[error("connection to {dest} timed out after {timeout:?}: is the destination reachable from the pod?")]
-    Timeout { dest: SocketAddr, timeout: std::time::Duration },
-    #[error("no route to {dest}: {source}")]
-    NoRoute {
-        dest: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("connecting to {dest}: {source}")]
-    Connect {
-        dest: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("making a socket in the pod's netns: {0}")]
-    Netns(#[from] crate::netns::NetnsError),
-}
-
-impl ForwardError {
-    /// The `reason` label of the failure counter.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Refused { .. } => "connect_refused",
-            Self::Timeout { .. } => "connect_timeout",
-            Self::NoRoute { .. } => "no_route",
-            Self::Connect { .. } | Self::Netns(_) => "connect_error",
-        }
-    }
-}
+use super::connect::{connect_direct, connect_service, Upstream};
+use crate::{capture::addr::to_kernel, metrics::PodLabels, node::PodContext, proxy::Proxy, relay::relay};
 
 pub struct Connection {
     pub pod: Arc<PodContext>,
@@ -79,13 +44,24 @@ pub async fn run(client: TcpStream, conn: Connection, proxy: Arc<Proxy>) {
         source_pod: pod.key.name.clone(),
         source_namespace: pod.key.namespace.clone(),
     };
-    let upstream = match connect(pod, dest, &proxy).await {
+    let route = proxy.services.load().route(dest).cloned();
+    let service = route.as_ref().map(|r| r.service.to_string()).unwrap_or_default();
+    let connected = match &route {
+        Some(route) => connect_service(pod, route, &proxy).await,
+        None => connect_direct(pod, dest, &proxy).await.map(|stream| Upstream {
+            stream,
+            addr: dest,
+            endpoint: None,
+            attempts: 1,
+        }),
+    };
+    let upstream = match connected {
         Ok(upstream) => upstream,
         Err(e) => {
             proxy.metrics.failed(&labels, e.reason());
             tracing::info!(
                 target: "outrigger::access",
-                pod = %pod.key, client = %conn.peer, dst = %dest,
+                pod = %pod.key, client = %conn.peer, dst = %dest, service,
                 result = e.reason(), error = %e,
                 duration_ms = start.elapsed().as_secs_f64() * 1e3,
                 "connection failed"
@@ -99,49 +75,32 @@ pub async fn run(client: TcpStream, conn: Connection, proxy: Arc<Proxy>) {
     let metrics = proxy.metrics.connection(&labels);
     metrics.opened.inc();
     metrics.open.inc();
-    let (mut client, mut upstream) = (client, upstream);
-    let relayed = relay(client.split(), upstream.split(), proxy.forward.buffer_size).await;
+    let Upstream { stream: mut upstream_stream, addr: upstream_addr, endpoint, attempts } = upstream;
+    // The first response byte's delay is a latency sample for the endpoint.
+    let first_response = |latency| {
+        if let (Some(route), Some((i, _))) = (&route, &endpoint) {
+            route.balancer.observe(*i, latency);
+        }
+    };
+    let mut client = client;
+    let relayed = relay(client.split(), upstream_stream.split(), proxy.forward.buffer_size, first_response).await;
     if relayed.result.is_err() {
         // Pass a reset on as a reset: the application should see the
         // failure it would have seen without the proxy, not a clean EOF.
         let _ = client.set_zero_linger();
-        let _ = upstream.set_zero_linger();
+        let _ = upstream_stream.set_zero_linger();
     }
-    let (sent, received, result) = (relayed.sent, relayed.received, relayed.outcome());
+    drop(endpoint);
     metrics.open.dec();
     metrics.closed.inc();
-    metrics.bytes_sent.inc_by(sent);
-    metrics.bytes_received.inc_by(received);
+    metrics.bytes_sent.inc_by(relayed.sent);
+    metrics.bytes_received.inc_by(relayed.received);
     tracing::info!(
         target: "outrigger::access",
-        pod = %pod.key, client = %conn.peer, dst = %dest,
-        sent_bytes = sent, received_bytes = received,
+        pod = %pod.key, client = %conn.peer, dst = %dest, service, upstream = %upstream_addr, attempts,
+        sent_bytes = relayed.sent, received_bytes = relayed.received,
         duration_ms = start.elapsed().as_secs_f64() * 1e3,
-        result,
+        result = relayed.outcome(),
         "connection closed"
     );
-}
-
-async fn connect(pod: &PodContext, dest: SocketAddr, proxy: &Proxy) -> Result<TcpStream, ForwardError> {
-    let mark = proxy.forward.mark;
-    let ip = dest.ip();
-    let socket = pod
-        .netns
-        .run(move || upstream_socket(ip, mark))
-        .await?
-        .map_err(|source| ForwardError::Connect { dest, source })?;
-    let socket = TcpSocket::from_std_stream(socket);
-    let timeout = proxy.forward.connect_timeout;
-    match tokio::time::timeout(timeout, socket.connect(dest)).await {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(e)) => Err(match e.kind() {
-            io::ErrorKind::ConnectionRefused => ForwardError::Refused { dest },
-            io::ErrorKind::TimedOut => ForwardError::Timeout { dest, timeout },
-            io::ErrorKind::NetworkUnreachable | io::ErrorKind::HostUnreachable => {
-                ForwardError::NoRoute { dest, source: e }
-            }
-            _ => ForwardError::Connect { dest, source: e },
-        }),
-        Err(_) => Err(ForwardError::Timeout { dest, timeout }),
-    }
 }

@@ -6,7 +6,10 @@
 //! maps, keyed by (pod netns cookie, 4-tuple).
 #![forbid(unsafe_code)]
 
+mod connect;
 mod forward;
+
+pub use connect::ForwardError;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
