@@ -1,0 +1,221 @@
+//! `cargo xtask bench`: one topology, one run, paths side by side.
+//!
+//! Two tables. *Single hop*: a client pod to a server pod directly, through
+//! Outrigger, and through HAProxy (TCP mode). *Service VIP*: a client to a
+//! service with three endpoint pods — directly to one endpoint, through
+//! Outrigger's VIP balancing, and through HAProxy `balance leastconn`.
+//! Paths are measured interleaved, so drift on a noisy machine hits all of
+//! them alike; the tables and the Outrigger/direct and Outrigger/HAProxy
+//! ratios are printed and written to target/bench/.
+
+mod measure;
+mod topology;
+
+use std::{
+    net::SocketAddr,
+    process::Command,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Result;
+use serde_json::{json, Map, Value};
+use topology::{
+    loopback, vip, Topology, ECHO_PORT, HAPROXY_IPERF, HAPROXY_SOCKPERF, HAPROXY_VIP_ECHO, HAPROXY_VIP_SOCKPERF,
+    IPERF_PORT, SOCKPERF_PORT,
+};
+
+use crate::util::{output, workspace_root};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Rounds over all paths (each figure is the median over rounds).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// Extra flags for `outrigger run` (for experiments), e.g. --proxy-arg=--worker-threads=1.
+    #[arg(long = "proxy-arg")]
+    pub proxy_args: Vec<String>,
+}
+
+const PATHS: [&str; 3] = ["direct", "outrigger", "haproxy"];
+
+/// A metric of a table: name, and whether larger is better.
+struct Metric {
+    name: &'static str,
+    higher_is_better: bool,
+}
+
+struct Table {
+    key: &'static str,
+    title: &'static str,
+    metrics: Vec<Metric>,
+    /// samples[path][metric] over rounds.
+    samples: Vec<Vec<Vec<f64>>>,
+}
+
+impl Table {
+    fn new(key: &'static str, title: &'static str, metrics: &[(&'static str, bool)]) -> Self {
+        Self {
+            key,
+            title,
+            metrics: metrics
+                .iter()
+                .map(|(name, higher_is_better)| Metric { name, higher_is_better: *higher_is_better })
+                .collect(),
+            samples: vec![vec![Vec::new(); metrics.len()]; PATHS.len()],
+        }
+    }
+
+    fn median(&self, path: usize, metric: usize) -> f64 {
+        let mut v = self.samples[path][metric].clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len().saturating_sub(1) / 2).copied().unwrap_or(f64::NAN)
+    }
+}
+
+fn single_hop_target(topo: &Topology, path: usize, port: u16, haproxy_port: u16) -> (&outrigger_e2e::Pod, SocketAddr) {
+    match PATHS[path] {
+        "outrigger" => (&topo.meshed, topo.server_addr(port)),
+        "haproxy" => (&topo.plain, loopback(haproxy_port)),
+        _ => (&topo.plain, topo.server_addr(port)),
+    }
+}
+
+fn vip_target(topo: &Topology, path: usize, port: u16, haproxy_port: u16) -> (&outrigger_e2e::Pod, SocketAddr) {
+    match PATHS[path] {
+        "outrigger" => (&topo.meshed, vip(port)),
+        "haproxy" => (&topo.plain, loopback(haproxy_port)),
+        _ => (&topo.plain, topo.endpoint_addr(port)),
+    }
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    crate::build::all()?;
+    crate::build::export_binaries();
+    let topo = Topology::new(&args.proxy_args)?;
+    let secs = args.duration;
+    let mut hop = Table::new(
+        "single_hop",
+        "Single hop: client pod -> server pod",
+        &[("p50_us", false), ("p99_us", false), ("gbps_1_conn", true), ("gbps_8_conns", true)],
+    );
+    let mut svc = Table::new(
+        "service_vip",
+        "Service VIP with 3 endpoints (direct = straight to one endpoint; HAProxy = balance leastconn)",
+        &[("p50_us", false), ("p99_us", false), ("conns_per_s", true), ("echo_gbps_8_conns", true)],
+    );
+    let sb = &topo.sb;
+    for round in 1..=args.rounds.max(1) {
+        let step = |what: &str, path: usize| eprintln!("bench: round {round}: {what:<28} {}", PATHS[path]);
+        for p in 0..PATHS.len() {
+            step("single hop latency", p);
+            let (from, to) = single_hop_target(&topo, p, SOCKPERF_PORT, HAPROXY_SOCKPERF);
+            let (p50, p99) = measure::latency(sb, from, to, secs)?;
+            hop.samples[p][0].push(p50);
+            hop.samples[p][1].push(p99);
+        }
+        for (m, streams) in [(2, 1), (3, 8)] {
+            for p in 0..PATHS.len() {
+                step(&format!("single hop iperf3 x{streams}"), p);
+                let (from, to) = single_hop_target(&topo, p, IPERF_PORT, HAPROXY_IPERF);
+                hop.samples[p][m].push(measure::iperf(sb, from, to, streams, secs)?);
+            }
+        }
+        for p in 0..PATHS.len() {
+            step("service latency", p);
+            let (from, to) = vip_target(&topo, p, SOCKPERF_PORT, HAPROXY_VIP_SOCKPERF);
+            let (p50, p99) = measure::latency(sb, from, to, secs)?;
+            svc.samples[p][0].push(p50);
+            svc.samples[p][1].push(p99);
+        }
+        for p in 0..PATHS.len() {
+            step("service connection rate", p);
+            let (from, to) = vip_target(&topo, p, ECHO_PORT, HAPROXY_VIP_ECHO);
+            svc.samples[p][2].push(measure::connection_rate(sb, from, to, secs)?);
+        }
+        for p in 0..PATHS.len() {
+            step("service echo throughput", p);
+            let (from, to) = vip_target(&topo, p, ECHO_PORT, HAPROXY_VIP_ECHO);
+            svc.samples[p][3].push(measure::echo_throughput(sb, from, to, secs)?);
+        }
+    }
+    report(&[hop, svc], args)
+}
+
+fn report(tables: &[Table], args: &BenchArgs) -> Result<()> {
+    println!(
+        "\nlatency: sockperf ping-pong, 1 KiB messages, full round trip; bulk: iperf3 (single hop) or 8 echo \
+         connections (service); {} s per measurement, median of {} round(s)",
+        args.duration, args.rounds
+    );
+    let mut out = Map::new();
+    for t in tables {
+        println!("\n{}\n", t.title);
+        print!("{:<22}", "path");
+        for m in &t.metrics {
+            print!(" {:>18}", m.name);
+        }
+        println!();
+        let mut paths = Map::new();
+        for (p, name) in PATHS.iter().enumerate() {
+            print!("{name:<22}");
+            let mut row = Map::new();
+            for (i, m) in t.metrics.iter().enumerate() {
+                let v = t.median(p, i);
+                print!(" {v:>18.2}");
+                row.insert(m.name.to_string(), json!(v));
+            }
+            println!();
+            paths.insert(name.to_string(), Value::Object(row));
+        }
+        let mut ratios = Map::new();
+        for (base, label) in [(0, "outrigger / direct"), (2, "outrigger / haproxy")] {
+            print!("{label:<22}");
+            let mut row = Map::new();
+            for (i, m) in t.metrics.iter().enumerate() {
+                let r = t.median(1, i) / t.median(base, i);
+                print!(" {r:>18.2}");
+                row.insert(m.name.to_string(), json!(r));
+            }
+            println!();
+            ratios.insert(label.replace(" / ", "_over_"), Value::Object(row));
+        }
+        if t.metrics[0].name == "p50_us" && !t.metrics[0].higher_is_better {
+            let added = |p: usize| t.median(p, 0) - t.median(0, 0);
+            println!("added p50 latency over direct: outrigger {:.1} µs, haproxy {:.1} µs", added(1), added(2));
+        }
+        out.insert(t.key.to_string(), json!({ "title": t.title, "paths": paths, "ratios": ratios }));
+    }
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let json = json!({
+        "unix_time": stamp,
+        "machine": machine(),
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "proxy_args": args.proxy_args,
+        "tables": out,
+    });
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let text = serde_json::to_string_pretty(&json)?;
+    std::fs::write(dir.join(format!("bench-{stamp}.json")), &text)?;
+    std::fs::write(dir.join("latest.json"), &text)?;
+    println!("\nwritten to {}", dir.join("latest.json").display());
+    Ok(())
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = output(Command::new("uname").arg("-r")).unwrap_or_default().trim().to_string();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    json!({ "cpu": cpu, "cpus": cpus, "kernel": kernel })
+}
