@@ -15,19 +15,23 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::{self, AdminState},
     capture::{self, Capture, CaptureOptions},
-    config::{Cli, Command, RunArgs},
+    config::{CaCommand, Cli, Command, MtlsMode, RunArgs},
+    identity::{self, CaSource, CertificateSource, DirSource, Identities, Identity},
     mesh::watch::FileWatch,
     metrics::{KernelCounters, Metrics},
     netns::sockets::current_netns_cookie,
     node::{self, status::NodeStatus, Node},
-    proxy::{ForwardSettings, Proxy},
+    proxy::{ForwardSettings, Mtls, Proxy},
     telemetry,
+    tls::TlsConfigs,
+    tunnel::Pool,
 };
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run_command(*args),
+        Command::Ca(command) => ca_command(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -35,6 +39,65 @@ pub fn main() -> ExitCode {
             eprintln!("outrigger: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn ca_command(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Init { dir, trust_domain, lifetime } => {
+            let cert = identity::ca::init(&dir, &trust_domain, lifetime)?;
+            println!(
+                "wrote {} and its key; copy {} to every node and pass it as --ca-dir",
+                cert.display(),
+                dir.display()
+            );
+        }
+        CaCommand::Issue { ca_dir, id, out, lifetime, backdate } => {
+            let id: Identity = id.parse()?;
+            let ca = identity::ca::CertificateAuthority::load(&ca_dir)?;
+            let issued = ca.issue(&id, lifetime, backdate)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            std::fs::write(out.join("tls.crt"), issued.chain_pem)
+                .with_context(|| format!("writing into {}", out.display()))?;
+            identity::ca::write_private(&out.join("tls.key"), &issued.key_pem)?;
+            println!("wrote {}/tls.crt and tls.key for {id}", out.display());
+        }
+    }
+    Ok(())
+}
+
+/// Mutual TLS when a certificate source is configured.
+fn mtls(args: &RunArgs) -> anyhow::Result<Option<Mtls>> {
+    let source: Box<dyn CertificateSource> = match (&args.cert_dir, &args.ca_dir) {
+        (Some(dir), _) => Box::new(DirSource::new(dir)),
+        (None, Some(dir)) => Box::new(CaSource::new(dir, args.cert_lifetime)?),
+        (None, None) => return Ok(None),
+    };
+    let identities = Arc::new(Identities::new(&args.trust_domain, source));
+    identities.refresh();
+    Ok(Some(Mtls {
+        tls: TlsConfigs::new(identities.clone()),
+        identities,
+        pool: Pool::new(args.max_streams_per_connection as usize, args.tunnel_idle_timeout),
+        hbone_port: args.hbone_port,
+        max_streams: args.max_streams_per_connection,
+        strict: args.mtls == MtlsMode::Strict,
+    }))
+}
+
+/// Re-reads certificates (rotation, renewal) and closes idle tunnels.
+async fn maintain_mtls(proxy: Arc<Proxy>, interval: std::time::Duration, stop: CancellationToken) {
+    let Some(mtls) = proxy.mtls.as_ref() else { return };
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let identities = mtls.identities.clone();
+        // File reads and key generation: off the async workers.
+        let _ = tokio::task::spawn_blocking(move || identities.refresh()).await;
+        mtls.pool.reap();
     }
 }
 
@@ -78,8 +141,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             buffer_size: args.buffer_size as usize,
             mark: args.mark,
         },
-        services: Default::default(),
+        mesh: Default::default(),
         balance: args.balance_settings(),
+        trust_domain: args.trust_domain.clone(),
+        mtls: mtls(&args)?,
         connections: TaskTracker::new(),
         shutdown: CancellationToken::new(),
     });
@@ -102,6 +167,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let reload_stop = CancellationToken::new();
     let reload = tokio::spawn(node::reload_loop(node, watch, args.reload_interval, reload_stop.clone()));
+    tokio::spawn(maintain_mtls(proxy.clone(), args.reload_interval, reload_stop.clone()));
 
     let signal = wait_for_signal().await?;
     tracing::info!(signal, drain_timeout = ?args.drain_timeout, "shutting down: un-meshing pods, draining connections");

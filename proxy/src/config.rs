@@ -27,6 +27,54 @@ pub struct Cli {
 pub enum Command {
     /// Run the node proxy (needs root: it loads eBPF programs and enters pods' network namespaces).
     Run(Box<RunArgs>),
+    /// The built-in certificate authority for a self-contained mesh.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Write a new root CA (ca.crt, ca.key) for `outrigger run --ca-dir`. Every node's proxy needs
+    /// a copy of the directory; anyone holding ca.key can mint any identity of the trust domain.
+    Init {
+        /// Directory to write ca.crt and ca.key (0600) into. Refuses to overwrite an existing CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// SPIFFE trust domain the CA serves.
+        #[arg(long, env = "OUTRIGGER_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+        /// Lifetime of the CA certificate.
+        #[arg(long, default_value = "87600h", value_parser = humantime::parse_duration)]
+        lifetime: Duration,
+    },
+    /// Issue one workload certificate (tls.crt, tls.key) from a CA directory: for tools, tests and
+    /// peers that are not Outrigger (the layout matches --cert-dir's per-identity directories).
+    Issue {
+        /// The CA directory written by `outrigger ca init`.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The SPIFFE ID to certify, spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
+        #[arg(long)]
+        id: String,
+        /// Directory to write tls.crt and tls.key into.
+        #[arg(long)]
+        out: PathBuf,
+        /// How long the certificate is valid.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        lifetime: Duration,
+        /// Start validity this long ago (a backdate beyond the lifetime makes an expired certificate).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        backdate: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MtlsMode {
+    /// Meshed pods also take plaintext from pods outside the mesh; pods of one node talk directly.
+    Permissive,
+    /// Meshed pods take only mutual-TLS tunnels (plaintext from elsewhere is dropped), and even
+    /// pods of one node talk through a tunnel.
+    Strict,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -126,6 +174,42 @@ pub struct RunArgs {
     #[arg(long, env = "OUTRIGGER_BUFFER_SIZE", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(4096..=16 * 1024 * 1024))]
     pub buffer_size: u32,
 
+    /// SPIFFE trust domain: pods' identities are spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>,
+    /// and tunnel peers must present an identity of this domain.
+    #[arg(long, env = "OUTRIGGER_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Certificates from a watched directory: <dir>/ca.crt (trust bundle) and
+    /// <dir>/<namespace>/<service-account>/tls.crt + tls.key per identity (what cert-manager's
+    /// csi-driver-spiffe or a SPIRE helper writes). Rotated files are used for new connections.
+    #[arg(long, env = "OUTRIGGER_CERT_DIR", conflicts_with = "ca_dir")]
+    pub cert_dir: Option<PathBuf>,
+
+    /// Certificates minted by the built-in CA in this directory (`outrigger ca init`). Every node
+    /// holding the CA key can mint any identity: for self-contained meshes, not production.
+    #[arg(long, env = "OUTRIGGER_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+
+    /// --ca-dir: lifetime of minted workload certificates; they are renewed at half-life.
+    #[arg(long, env = "OUTRIGGER_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_lifetime: Duration,
+
+    /// Port of the mutual-TLS tunnel listener on every meshed pod's own addresses (HBONE's 15008).
+    #[arg(long, env = "OUTRIGGER_HBONE_PORT", default_value_t = crate::tunnel::DEFAULT_HBONE_PORT)]
+    pub hbone_port: u16,
+
+    /// Whether meshed pods may receive plaintext from outside the mesh.
+    #[arg(long, env = "OUTRIGGER_MTLS", value_enum, default_value_t = MtlsMode::Permissive)]
+    pub mtls: MtlsMode,
+
+    /// Streams one tunnel connection carries before another is opened to the same peer.
+    #[arg(long, env = "OUTRIGGER_MAX_STREAMS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_streams_per_connection: u32,
+
+    /// Tunnel connections with no stream for this long are closed.
+    #[arg(long, env = "OUTRIGGER_TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub tunnel_idle_timeout: Duration,
+
     /// Log output format.
     #[arg(long, env = "OUTRIGGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -181,7 +265,7 @@ mod tests {
     #[test]
     fn run_defaults_parse() {
         let cli = Cli::try_parse_from(["outrigger", "run"]).expect("defaults parse");
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else { panic!("run expected") };
         assert_eq!(args.outbound_port, 15001);
         assert_eq!(args.connect_timeout, Duration::from_secs(5));
         assert_eq!(args.log_format, LogFormat::Text);

@@ -184,3 +184,47 @@ pub fn mesh_yaml(pods: &[&crate::Pod], services: &[ServiceDef<'_>]) -> String {
     }
     out
 }
+
+/// YAML for node `node`'s mesh file: its own pods with their netns, pods of
+/// other nodes with their addresses only (reached over mutual TLS).
+pub fn node_pods_yaml(node: usize, pods: &[&crate::Pod]) -> String {
+    let mut out = String::from("pods:\n");
+    for pod in pods {
+        out.push_str(&format!("  - name: {}\n    namespace: default\n    serviceAccount: {}\n", pod.name, pod.name));
+        if pod.node == node {
+            out.push_str(&format!("    netns: {}\n", pod.netns_path.display()));
+        } else {
+            out.push_str(&format!("    node: n{}\n", pod.node));
+        }
+        out.push_str(&format!("    ips: [\"{}\", \"{}\"]\n", pod.ip4, pod.ip6));
+    }
+    out
+}
+
+/// Runs `outrigger ca ...` and fails with its stderr if it fails.
+pub fn outrigger_ca(args: &[&str]) -> Result<()> {
+    let out = Command::new(crate::outrigger_bin()).arg("ca").args(args).output()?;
+    if !out.status.success() {
+        bail!("outrigger ca {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A new CA in `dir` (trust domain cluster.local).
+pub fn ca_init(dir: &std::path::Path) -> Result<()> {
+    outrigger_ca(&["init", "--dir", &dir.display().to_string()])
+}
+
+/// The SPIFFE ID the tests give pod `name` (its service account is its name).
+pub fn spiffe_id(name: &str) -> String {
+    format!("spiffe://cluster.local/ns/default/sa/{name}")
+}
+
+/// Issues a certificate for pod `name` from `ca_dir` into `out`.
+pub fn ca_issue(ca_dir: &std::path::Path, name: &str, out: &std::path::Path, extra: &[&str]) -> Result<()> {
+    let mut args = vec!["issue".to_string(), "--ca-dir".into(), ca_dir.display().to_string()];
+    args.extend(["--id".into(), spiffe_id(name), "--out".into(), out.display().to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    outrigger_ca(&args)
+}

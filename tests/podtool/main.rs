@@ -88,8 +88,24 @@ fn run() -> Result<()> {
     match command.as_str() {
         "serve" => serve(args),
         "client" => client(args),
-        _ => bail!("usage: outrigger-podtool [--cgroup DIR] [--netns FILE] serve|client ..."),
+        "hbone" => hbone_client(args),
+        _ => bail!("usage: outrigger-podtool [--cgroup DIR] [--netns FILE] serve|client|hbone ..."),
     }
+}
+
+mod hbone;
+
+fn hbone_client(mut args: Args) -> Result<()> {
+    let target: SocketAddr = args.take("--connect").context("hbone needs --connect ADDR")?.parse()?;
+    let authority = args.take("--authority").context("hbone needs --authority IP:PORT")?;
+    let opts = hbone::Options {
+        target,
+        authority,
+        cert_dir: args.take("--cert-dir"),
+        payload: args.take("--payload").unwrap_or_else(|| "hello".into()).into_bytes(),
+    };
+    println!("{}", serde_json::to_string(&hbone::run(opts)?)?);
+    Ok(())
 }
 
 // ---------------------------------------------------------------- server
@@ -225,6 +241,8 @@ struct ClientOpts {
     /// Send a constant buffer and only count the echo (for throughput runs,
     /// where generating and checking random bytes would be the bottleneck).
     no_verify: bool,
+    /// Send this text, repeated, instead of random bytes (and check the echo).
+    marker: Option<Vec<u8>>,
     bytes: usize,
     bind_port: Option<u16>,
     hold: Duration,
@@ -245,6 +263,7 @@ fn client(mut args: Args) -> Result<()> {
         target,
         deadline: (duration_ms > 0).then(|| Instant::now() + Duration::from_millis(duration_ms)),
         no_verify: args.flag("--no-verify"),
+        marker: args.take("--marker").map(String::into_bytes),
         bytes: args.num("--bytes", 1024)?,
         bind_port: (bind_port != 0).then_some(bind_port),
         hold: Duration::from_millis(args.num("--hold-ms", 0)?),
@@ -355,8 +374,9 @@ fn one_connection(opts: &ClientOpts, index: u64) -> Result<ConnResult> {
     let bytes = opts.bytes;
     let mut writer = stream;
     let no_verify = opts.no_verify;
+    let marker = opts.marker.clone();
     let sender = thread::Builder::new().stack_size(256 * 1024).spawn(move || -> std::io::Result<()> {
-        let mut rng = Rng::new(seed);
+        let mut rng = Rng::new(seed, marker.clone());
         let mut buf = vec![0u8; 64 * 1024];
         let mut left = bytes;
         while left > 0 {
@@ -369,7 +389,7 @@ fn one_connection(opts: &ClientOpts, index: u64) -> Result<ConnResult> {
         }
         writer.shutdown(Shutdown::Write)
     })?;
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::new(seed, opts.marker.clone());
     let mut expected = vec![0u8; 64 * 1024];
     let mut got = vec![0u8; 64 * 1024];
     let mut received = 0usize;
@@ -406,14 +426,23 @@ struct Rng {
     state: u64,
     word: [u8; 8],
     used: usize,
+    /// When set, the stream is this text repeated instead.
+    pattern: Option<(Vec<u8>, usize)>,
 }
 
 impl Rng {
-    fn new(seed: u64) -> Self {
-        Self { state: seed | 1, word: [0; 8], used: 8 }
+    fn new(seed: u64, pattern: Option<Vec<u8>>) -> Self {
+        Self { state: seed | 1, word: [0; 8], used: 8, pattern: pattern.filter(|p| !p.is_empty()).map(|p| (p, 0)) }
     }
 
     fn fill(&mut self, buf: &mut [u8]) {
+        if let Some((pattern, pos)) = &mut self.pattern {
+            for b in buf {
+                *b = pattern[*pos];
+                *pos = (*pos + 1) % pattern.len();
+            }
+            return;
+        }
         for b in buf {
             if self.used == 8 {
                 self.state ^= self.state >> 12;

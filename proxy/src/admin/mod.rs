@@ -109,7 +109,13 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let dump = serde_json::json!({
                 "node": &*node,
                 "programs": state.proxy.capture.attached(),
-                "services": state.proxy.services.load().dump(),
+                "services": state.proxy.mesh.load().services.dump(),
+                "mtls": state.proxy.mtls.as_ref().map(|m| serde_json::json!({
+                    "identities": m.identities.status(),
+                    "pool": m.pool.stats(),
+                    "hbone_port": m.hbone_port,
+                    "strict": m.strict,
+                })),
                 "maps": state.proxy.capture.map_entries(),
                 "forward": {
                     "connect_timeout_ms": state.proxy.forward.connect_timeout.as_millis() as u64,

@@ -65,7 +65,9 @@ mod tests {
 
     #[test]
     fn rejects_other_shapes() {
-        for bad in ["spiffe://cluster.local/ns/shop", "https://x/ns/a/sa/b", "spiffe:///ns/a/sa/b", "spiffe://td/ns/a/sa/b/c"] {
+        for bad in
+            ["spiffe://cluster.local/ns/shop", "https://x/ns/a/sa/b", "spiffe:///ns/a/sa/b", "spiffe://td/ns/a/sa/b/c"]
+        {
             assert!(bad.parse::<Identity>().is_err(), "{bad}");
         }
     }

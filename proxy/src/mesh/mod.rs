@@ -28,6 +28,7 @@
 //! any problem is refused and the last good state stays in force.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 mod pods;
 mod services;
 pub mod watch;
@@ -81,6 +82,8 @@ struct MeshFile {
     pods: Vec<PodSpec>,
     #[serde(default)]
     services: Vec<ServiceSpec>,
+    #[serde(default)]
+    authorization: Vec<authz::AuthorizationPolicy>,
 }
 
 /// A validated mesh state.
@@ -88,19 +91,21 @@ struct MeshFile {
 pub struct MeshState {
     pub pods: BTreeMap<PodKey, PodSpec>,
     pub services: BTreeMap<ServiceKey, ServiceSpec>,
+    pub authorization: Vec<authz::AuthorizationPolicy>,
 }
 
 impl MeshState {
     pub fn parse(path: &Path, text: &str) -> Result<Self, MeshFileError> {
         let file: MeshFile = if text.trim().is_empty() {
-            MeshFile { pods: Vec::new(), services: Vec::new() }
+            MeshFile { pods: Vec::new(), services: Vec::new(), authorization: Vec::new() }
         } else {
             serde_yaml::from_str(text).map_err(|source| MeshFileError::Parse { path: path.to_path_buf(), source })?
         };
         let invalid = |problem: String| MeshFileError::Invalid { path: path.to_path_buf(), problem };
         let pods = pods::validate(file.pods).map_err(invalid)?;
         let services = services::validate(file.services, &pods).map_err(invalid)?;
-        Ok(Self { pods, services })
+        authz::validate(&file.authorization).map_err(invalid)?;
+        Ok(Self { pods, services, authorization: file.authorization })
     }
 }
 

@@ -19,8 +19,15 @@ pub struct PodSpec {
     pub namespace: String,
     #[serde(default = "default_service_account")]
     pub service_account: String,
-    /// The pod's network namespace file (`/var/run/netns/NAME`, `/proc/PID/ns/net`).
-    pub netns: PathBuf,
+    /// The pod's network namespace file (`/var/run/netns/NAME`,
+    /// `/proc/PID/ns/net`). Present for pods on this node, which the proxy
+    /// captures and serves; absent for meshed pods on other nodes, which it
+    /// reaches over mutual TLS.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// The node a remote pod runs on (informational).
+    #[serde(default)]
+    pub node: Option<String>,
     /// The pod's own addresses.
     #[serde(default)]
     pub ips: Vec<IpAddr>,
@@ -39,6 +46,11 @@ impl PodSpec {
         PodKey { namespace: self.namespace.clone(), name: self.name.clone() }
     }
 
+    /// A pod of this node (the proxy captures and serves it).
+    pub fn is_local(&self) -> bool {
+        self.netns.is_some()
+    }
+
     /// The pod's address of the given family, if it has one.
     pub fn ip_of_family(&self, v6: bool) -> Option<IpAddr> {
         self.ips.iter().copied().find(|ip| ip.is_ipv6() == v6)
@@ -54,11 +66,19 @@ pub(super) fn validate(pods: Vec<PodSpec>) -> Result<BTreeMap<PodKey, PodSpec>, 
         check_name("namespace", &pod.namespace).map_err(|p| format!("pod {}: {p}", pod.name))?;
         let key = pod.key();
         check_name("serviceAccount", &pod.service_account).map_err(|p| format!("pod {key}: {p}"))?;
-        if !pod.netns.is_absolute() {
-            return Err(format!("pod {key}: netns {:?} must be an absolute path", pod.netns));
-        }
-        if let Some(other) = netns_owner.insert(&pod.netns, key.clone()) {
-            return Err(format!("pods {other} and {key} share netns {}", pod.netns.display()));
+        match &pod.netns {
+            Some(netns) if !netns.is_absolute() => {
+                return Err(format!("pod {key}: netns {netns:?} must be an absolute path"));
+            }
+            Some(netns) => {
+                if let Some(other) = netns_owner.insert(netns, key.clone()) {
+                    return Err(format!("pods {other} and {key} share netns {}", netns.display()));
+                }
+            }
+            None if pod.ips.is_empty() => {
+                return Err(format!("pod {key} has neither a netns (a pod of this node) nor ips (a pod elsewhere)"));
+            }
+            None => {}
         }
         for ip in &pod.ips {
             if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
@@ -110,6 +130,13 @@ mod tests {
         assert!(parse(dup_netns).expect_err("dup netns").to_string().contains("share netns"));
         let dup_name = "pods:\n  - {name: a, netns: /n/a}\n  - {name: a, netns: /n/b}\n";
         assert!(parse(dup_name).expect_err("dup").to_string().contains("listed twice"));
+    }
+
+    #[test]
+    fn pods_without_netns_are_remote() {
+        let state = parse("pods:\n  - {name: r, node: node-2, ips: [10.1.0.1]}\n").expect("valid");
+        assert!(!state.pods.values().next().expect("pod").is_local());
+        assert!(parse("pods:\n  - {name: r}\n").expect_err("no ips").to_string().contains("neither"));
     }
 
     #[test]

@@ -19,7 +19,8 @@ impl Collector for KernelCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let capture: &Capture = &self.0.capture;
         {
-            let table = self.0.services.load();
+            let view = self.0.mesh.load();
+            let table = &view.services;
             let mut family = encoder.encode_descriptor(
                 "outrigger_service_refused_connections",
                 "Connects to a service VIP refused by the kernel because the service had no endpoints",

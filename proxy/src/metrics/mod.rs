@@ -44,6 +44,15 @@ impl ServiceLabels {
     }
 }
 
+/// Tunnels arriving at a pod of this node, by outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct InboundLabels {
+    pub reporter: &'static str,
+    pub destination_pod: String,
+    pub destination_namespace: String,
+    pub result: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -62,6 +71,7 @@ pub struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     pub pods_meshed: Gauge,
     pub ejections: Family<ServiceLabels, Counter>,
+    pub inbound_streams: Family<InboundLabels, Counter>,
 }
 
 /// Handles for one connection's metrics, resolved once at accept.
@@ -103,6 +113,11 @@ impl Metrics {
         r.register("config_reloads", "Mesh file loads, by result (applied, rejected)", self.config_reloads.clone());
         r.register("pods_meshed", "Pods whose connections are captured now", self.pods_meshed.clone());
         r.register(
+            "inbound_tunnel_streams",
+            "Tunnel streams (and refused TLS handshakes) arriving at pods of this node, by result",
+            self.inbound_streams.clone(),
+        );
+        r.register(
             "endpoint_ejections",
             "Endpoints ejected from a service after consecutive connect failures",
             self.ejections.clone(),
@@ -117,6 +132,17 @@ impl Metrics {
             bytes_sent: self.bytes_sent.get_or_create(labels).clone(),
             bytes_received: self.bytes_received.get_or_create(labels).clone(),
         }
+    }
+
+    pub fn inbound(&self, pod: &crate::node::PodContext, result: &'static str) -> Counter {
+        self.inbound_streams
+            .get_or_create(&InboundLabels {
+                reporter: "inbound",
+                destination_pod: pod.key.name.clone(),
+                destination_namespace: pod.key.namespace.clone(),
+                result,
+            })
+            .clone()
     }
 
     pub fn failed(&self, labels: &PodLabels, reason: &'static str) {

@@ -17,7 +17,7 @@ use crate::{
     mesh::{watch::FileWatch, MeshState, PodKey, PodSpec},
     metrics::ResultLabels,
     proxy::Proxy,
-    services::ServiceTable,
+    view::MeshView,
 };
 pub use pod::{PodContext, PodError};
 use status::{NodeStatus, PodStatus};
@@ -57,10 +57,11 @@ impl Node {
     /// Brings the running pods in line with `state`: pods that left or
     /// changed are stopped first, then new or changed ones are started.
     pub async fn reconcile(&mut self, state: &MeshState) {
+        let local: BTreeMap<&PodKey, &PodSpec> = state.pods.iter().filter(|(_, p)| p.is_local()).collect();
         let stale: Vec<PodKey> = self
             .running
             .iter()
-            .filter(|(key, pod)| state.pods.get(*key) != Some(&pod.spec))
+            .filter(|(key, pod)| local.get(key) != Some(&&pod.spec))
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
@@ -68,25 +69,31 @@ impl Node {
                 self.stop_pod(&key, pod);
             }
         }
-        self.failed.retain(|key, (spec, _)| state.pods.get(key) == Some(spec));
-        for (key, spec) in &state.pods {
+        self.failed.retain(|key, (spec, _)| local.get(key).is_some_and(|s| *s == spec));
+        for (key, spec) in local {
             if !self.running.contains_key(key) {
                 self.start_or_record(key.clone(), spec.clone()).await;
             }
         }
-        self.apply_services(state);
+        self.apply_mesh(state);
         self.publish();
     }
 
-    /// Swaps in a service table built from `state`, keeping endpoint health,
-    /// and tells the kernel which VIPs to refuse (no endpoints). New
-    /// connections follow the new table; open ones keep their upstream.
-    fn apply_services(&self, state: &MeshState) {
-        let table = ServiceTable::build(state, &self.proxy.services.load(), &self.proxy.balance);
-        if let Err(e) = self.proxy.capture.set_refused_vips(&table.refused()) {
+    /// Swaps in a view built from `state` (services keep endpoint health),
+    /// tells the kernel which VIPs to refuse (no endpoints), and asks for
+    /// certificates of the identities now on the node. New connections
+    /// follow the new view; open ones keep their upstream.
+    fn apply_mesh(&self, state: &MeshState) {
+        let view = MeshView::build(state, &self.proxy.mesh.load(), &self.proxy.balance, &self.proxy.trust_domain);
+        if let Err(e) = self.proxy.capture.set_refused_vips(&view.services.refused()) {
             tracing::error!(error = %e, "updating the kernel's refused-VIP map failed; such connects reach the proxy and are reset there");
         }
-        self.proxy.services.store(Arc::new(table));
+        if let Some(mtls) = &self.proxy.mtls {
+            let wanted = view.workloads.values().filter(|w| w.is_local()).map(|w| w.identity.clone()).collect();
+            mtls.identities.set_wanted(wanted);
+            mtls.identities.refresh();
+        }
+        self.proxy.mesh.store(Arc::new(view));
     }
 
     /// Retries pods that failed to start (their netns may exist by now).
@@ -106,7 +113,7 @@ impl Node {
         self.next_pod_id = self.next_pod_id.wrapping_add(1).max(1);
         match self.start_pod(id, &spec).await {
             Ok(pod) => {
-                tracing::info!(pod = %key, netns = %spec.netns.display(), cookie = pod.ctx.netns.cookie(),
+                tracing::info!(pod = %key, netns = %pod.ctx.netns.path().display(), cookie = pod.ctx.netns.cookie(),
                     listeners = ?pod.listeners, "pod meshed");
                 self.failed.remove(&key);
                 self.running.insert(key, pod);
@@ -123,7 +130,7 @@ impl Node {
     }
 
     async fn start_pod(&self, id: u32, spec: &PodSpec) -> Result<RunningPod, PodError> {
-        let ctx = Arc::new(PodContext::open(id, spec, self.own_netns_cookie).await?);
+        let ctx = Arc::new(PodContext::open(id, spec, self.own_netns_cookie, &self.proxy.trust_domain).await?);
         let listeners = ctx.bind_listeners(self.outbound_port).await?;
         let stop = self.proxy.shutdown.child_token();
         let mut addrs = Vec::with_capacity(listeners.len());
@@ -134,6 +141,20 @@ impl Node {
             }
             addrs.push(listener.local_addr().map_err(PodError::ListenerAddr)?);
             tokio::spawn(crate::outbound::serve(listener, ctx.clone(), self.proxy.clone(), stop.clone()));
+        }
+        if let Some(mtls) = &self.proxy.mtls {
+            match ctx.bind_inbound(mtls.hbone_port).await {
+                Ok(inbound) => {
+                    for listener in inbound {
+                        addrs.push(listener.local_addr().map_err(PodError::ListenerAddr)?);
+                        tokio::spawn(crate::inbound::serve(listener, ctx.clone(), self.proxy.clone(), stop.clone()));
+                    }
+                }
+                Err(e) => {
+                    stop.cancel();
+                    return Err(e);
+                }
+            }
         }
         // Capture only once the listeners are up: a connect steered to a
         // port nobody listens on would be refused.

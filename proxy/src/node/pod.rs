@@ -5,6 +5,7 @@ use std::{io, sync::Arc};
 use tokio::net::TcpListener;
 
 use crate::{
+    identity::Identity,
     mesh::{PodKey, PodSpec},
     netns::{sockets::bind_listener, Netns, NetnsError},
     outbound::listener_addr,
@@ -16,6 +17,8 @@ pub enum PodError {
     Netns(#[from] NetnsError),
     #[error("netns {0} is the proxy's own network namespace; meshing it would capture the proxy itself")]
     OwnNetns(String),
+    #[error("pod {0} has no netns: it is not a pod of this node")]
+    NotLocal(String),
     #[error("binding {addr} in the pod's netns: {source} (is another process using port {port} in the pod, or loopback down?)")]
     Bind {
         addr: std::net::SocketAddr,
@@ -36,19 +39,39 @@ pub enum PodError {
 pub struct PodContext {
     pub id: u32,
     pub key: PodKey,
+    /// The pod's SPIFFE identity (its service account's).
+    pub identity: Identity,
     pub spec: PodSpec,
     pub netns: Netns,
 }
 
 impl PodContext {
-    pub async fn open(id: u32, spec: &PodSpec, own_netns_cookie: u64) -> Result<Self, PodError> {
-        let path = spec.netns.clone();
+    pub async fn open(id: u32, spec: &PodSpec, own_netns_cookie: u64, trust_domain: &str) -> Result<Self, PodError> {
+        let path = spec.netns.clone().ok_or_else(|| PodError::NotLocal(spec.key().to_string()))?;
         let thread = format!("ns-{}", spec.name);
         let netns = tokio::task::spawn_blocking(move || Netns::open(&path, &thread)).await??;
         if netns.cookie() == own_netns_cookie {
-            return Err(PodError::OwnNetns(spec.netns.display().to_string()));
+            return Err(PodError::OwnNetns(netns.path().display().to_string()));
         }
-        Ok(Self { id, key: spec.key(), spec: spec.clone(), netns })
+        let identity = Identity::new(trust_domain, &spec.namespace, &spec.service_account);
+        Ok(Self { id, key: spec.key(), identity, spec: spec.clone(), netns })
+    }
+
+    /// Binds the HBONE listener on each of the pod's own addresses, inside
+    /// the pod (these must be configured in its netns).
+    pub async fn bind_inbound(self: &Arc<Self>, port: u16) -> Result<Vec<TcpListener>, PodError> {
+        let mut listeners = Vec::with_capacity(self.spec.ips.len());
+        for ip in self.spec.ips.clone() {
+            let addr = std::net::SocketAddr::new(ip, port);
+            let bound = self.netns.run(move || bind_listener(addr)).await?;
+            let std_listener = bound.map_err(|source| PodError::Bind { addr, port, source })?;
+            listeners.push(TcpListener::from_std(std_listener).map_err(|source| PodError::Bind {
+                addr,
+                port,
+                source,
+            })?);
+        }
+        Ok(listeners)
     }
 
     /// Binds `127.0.0.1:port` and `[::1]:port` inside the pod. A pod

@@ -7,8 +7,15 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use outrigger_common::ConnKey;
 use tokio::net::TcpStream;
 
-use super::connect::{connect_direct, connect_service, Upstream};
-use crate::{capture::addr::to_kernel, metrics::PodLabels, node::PodContext, proxy::Proxy, relay::relay};
+use super::connect::{connect_service, connect_to, Upstream, UpstreamConn};
+use crate::{
+    capture::addr::to_kernel,
+    metrics::PodLabels,
+    node::PodContext,
+    proxy::Proxy,
+    relay::relay,
+    tunnel::{relay::relay_h2, Tunnel},
+};
 
 pub struct Connection {
     pub pod: Arc<PodContext>,
@@ -44,17 +51,19 @@ pub async fn run(client: TcpStream, conn: Connection, proxy: Arc<Proxy>) {
         source_pod: pod.key.name.clone(),
         source_namespace: pod.key.namespace.clone(),
     };
-    let route = proxy.services.load().route(dest).cloned();
+    let view = proxy.mesh.load_full();
+    let route = view.services.route(dest).cloned();
     let service = route.as_ref().map(|r| r.service.to_string()).unwrap_or_default();
     let connected = match &route {
-        Some(route) => connect_service(pod, route, &proxy).await,
-        None => connect_direct(pod, dest, &proxy).await.map(|stream| Upstream {
-            stream,
+        Some(route) => connect_service(pod, route, &proxy, &view).await,
+        None => connect_to(pod, dest, &proxy, &view).await.map(|conn| Upstream {
+            conn,
             addr: dest,
             endpoint: None,
             attempts: 1,
         }),
     };
+    drop(view);
     let upstream = match connected {
         Ok(upstream) => upstream,
         Err(e) => {
@@ -75,7 +84,8 @@ pub async fn run(client: TcpStream, conn: Connection, proxy: Arc<Proxy>) {
     let metrics = proxy.metrics.connection(&labels);
     metrics.opened.inc();
     metrics.open.inc();
-    let Upstream { stream: mut upstream_stream, addr: upstream_addr, endpoint, attempts } = upstream;
+    let Upstream { conn: link, addr: upstream_addr, endpoint, attempts } = upstream;
+    let security = link.security();
     // The first response byte's delay is a latency sample for the endpoint.
     let first_response = |latency| {
         if let (Some(route), Some((i, _))) = (&route, &endpoint) {
@@ -83,12 +93,24 @@ pub async fn run(client: TcpStream, conn: Connection, proxy: Arc<Proxy>) {
         }
     };
     let mut client = client;
-    let relayed = relay(client.split(), upstream_stream.split(), proxy.forward.buffer_size, first_response).await;
+    let buffer = proxy.forward.buffer_size;
+    let relayed = match link {
+        UpstreamConn::Plain(mut upstream) => {
+            let relayed = relay(client.split(), upstream.split(), buffer, first_response).await;
+            if relayed.result.is_err() {
+                let _ = upstream.set_zero_linger();
+            }
+            relayed
+        }
+        UpstreamConn::Tunnel(mut tunnel) => {
+            let Tunnel { send, recv, .. } = &mut *tunnel;
+            relay_h2(&mut client, send, recv, buffer, first_response).await
+        }
+    };
     if relayed.result.is_err() {
         // Pass a reset on as a reset: the application should see the
         // failure it would have seen without the proxy, not a clean EOF.
         let _ = client.set_zero_linger();
-        let _ = upstream_stream.set_zero_linger();
     }
     drop(endpoint);
     metrics.open.dec();
@@ -97,7 +119,7 @@ pub async fn run(client: TcpStream, conn: Connection, proxy: Arc<Proxy>) {
     metrics.bytes_received.inc_by(relayed.received);
     tracing::info!(
         target: "outrigger::access",
-        pod = %pod.key, client = %conn.peer, dst = %dest, service, upstream = %upstream_addr, attempts,
+        pod = %pod.key, client = %conn.peer, dst = %dest, service, upstream = %upstream_addr, attempts, security,
         sent_bytes = relayed.sent, received_bytes = relayed.received,
         duration_ms = start.elapsed().as_secs_f64() * 1e3,
         result = relayed.outcome(),

@@ -1,0 +1,251 @@
+//! Inbound: tunnels arriving at a meshed pod's `POD_IP:15008`.
+//!
+//! The listener lives in the pod's netns. It accepts mutual TLS 1.3 as the
+//! pod's identity, requires a client certificate of our trust domain, then
+//! serves HTTP/2 `CONNECT`s — only to the pod's own addresses (never an open
+//! relay), only when authorization allows the peer — by connecting to the
+//! application from inside the pod, over the pod's loopback interface.
+#![forbid(unsafe_code)]
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::{server::SendResponse, RecvStream};
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    identity::Identity,
+    netns::sockets::upstream_socket,
+    node::PodContext,
+    policy::Decision,
+    proxy::{Mtls, Proxy},
+    tls::peer_identity,
+    tunnel::relay::relay_h2,
+};
+
+/// A TLS handshake that has not finished by then is dropped (slow or
+/// hostile clients must not hold sockets).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one pod's HBONE listener until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>, stop: CancellationToken) {
+    let Some(mtls) = proxy.mtls.as_ref() else { return };
+    let _ = mtls;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let (pod, proxy, stop) = (pod.clone(), proxy.clone(), stop.clone());
+                proxy.connections.clone().spawn(async move { connection(tcp, peer, pod, proxy, stop).await });
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.key, error = %e, "inbound accept failed; is the proxy out of file descriptors?");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    proxy: Arc<Proxy>,
+    stop: CancellationToken,
+) {
+    let Some(mtls) = proxy.mtls.as_ref() else { return };
+    let _ = tcp.set_nodelay(true);
+    let config = match mtls.tls.server(&pod.identity) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(pod = %pod.key, error = %e, "cannot accept tunnels for this pod");
+            return;
+        }
+    };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            proxy.metrics.inbound(&pod, "tls_failure").inc();
+            tracing::info!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, peer = %peer,
+                result = "tls_failure", error = %e, "tunnel refused");
+            return;
+        }
+        Err(_) => {
+            proxy.metrics.inbound(&pod, "tls_failure").inc();
+            tracing::info!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, peer = %peer,
+                result = "tls_failure", error = "handshake timed out", "tunnel refused");
+            return;
+        }
+    };
+    // The verifier already required exactly one SPIFFE ID of our domain.
+    let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
+    let Some(peer_id) = peer_cert.as_ref().and_then(peer_identity) else {
+        return;
+    };
+    // Which certificate the peer presented: rotation shows in the logs.
+    let peer_serial: Arc<str> = peer_cert
+        .as_ref()
+        .and_then(|c| crate::identity::cert::describe(c).ok())
+        .map(|i| i.serial)
+        .unwrap_or_default()
+        .into();
+    let mut h2 = match crate::tunnel::server_builder(mtls.max_streams).handshake::<_, Bytes>(tls).await {
+        Ok(h2) => h2,
+        Err(e) => {
+            tracing::debug!(pod = %pod.key, peer = %peer, error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+    };
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => {
+                h2.graceful_shutdown();
+                // Keep driving the connection so open streams can finish.
+                while let Some(Ok((req, respond))) = h2.accept().await {
+                    drop((req, respond));
+                }
+                return;
+            }
+            next = h2.accept() => next,
+        };
+        match next {
+            Some(Ok((request, respond))) => {
+                let peer = Peer { addr: peer, identity: peer_id.clone(), serial: peer_serial.clone() };
+                let (pod, proxy) = (pod.clone(), proxy.clone());
+                proxy.connections.clone().spawn(async move { stream(request, respond, peer, pod, proxy).await });
+            }
+            Some(Err(e)) => {
+                tracing::debug!(pod = %pod.key, peer = %peer, error = %e, "tunnel connection error");
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode, header: Option<(&'static str, &'static str)>) {
+    let mut builder = Response::builder().status(status);
+    if let Some((name, value)) = header {
+        builder = builder.header(name, value);
+    }
+    if let Ok(response) = builder.body(()) {
+        let _ = respond.send_response(response, true);
+    }
+}
+
+/// The authenticated peer of a tunnel connection.
+struct Peer {
+    addr: SocketAddr,
+    identity: Identity,
+    serial: Arc<str>,
+}
+
+async fn stream(
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: Peer,
+    pod: Arc<PodContext>,
+    proxy: Arc<Proxy>,
+) {
+    let start = Instant::now();
+    let Peer { addr: peer, identity: peer_id, serial: peer_serial } = peer;
+    let refuse = |respond: &mut SendResponse<Bytes>, status, result: &'static str, header, why: String| {
+        reply(respond, status, header);
+        proxy.metrics.inbound(&pod, result).inc();
+        tracing::info!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, peer = %peer,
+            peer_identity = %peer_id, peer_serial = %peer_serial, authority = %request.uri(), result, error = %why,
+            "tunnel stream refused");
+    };
+    if request.method() != Method::CONNECT {
+        return refuse(&mut respond, StatusCode::METHOD_NOT_ALLOWED, "bad_request", None, "not a CONNECT".into());
+    }
+    let Some(authority) = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
+        return refuse(&mut respond, StatusCode::BAD_REQUEST, "bad_request", None, "authority is not ip:port".into());
+    };
+    if !pod.spec.ips.contains(&authority.ip()) {
+        return refuse(
+            &mut respond,
+            StatusCode::FORBIDDEN,
+            "not_pod_address",
+            None,
+            format!("{} is not an address of this pod: tunnels only reach the pod itself", authority.ip()),
+        );
+    }
+    let decision = proxy.mesh.load().authz.check(&pod.spec, Some(&peer_id), authority.port());
+    if let Decision::Deny { policy } = decision {
+        return refuse(
+            &mut respond,
+            StatusCode::FORBIDDEN,
+            "denied",
+            Some(("x-outrigger-denied", "policy")),
+            format!("denied by {policy}"),
+        );
+    }
+    let app = match connect_app(&pod, &proxy, authority).await {
+        Ok(app) => app,
+        Err((status, result, why)) => return refuse(&mut respond, status, result, None, why),
+    };
+    let Ok(response) = Response::builder().status(StatusCode::OK).body(()) else { return };
+    let mut send = match respond.send_response(response, false) {
+        Ok(send) => send,
+        Err(_) => return,
+    };
+    let mut app = app;
+    let mut recv = request.into_body();
+    proxy.metrics.inbound(&pod, "ok").inc();
+    let relayed = relay_h2(&mut app, &mut send, &mut recv, proxy.forward.buffer_size, |_| {}).await;
+    if relayed.result.is_err() {
+        let _ = app.set_zero_linger();
+    }
+    tracing::info!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, peer = %peer,
+        peer_identity = %peer_id, peer_serial = %peer_serial, authority = %authority,
+        sent_bytes = relayed.received, received_bytes = relayed.sent,
+        duration_ms = start.elapsed().as_secs_f64() * 1e3, result = relayed.outcome(), "tunnel stream closed");
+}
+
+/// The application, from a marked socket made inside the pod, dialling the
+/// pod's own address: the kernel delivers it over the pod's loopback
+/// interface, and an application bound to the wildcard address or to the
+/// pod IP receives it alike (one bound to 127.0.0.1 only is not meant to be
+/// reached from other pods).
+async fn connect_app(
+    pod: &PodContext,
+    proxy: &Proxy,
+    authority: SocketAddr,
+) -> Result<TcpStream, (StatusCode, &'static str, String)> {
+    let target = authority;
+    let local_ip = target.ip();
+    let mark = proxy.forward.mark;
+    let err = |e: String| (StatusCode::SERVICE_UNAVAILABLE, "upstream_error", e);
+    let socket = pod
+        .netns
+        .run(move || upstream_socket(local_ip, mark))
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| err(e.to_string()))?;
+    let socket = TcpSocket::from_std_stream(socket);
+    match tokio::time::timeout(proxy.forward.connect_timeout, socket.connect(target)).await {
+        Ok(Ok(tcp)) => Ok(tcp),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err((StatusCode::SERVICE_UNAVAILABLE, "connect_refused", format!("nothing listens on {target} in the pod")))
+        }
+        Ok(Err(e)) => Err(err(format!("connecting to {target}: {e}"))),
+        Err(_) => Err((StatusCode::GATEWAY_TIMEOUT, "connect_timeout", format!("{target} did not answer"))),
+    }
+}
+
+/// Whether the pod gets HBONE listeners: with mutual TLS configured.
+pub fn enabled(mtls: Option<&Mtls>) -> bool {
+    mtls.is_some()
+}

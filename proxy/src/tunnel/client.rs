@@ -1,0 +1,137 @@
+//! Opening a tunnel: a pooled TLS+h2 connection from the source pod's netns
+//! to the destination pod's HBONE port, then `CONNECT <authority>`.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpSocket;
+use tokio_rustls::TlsConnector;
+
+use super::{
+    pool::{Dialled, PoolKey},
+    Pool, StreamGuard, TunnelError,
+};
+use crate::{identity::Identity, netns::sockets::upstream_socket, node::PodContext, tls::TlsConfigs};
+
+/// Where a tunnel goes.
+#[derive(Debug, Clone)]
+pub struct TunnelTarget {
+    /// The destination pod's HBONE address (`POD_IP:15008`).
+    pub peer: SocketAddr,
+    /// What the CONNECT asks for: the original destination.
+    pub authority: SocketAddr,
+    /// Who must answer: the destination pod's identity.
+    pub identity: Identity,
+}
+
+/// An open tunnel stream.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    /// Whether this stream needed a new TLS connection.
+    pub dialled: bool,
+    _place: StreamGuard,
+}
+
+/// What opening a tunnel needs from the proxy.
+pub struct TunnelContext<'a> {
+    pub tls: &'a TlsConfigs,
+    pub pool: &'a Pool,
+    pub mark: u32,
+    pub connect_timeout: Duration,
+}
+
+pub async fn open(
+    pod: &PodContext,
+    source: &Identity,
+    target: &TunnelTarget,
+    ctx: &TunnelContext<'_>,
+) -> Result<Tunnel, TunnelError> {
+    let generation = ctx.tls.identities().current(source).map_err(crate::tls::TlsError::from)?.generation;
+    let key = PoolKey {
+        netns_cookie: pod.netns.cookie(),
+        source: source.clone(),
+        destination: target.identity.clone(),
+        peer: target.peer,
+    };
+    let dialled = AtomicBool::new(false);
+    let (mut sender, place) = ctx
+        .pool
+        .stream(&key, generation, || {
+            dialled.store(true, Ordering::Relaxed);
+            dial(pod, source, target, ctx)
+        })
+        .await?;
+    let peer = target.peer;
+    let h2_err = |source| TunnelError::H2 { peer, source };
+    sender = sender.ready().await.map_err(h2_err)?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.authority.to_string())
+        .body(())
+        .map_err(|e| TunnelError::Connect { peer, source: io::Error::other(e) })?;
+    let (response, send) = sender.send_request(request, false).map_err(h2_err)?;
+    let response = response.await.map_err(h2_err)?;
+    match response.status() {
+        StatusCode::OK => {}
+        StatusCode::FORBIDDEN if response.headers().contains_key("x-outrigger-denied") => {
+            return Err(TunnelError::Denied { peer, authority: target.authority });
+        }
+        status => return Err(TunnelError::Status { peer, authority: target.authority, status: status.as_u16() }),
+    }
+    Ok(Tunnel { send, recv: response.into_body(), dialled: dialled.load(Ordering::Relaxed), _place: place })
+}
+
+/// A new mutual-TLS h2 connection to the peer, from a socket made in the
+/// source pod's netns.
+async fn dial(
+    pod: &PodContext,
+    source: &Identity,
+    target: &TunnelTarget,
+    ctx: &TunnelContext<'_>,
+) -> Result<Dialled, TunnelError> {
+    let peer = target.peer;
+    let config = ctx.tls.client(source, &target.identity)?;
+    let mark = ctx.mark;
+    let ip = peer.ip();
+    let socket = pod
+        .netns
+        .run(move || upstream_socket(ip, mark))
+        .await?
+        .map_err(|source| TunnelError::Connect { peer, source })?;
+    let socket = TcpSocket::from_std_stream(socket);
+    let handshake = async {
+        let tcp = socket.connect(peer).await.map_err(|e| match e.kind() {
+            io::ErrorKind::ConnectionRefused => TunnelError::Refused { peer },
+            _ => TunnelError::Connect { peer, source: e },
+        })?;
+        let tls = TlsConnector::from(config)
+            .connect(ServerName::IpAddress(peer.ip().into()), tcp)
+            .await
+            .map_err(|source| TunnelError::Tls { peer, source })?;
+        super::client_builder().handshake::<_, Bytes>(tls).await.map_err(|source| TunnelError::H2 { peer, source })
+    };
+    let (sender, connection) =
+        tokio::time::timeout(ctx.connect_timeout, handshake).await.map_err(|_| TunnelError::Timeout { peer })??;
+    let closed = Arc::new(AtomicBool::new(false));
+    let driver_closed = closed.clone();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(peer = %peer, error = %e, "tunnel connection ended");
+        }
+        driver_closed.store(true, Ordering::Relaxed);
+    });
+    tracing::debug!(peer = %peer, source = %source, destination = %target.identity, "tunnel connection established");
+    Ok(Dialled { sender, closed })
+}

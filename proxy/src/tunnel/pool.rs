@@ -1,0 +1,176 @@
+//! Pooled TLS+h2 connections to peer proxies.
+//!
+//! Keyed by (source pod, source identity, destination identity, peer
+//! address). The source pod is in the key because a connection's socket
+//! lives in that pod's netns: another pod's streams must not leave with this
+//! pod's address. A connection takes streams up to
+//! `--max-streams-per-connection`; past that, or once the source
+//! certificate rotated, a new connection is made and the old one finishes
+//! its streams. Dialling is serialised per key so a burst of new streams
+//! opens one connection, not one each.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use serde::Serialize;
+
+use super::TunnelError;
+use crate::{balance::now_nanos, identity::Identity};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub netns_cookie: u64,
+    pub source: Identity,
+    pub destination: Identity,
+    pub peer: SocketAddr,
+}
+
+#[derive(Debug)]
+struct PooledConn {
+    sender: SendRequest<Bytes>,
+    streams: AtomicUsize,
+    /// Certificate generation of the source identity when dialled.
+    generation: u64,
+    /// Set by the connection's driver task when it ends.
+    closed: Arc<AtomicBool>,
+    last_used: AtomicU64,
+}
+
+/// Holds a stream's place on its connection; dropping it frees the place.
+#[derive(Debug)]
+pub struct StreamGuard(Arc<PooledConn>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+        self.0.last_used.store(now_nanos(), Ordering::Relaxed);
+    }
+}
+
+/// A newly dialled connection: its sender and the flag its driver sets.
+pub struct Dialled {
+    pub sender: SendRequest<Bytes>,
+    pub closed: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PoolStats {
+    pub connections: usize,
+    pub streams: usize,
+    pub dialled_total: u64,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    max_streams: usize,
+    idle_timeout: Duration,
+    dialled: AtomicU64,
+}
+
+impl Pool {
+    pub fn new(max_streams: usize, idle_timeout: Duration) -> Self {
+        Self {
+            conns: Mutex::default(),
+            dialing: Mutex::default(),
+            max_streams: max_streams.max(1),
+            idle_timeout,
+            dialled: AtomicU64::new(0),
+        }
+    }
+
+    fn take_place(&self, key: &PoolKey, generation: u64) -> Option<(SendRequest<Bytes>, StreamGuard)> {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.closed.load(Ordering::Relaxed));
+        for conn in list.iter() {
+            if conn.generation != generation {
+                continue;
+            }
+            let taken = conn
+                .streams
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < self.max_streams).then_some(n + 1))
+                .is_ok();
+            if taken {
+                return Some((conn.sender.clone(), StreamGuard(conn.clone())));
+            }
+        }
+        None
+    }
+
+    /// A place for one stream to the peer of `key`, dialling with `dial` if
+    /// no pooled connection has room.
+    pub async fn stream<D, Fut>(
+        &self,
+        key: &PoolKey,
+        generation: u64,
+        dial: D,
+    ) -> Result<(SendRequest<Bytes>, StreamGuard), TunnelError>
+    where
+        D: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Dialled, TunnelError>>,
+    {
+        if let Some(place) = self.take_place(key, generation) {
+            return Ok(place);
+        }
+        let lock = {
+            let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
+            dialing.entry(key.clone()).or_default().clone()
+        };
+        let _dialing = lock.lock().await;
+        // Someone else may have dialled while we waited.
+        if let Some(place) = self.take_place(key, generation) {
+            return Ok(place);
+        }
+        let dialled = dial().await?;
+        self.dialled.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(PooledConn {
+            sender: dialled.sender,
+            streams: AtomicUsize::new(1),
+            generation,
+            closed: dialled.closed,
+            last_used: AtomicU64::new(now_nanos()),
+        });
+        let place = (conn.sender.clone(), StreamGuard(conn.clone()));
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().push(conn);
+        Ok(place)
+    }
+
+    /// Drops connections that are closed, or idle past the idle timeout.
+    /// Dropping the last sender of a connection closes it (GOAWAY).
+    pub fn reap(&self) {
+        let now = now_nanos();
+        let idle = self.idle_timeout.as_nanos() as u64;
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for list in conns.values_mut() {
+            list.retain(|c| {
+                !c.closed.load(Ordering::Relaxed)
+                    && (c.streams.load(Ordering::Relaxed) > 0
+                        || now.saturating_sub(c.last_used.load(Ordering::Relaxed)) < idle)
+            });
+        }
+        conns.retain(|_, list| !list.is_empty());
+        let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
+        dialing.retain(|k, lock| conns.contains_key(k) || Arc::strong_count(lock) > 1);
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        PoolStats {
+            connections: conns.values().map(Vec::len).sum(),
+            streams: conns.values().flatten().map(|c| c.streams.load(Ordering::Relaxed)).sum(),
+            dialled_total: self.dialled.load(Ordering::Relaxed),
+        }
+    }
+}
