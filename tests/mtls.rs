@@ -105,15 +105,38 @@ struct Capture {
 impl Capture {
     fn start(sb: &Sandbox, name: &str) -> Result<Self> {
         let file = sb.dir.join(format!("{name}.pcap"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", sb.node_netns(1), "tcpdump", "-i", "wire1", "-U", "-s", "0", "-w"])
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                sb.node_netns(1),
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                "wire1",
+                "-U",
+                "-s",
+                "0",
+                "-w",
+            ])
             .arg(&file)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting tcpdump")?;
-        // tcpdump prints "listening on" once the capture is live.
-        std::thread::sleep(Duration::from_millis(700));
+        // tcpdump says "listening on" once the capture is live; a busy
+        // machine can take a while to get there.
+        let stderr = child.stderr.take().context("tcpdump stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(15)).context("tcpdump never started listening")?;
         Ok(Self { child, file })
     }
 

@@ -19,6 +19,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("sockperf", "sockperf"),
     ("tcpdump", "tcpdump"),
+    ("tshark", "tshark"),
     ("curl", "curl"),
 ];
 
