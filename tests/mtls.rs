@@ -401,3 +401,30 @@ fn a_thousand_connections_from_ten_pods_share_few_tls_connections() -> Result<()
     ensure!(m1.sum("outrigger_inbound_tunnel_streams_total", &[("result", "ok")]) == 1000.0);
     Ok(())
 }
+
+#[test]
+fn strict_mode_takes_only_tunnels_even_between_pods_of_one_node() -> Result<()> {
+    let nodes = TwoNodes::new(&["a"], &["b", "c"], &[(1, "plain")])?;
+    let (a, b, c, plain) = (nodes.pod("a"), nodes.pod("b"), nodes.pod("c"), nodes.pod("plain"));
+    let server = nodes.sb.echo_server(b, &[APP], &[])?;
+    let _n0 = nodes.start(0, &["--mtls", "strict"])?;
+    let n1 = nodes.start(1, &["--mtls", "strict"])?;
+
+    let from_plain = nodes.sb.client(plain, app_addr(b), &["--timeout-ms", "1500"])?;
+    ensure!(from_plain["ok"] == 0, "a pod outside the mesh reached a strict pod in plaintext: {from_plain}");
+    eprintln!("plaintext to a strict pod: {}", from_plain["errors"]);
+    ensure!(accepted(&server) == 0, "the strict pod's application saw plaintext from outside the mesh");
+    ensure!(n1.kernel_events("strict_dropped") >= 1.0);
+
+    ensure!(nodes.sb.client(a, app_addr(b), &[])?["ok"] == 1, "a -> b (other node) failed in strict mode");
+    ensure!(nodes.sb.client(c, app_addr(b), &[])?["ok"] == 1, "c -> b (same node) failed in strict mode");
+    let tunnelled = wait_for(Duration::from_secs(5), || {
+        n1.log_text()
+            .lines()
+            .any(|l| l.contains("tunnel stream closed") && l.contains(&format!("peer_identity={}", spiffe_id("c"))))
+            .then_some(())
+    });
+    ensure!(tunnelled.is_some(), "same-node traffic was not tunnelled in strict mode");
+    ensure!(accepted(&server) == 2);
+    Ok(())
+}

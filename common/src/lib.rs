@@ -79,6 +79,9 @@ pub struct Settings {
     /// Process id (tgid) of the proxy: a second loop guard, for sockets
     /// made before the mark is set.
     pub proxy_tgid: u32,
+    /// The tunnel port: in strict pods, the only port that takes
+    /// connections from outside the pod.
+    pub hbone_port: u32,
 }
 
 /// Indices into the per-CPU counter array.
@@ -107,7 +110,9 @@ pub mod counter {
     pub const BYPASS_NO_V6_LISTENER: u32 = 10;
     /// A meshed pod dialled a service VIP with no endpoints: refused at connect.
     pub const REFUSED_NO_ENDPOINTS: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// A plaintext connection to a strict pod from outside it, dropped.
+    pub const STRICT_DROPPED: u32 = 12;
+    pub const COUNT: u32 = 13;
 
     /// Names as exported in metrics, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -123,6 +128,7 @@ pub mod counter {
         "closed",
         "bypass_no_v6_listener",
         "refused_no_endpoints",
+        "strict_dropped",
     ];
 }
 

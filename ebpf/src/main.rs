@@ -23,9 +23,9 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
@@ -390,6 +390,55 @@ fn conn_key(ctx: &SockOpsContext) -> ConnKey {
         };
         ConnKey { netns_cookie: bpf_get_netns_cookie(ctx.as_ptr()), client, listener }
     }
+}
+
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+const IPPROTO_TCP: u32 = 6;
+
+/// Attached to the netns of each pod under `--mtls strict`: a new TCP
+/// connection from outside the pod may only reach the tunnel port. The pod
+/// itself (loopback, or its own address — how the proxy delivers tunnelled
+/// connections) passes; for anything else the listener lookup fails, so the
+/// kernel answers the SYN with a reset and the client sees "refused".
+#[sk_lookup]
+pub fn outrigger_strict(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: context field reads, one u32 at a time.
+    unsafe {
+        if read_volatile(&(*l).protocol) != IPPROTO_TCP {
+            return SK_PASS;
+        }
+        let local_port = read_volatile(&(*l).local_port);
+        if let Some(settings) = SETTINGS.get(0) {
+            if local_port == settings.hbone_port {
+                return SK_PASS;
+            }
+        }
+        let from_inside = if read_volatile(&(*l).family) == AF_INET {
+            let remote = read_volatile(&(*l).remote_ip4);
+            is_loopback_v4(remote) || remote == read_volatile(&(*l).local_ip4)
+        } else {
+            let remote = [
+                read_volatile(&(*l).remote_ip6[0]),
+                read_volatile(&(*l).remote_ip6[1]),
+                read_volatile(&(*l).remote_ip6[2]),
+                read_volatile(&(*l).remote_ip6[3]),
+            ];
+            let local = [
+                read_volatile(&(*l).local_ip6[0]),
+                read_volatile(&(*l).local_ip6[1]),
+                read_volatile(&(*l).local_ip6[2]),
+                read_volatile(&(*l).local_ip6[3]),
+            ];
+            is_loopback_v6(&remote) || (is_v4_mapped(&remote) && is_loopback_v4(remote[3])) || remote == local
+        };
+        if from_inside {
+            return SK_PASS;
+        }
+    }
+    count(counter::STRICT_DROPPED);
+    SK_DROP
 }
 
 #[cfg(not(test))]

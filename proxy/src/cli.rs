@@ -125,6 +125,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup: &cgroup,
         object: args.ebpf_object.as_deref(),
         mark: args.mark,
+        hbone_port: args.hbone_port,
     })?);
     tracing::info!(cgroup = %cgroup.display(), programs = capture.attached().len(), "capture programs attached");
 

@@ -20,7 +20,7 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    programs::{sk_lookup::SkLookupLinkId, CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps},
     Ebpf, EbpfError, EbpfLoader,
 };
 use outrigger_common::{counter, ConnKey, MeshedPod, Settings, SockAddr};
@@ -35,6 +35,7 @@ const CONNECT6: &str = "outrigger_connect6";
 const GETPEERNAME4: &str = "outrigger_getpeername4";
 const GETPEERNAME6: &str = "outrigger_getpeername6";
 const SOCKOPS: &str = "outrigger_sockops";
+const STRICT: &str = "outrigger_strict";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -86,12 +87,14 @@ pub struct CaptureOptions<'a> {
     pub cgroup: &'a Path,
     pub object: Option<&'a Path>,
     pub mark: u32,
+    pub hbone_port: u16,
 }
 
 /// The loaded, attached programs and handles to their maps.
 pub struct Capture {
-    // Owns the programs and their links; dropping it detaches them.
-    _ebpf: Ebpf,
+    // Owns the programs and their links; dropping it detaches them. Locked
+    // only to attach or detach the strict-mode program of a pod.
+    ebpf: Mutex<Ebpf>,
     meshed: Mutex<HashMap<MapData, u64, MeshedPod>>,
     orig_dst: HashMap<MapData, ConnKey, SockAddr>,
     orig_by_cookie: HashMap<MapData, u64, SockAddr>,
@@ -139,7 +142,11 @@ impl Capture {
 
         let mut settings: Array<MapData, Settings> = take_map(&mut ebpf, "SETTINGS")?;
         settings
-            .set(0, Settings { mark: opts.mark, proxy_tgid: std::process::id() }, 0)
+            .set(
+                0,
+                Settings { mark: opts.mark, proxy_tgid: std::process::id(), hbone_port: u32::from(opts.hbone_port) },
+                0,
+            )
             .map_err(map_err("SETTINGS"))?;
         let meshed = take_map(&mut ebpf, "MESHED_NETNS")?;
         let orig_dst = take_map(&mut ebpf, "ORIG_DST")?;
@@ -171,8 +178,12 @@ impl Capture {
             prog.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err(name))?;
             attached.push(AttachedProgram { name, attach_type, cgroup: opts.cgroup.into() });
         }
+        {
+            let prog: &mut SkLookup = program(&mut ebpf, STRICT)?;
+            prog.load().map_err(prog_err(STRICT))?;
+        }
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
             meshed: Mutex::new(meshed),
             orig_dst,
             orig_by_cookie,
@@ -212,6 +223,21 @@ impl Capture {
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(map_err("ORIG_DST")(e)),
         }
+    }
+
+    /// `--mtls strict` for one pod: attaches the program that drops new TCP
+    /// connections from outside the pod to anything but the tunnel port.
+    /// The link lives until `detach_strict` or the process ends.
+    pub fn attach_strict(&self, netns: &File) -> Result<SkLookupLinkId, CaptureError> {
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let prog: &mut SkLookup = program(&mut ebpf, STRICT)?;
+        prog.attach(netns).map_err(prog_err(STRICT))
+    }
+
+    pub fn detach_strict(&self, link: SkLookupLinkId) -> Result<(), CaptureError> {
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let prog: &mut SkLookup = program(&mut ebpf, STRICT)?;
+        prog.detach(link).map_err(prog_err(STRICT))
     }
 
     /// Makes the kernel refuse connects to exactly these VIP:ports (services

@@ -10,6 +10,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+use aya::programs::sk_lookup::SkLookupLinkId;
 use outrigger_common::{MeshedPod, POD_FLAG_V6_LISTENER};
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +28,8 @@ struct RunningPod {
     ctx: Arc<PodContext>,
     listeners: Vec<std::net::SocketAddr>,
     stop: CancellationToken,
+    /// The strict-mode program's link in the pod's netns.
+    strict: Option<SkLookupLinkId>,
 }
 
 /// Owns the running pods. Only the reload loop touches it.
@@ -166,7 +169,25 @@ impl Node {
             stop.cancel();
             return Err(PodError::Capture(e));
         }
-        Ok(RunningPod { spec: spec.clone(), ctx, listeners: addrs, stop })
+        let strict = match self.proxy.mtls.as_ref().filter(|m| m.strict) {
+            None => None,
+            Some(_) => {
+                let attached = std::fs::File::open(ctx.netns.path())
+                    .map_err(|source| {
+                        PodError::Netns(crate::netns::NetnsError::Open { path: ctx.netns.path().into(), source })
+                    })
+                    .and_then(|netns| self.proxy.capture.attach_strict(&netns).map_err(PodError::Capture));
+                match attached {
+                    Ok(link) => Some(link),
+                    Err(e) => {
+                        let _ = self.proxy.capture.unmesh(ctx.netns.cookie());
+                        stop.cancel();
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        Ok(RunningPod { spec: spec.clone(), ctx, listeners: addrs, stop, strict })
     }
 
     fn stop_pod(&self, key: &PodKey, pod: RunningPod) {
@@ -176,6 +197,11 @@ impl Node {
             tracing::error!(pod = %key, error = %e, "un-meshing pod failed");
         }
         pod.stop.cancel();
+        if let Some(link) = pod.strict {
+            if let Err(e) = self.proxy.capture.detach_strict(link) {
+                tracing::error!(pod = %key, error = %e, "detaching the strict-mode program failed");
+            }
+        }
         tracing::info!(pod = %key, "pod un-meshed");
     }
 
