@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -37,6 +38,8 @@ enum Task {
     },
     /// Measure latency and throughput: direct vs Outrigger vs HAProxy, on one topology, in one run.
     Bench(bench::BenchArgs),
+    /// Fuzz the inbound tunnel port's TLS and HTTP/2 CONNECT parsing for a bounded time (cargo fuzz, nightly).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,6 +51,7 @@ fn main() -> std::process::ExitCode {
         Task::Demo => demo::run(),
         Task::Test { args } => test::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -144,6 +144,51 @@ fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode, header: Option<(
     }
 }
 
+/// Why a tunnel request is not served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    #[error("not a CONNECT")]
+    NotConnect,
+    #[error("the authority is not an ip:port")]
+    BadAuthority,
+    #[error("{0} is not an address of this pod: tunnels only reach the pod itself")]
+    NotPodAddress(std::net::IpAddr),
+}
+
+impl BadRequest {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::NotConnect => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BadAuthority => StatusCode::BAD_REQUEST,
+            Self::NotPodAddress(_) => StatusCode::FORBIDDEN,
+        }
+    }
+
+    fn result(&self) -> &'static str {
+        match self {
+            Self::NotConnect | Self::BadAuthority => "bad_request",
+            Self::NotPodAddress(_) => "not_pod_address",
+        }
+    }
+}
+
+/// Checks a tunnel request: a CONNECT whose authority is one of the pod's
+/// own `ip:port`s — never an open relay. Public for the fuzz target.
+pub fn validate_connect<T>(request: &Request<T>, pod_ips: &[std::net::IpAddr]) -> Result<SocketAddr, BadRequest> {
+    if request.method() != Method::CONNECT {
+        return Err(BadRequest::NotConnect);
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or(BadRequest::BadAuthority)?;
+    if !pod_ips.contains(&authority.ip()) {
+        return Err(BadRequest::NotPodAddress(authority.ip()));
+    }
+    Ok(authority)
+}
+
 /// The authenticated peer of a tunnel connection.
 struct Peer {
     addr: SocketAddr,
@@ -167,21 +212,10 @@ async fn stream(
             peer_identity = %peer_id, peer_serial = %peer_serial, authority = %request.uri(), result, error = %why,
             "tunnel stream refused");
     };
-    if request.method() != Method::CONNECT {
-        return refuse(&mut respond, StatusCode::METHOD_NOT_ALLOWED, "bad_request", None, "not a CONNECT".into());
-    }
-    let Some(authority) = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
-        return refuse(&mut respond, StatusCode::BAD_REQUEST, "bad_request", None, "authority is not ip:port".into());
+    let authority = match validate_connect(&request, &pod.spec.ips) {
+        Ok(authority) => authority,
+        Err(r) => return refuse(&mut respond, r.status(), r.result(), None, r.to_string()),
     };
-    if !pod.spec.ips.contains(&authority.ip()) {
-        return refuse(
-            &mut respond,
-            StatusCode::FORBIDDEN,
-            "not_pod_address",
-            None,
-            format!("{} is not an address of this pod: tunnels only reach the pod itself", authority.ip()),
-        );
-    }
     let decision = proxy.mesh.load().authz.check(&pod.spec, Some(&peer_id), authority.port());
     if let Decision::Deny { policy } = decision {
         return refuse(
@@ -248,4 +282,29 @@ async fn connect_app(
 /// Whether the pod gets HBONE listeners: with mutual TLS configured.
 pub fn enabled(mtls: Option<&Mtls>) -> bool {
     mtls.is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: Method, uri: &str) -> Request<()> {
+        Request::builder().method(method).uri(uri).body(()).expect("request")
+    }
+
+    #[test]
+    fn only_connects_to_the_pods_own_addresses_are_served() {
+        let ips = ["10.0.0.5".parse().expect("ip"), "fd00::5".parse().expect("ip")];
+        assert_eq!(
+            validate_connect(&request(Method::CONNECT, "10.0.0.5:8080"), &ips),
+            Ok("10.0.0.5:8080".parse().expect("addr"))
+        );
+        assert!(validate_connect(&request(Method::CONNECT, "[fd00::5]:443"), &ips).is_ok());
+        assert_eq!(validate_connect(&request(Method::GET, "10.0.0.5:8080"), &ips), Err(BadRequest::NotConnect));
+        assert_eq!(validate_connect(&request(Method::CONNECT, "example.com:80"), &ips), Err(BadRequest::BadAuthority));
+        assert!(matches!(
+            validate_connect(&request(Method::CONNECT, "10.0.0.6:8080"), &ips),
+            Err(BadRequest::NotPodAddress(_))
+        ));
+    }
 }
