@@ -21,7 +21,7 @@ use anyhow::Result;
 use serde_json::{json, Map, Value};
 use topology::{
     loopback, vip, Topology, ECHO_PORT, HAPROXY_IPERF, HAPROXY_SOCKPERF, HAPROXY_VIP_ECHO, HAPROXY_VIP_SOCKPERF,
-    IPERF_PORT, SOCKPERF_PORT,
+    IPERF_PORT, SOCKPERF_PORT, TLS_CLIENT_ECHO, TLS_CLIENT_IPERF, TLS_CLIENT_SOCKPERF,
 };
 
 use crate::util::{output, workspace_root};
@@ -37,6 +37,15 @@ pub struct BenchArgs {
     /// Extra flags for `outrigger run` (for experiments), e.g. --proxy-arg=--worker-threads=1.
     #[arg(long = "proxy-arg")]
     pub proxy_args: Vec<String>,
+    /// Only these tables (single_hop, service_vip, cross_node_mtls); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+}
+
+impl BenchArgs {
+    fn wants(&self, table: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|t| t == table)
+    }
 }
 
 const PATHS: [&str; 3] = ["direct", "outrigger", "haproxy"];
@@ -83,6 +92,16 @@ fn single_hop_target(topo: &Topology, path: usize, port: u16, haproxy_port: u16)
     }
 }
 
+/// Cross-node: direct plaintext, the Outrigger pair (mTLS tunnel), or the
+/// HAProxy pair (TLS between them).
+fn cross_target(topo: &Topology, path: usize, port: u16, haproxy_port: u16) -> (&outrigger_e2e::Pod, SocketAddr) {
+    match PATHS[path] {
+        "outrigger" => (&topo.meshed, topo.remote_addr(port)),
+        "haproxy" => (&topo.plain, loopback(haproxy_port)),
+        _ => (&topo.plain, topo.remote_addr(port)),
+    }
+}
+
 fn vip_target(topo: &Topology, path: usize, port: u16, haproxy_port: u16) -> (&outrigger_e2e::Pod, SocketAddr) {
     match PATHS[path] {
         "outrigger" => (&topo.meshed, vip(port)),
@@ -106,10 +125,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "Service VIP with 3 endpoints (direct = straight to one endpoint; HAProxy = balance leastconn)",
         &[("p50_us", false), ("p99_us", false), ("conns_per_s", true), ("echo_gbps_8_conns", true)],
     );
+    let mut cross = Table::new(
+        "cross_node_mtls",
+        "Cross-node with mutual TLS: Outrigger pair (HBONE) vs HAProxy pair (TLS 1.3 both ends); direct is plaintext",
+        &[("p50_us", false), ("p99_us", false), ("gbps_1_conn", true), ("gbps_8_conns", true), ("conns_per_s", true)],
+    );
     let sb = &topo.sb;
     for round in 1..=args.rounds.max(1) {
         let step = |what: &str, path: usize| eprintln!("bench: round {round}: {what:<28} {}", PATHS[path]);
-        for p in 0..PATHS.len() {
+        for p in (0..PATHS.len()).filter(|_| args.wants("single_hop")) {
             step("single hop latency", p);
             let (from, to) = single_hop_target(&topo, p, SOCKPERF_PORT, HAPROXY_SOCKPERF);
             let (p50, p99) = measure::latency(sb, from, to, secs)?;
@@ -117,31 +141,51 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             hop.samples[p][1].push(p99);
         }
         for (m, streams) in [(2, 1), (3, 8)] {
-            for p in 0..PATHS.len() {
+            for p in (0..PATHS.len()).filter(|_| args.wants("single_hop")) {
                 step(&format!("single hop iperf3 x{streams}"), p);
                 let (from, to) = single_hop_target(&topo, p, IPERF_PORT, HAPROXY_IPERF);
                 hop.samples[p][m].push(measure::iperf(sb, from, to, streams, secs)?);
             }
         }
-        for p in 0..PATHS.len() {
+        for p in (0..PATHS.len()).filter(|_| args.wants("service_vip")) {
             step("service latency", p);
             let (from, to) = vip_target(&topo, p, SOCKPERF_PORT, HAPROXY_VIP_SOCKPERF);
             let (p50, p99) = measure::latency(sb, from, to, secs)?;
             svc.samples[p][0].push(p50);
             svc.samples[p][1].push(p99);
         }
-        for p in 0..PATHS.len() {
+        for p in (0..PATHS.len()).filter(|_| args.wants("service_vip")) {
             step("service connection rate", p);
             let (from, to) = vip_target(&topo, p, ECHO_PORT, HAPROXY_VIP_ECHO);
             svc.samples[p][2].push(measure::connection_rate(sb, from, to, secs)?);
         }
-        for p in 0..PATHS.len() {
+        for p in (0..PATHS.len()).filter(|_| args.wants("service_vip")) {
             step("service echo throughput", p);
             let (from, to) = vip_target(&topo, p, ECHO_PORT, HAPROXY_VIP_ECHO);
             svc.samples[p][3].push(measure::echo_throughput(sb, from, to, secs)?);
         }
+        for p in (0..PATHS.len()).filter(|_| args.wants("cross_node_mtls")) {
+            step("cross-node latency", p);
+            let (from, to) = cross_target(&topo, p, SOCKPERF_PORT, TLS_CLIENT_SOCKPERF);
+            let (p50, p99) = measure::latency(sb, from, to, secs)?;
+            cross.samples[p][0].push(p50);
+            cross.samples[p][1].push(p99);
+        }
+        for (m, streams) in [(2, 1), (3, 8)] {
+            for p in (0..PATHS.len()).filter(|_| args.wants("cross_node_mtls")) {
+                step(&format!("cross-node iperf3 x{streams}"), p);
+                let (from, to) = cross_target(&topo, p, IPERF_PORT, TLS_CLIENT_IPERF);
+                cross.samples[p][m].push(measure::iperf(sb, from, to, streams, secs)?);
+            }
+        }
+        for p in (0..PATHS.len()).filter(|_| args.wants("cross_node_mtls")) {
+            step("cross-node connection rate", p);
+            let (from, to) = cross_target(&topo, p, ECHO_PORT, TLS_CLIENT_ECHO);
+            cross.samples[p][4].push(measure::connection_rate(sb, from, to, secs)?);
+        }
     }
-    report(&[hop, svc], args)
+    let tables: Vec<Table> = [hop, svc, cross].into_iter().filter(|t| args.wants(t.key)).collect();
+    report(&tables, args)
 }
 
 fn report(tables: &[Table], args: &BenchArgs) -> Result<()> {

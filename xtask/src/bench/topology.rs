@@ -9,7 +9,10 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{bail, Result};
-use outrigger_e2e::{proxy::pods_yaml, Pod, ProxyProcess, Sandbox};
+use outrigger_e2e::{
+    proxy::{ca_init, ca_issue, node_pods_yaml},
+    Pod, ProxyProcess, Sandbox,
+};
 
 pub const SOCKPERF_PORT: u16 = 11111;
 pub const IPERF_PORT: u16 = 5201;
@@ -20,6 +23,14 @@ pub const HAPROXY_IPERF: u16 = 25201;
 pub const HAPROXY_VIP_SOCKPERF: u16 = 31111;
 pub const HAPROXY_VIP_ECHO: u16 = 38080;
 pub const VIP: [u8; 4] = [10, 96, 0, 100];
+/// HAProxy TLS pair: client-side frontends (plain pod's loopback) and the
+/// server side's TLS listeners (on the remote pod's address).
+pub const TLS_CLIENT_SOCKPERF: u16 = 41111;
+pub const TLS_CLIENT_IPERF: u16 = 45201;
+pub const TLS_CLIENT_ECHO: u16 = 48080;
+const TLS_SERVER_SOCKPERF: u16 = 41112;
+const TLS_SERVER_IPERF: u16 = 45202;
+const TLS_SERVER_ECHO: u16 = 48081;
 
 pub struct Topology {
     pub sb: Sandbox,
@@ -27,7 +38,9 @@ pub struct Topology {
     pub endpoints: Vec<Pod>,
     pub meshed: Pod,
     pub plain: Pod,
-    _proxy: ProxyProcess,
+    /// On node 1: the far end of the cross-node paths.
+    pub remote: Pod,
+    _proxies: [ProxyProcess; 2],
 }
 
 pub fn loopback(port: u16) -> SocketAddr {
@@ -57,16 +70,31 @@ impl Topology {
         for pod in &endpoints {
             sb.echo_server(pod, &[ECHO_PORT], &[])?;
         }
+        sb.add_node()?;
+        let remote = sb.add_pod(1, "remote")?;
+        let mut sockperf = sb.in_pod(&remote, "sockperf");
+        sockperf.args(["server", "--tcp", "-i", &remote.ip4.to_string(), "-p", &SOCKPERF_PORT.to_string()]);
+        sb.spawn("sockperf-remote", sockperf)?;
+        let mut iperf = sb.in_pod(&remote, "iperf3");
+        iperf.args(["-s", "-B", &remote.ip4.to_string(), "-p", &IPERF_PORT.to_string()]);
+        sb.spawn("iperf3-remote", iperf)?;
+        sb.echo_server(&remote, &[ECHO_PORT], &[])?;
 
         let mut pods: Vec<&Pod> = vec![&meshed, &server];
         pods.extend(endpoints.iter());
-        let mut mesh = pods_yaml(&pods);
+        pods.push(&remote);
+        let mut mesh = node_pods_yaml(0, &pods);
         mesh.push_str(&format!(
             "services:\n  - name: bench\n    vips: [{}]\n    ports: [{{port: {SOCKPERF_PORT}}}, {{port: {ECHO_PORT}}}]\n    endpoints: [{{pod: e1}}, {{pod: e2}}, {{pod: e3}}]\n",
             std::net::Ipv4Addr::from(VIP)
         ));
         let pods_file = sb.dir.join("mesh.yaml");
         std::fs::write(&pods_file, mesh)?;
+        let remote_file = sb.dir.join("mesh-n1.yaml");
+        std::fs::write(&remote_file, node_pods_yaml(1, &[&meshed, &remote]))?;
+        let ca = sb.dir.join("ca");
+        ca_init(&ca)?;
+        let haproxy_tls = haproxy_tls_pair(&sb, &plain, &remote, &ca)?;
 
         let backends = |port: u16| -> String {
             endpoints.iter().map(|e| format!("  server {} {}:{port}\n", e.name, e.ip4)).collect()
@@ -89,22 +117,83 @@ impl Topology {
         haproxy.arg("-db").arg("-f").arg(&cfg);
         let haproxy = sb.spawn("haproxy", haproxy)?;
 
-        let mut args = vec!["--log-level", "warn"];
+        let ca_arg = ca.display().to_string();
+        let mut args = vec!["--log-level", "warn", "--ca-dir", ca_arg.as_str()];
         args.extend(proxy_args.iter().map(String::as_str));
         let proxy = ProxyProcess::start(&sb, 0, pods_file, &args)?;
+        let remote_proxy = ProxyProcess::start(&sb, 1, remote_file, &args)?;
         // Let the servers settle before the first measurement.
         std::thread::sleep(Duration::from_millis(500));
-        if haproxy.stderr().contains("ALERT") {
-            bail!("haproxy failed: {}", haproxy.stderr());
+        for h in std::iter::once(&haproxy).chain(&haproxy_tls) {
+            if h.stderr().contains("ALERT") {
+                bail!("haproxy failed: {}", h.stderr());
+            }
         }
-        Ok(Self { sb, server, endpoints, meshed, plain, _proxy: proxy })
+        Ok(Self { sb, server, endpoints, meshed, plain, remote, _proxies: [proxy, remote_proxy] })
     }
 
     pub fn server_addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(self.server.ip4.into(), port)
     }
 
+    pub fn remote_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.remote.ip4.into(), port)
+    }
+
     pub fn endpoint_addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(self.endpoints[0].ip4.into(), port)
     }
+}
+
+/// HAProxy doing TLS on both ends of the cross-node hop: one in the client
+/// pod (TCP in, mutual TLS 1.3 out), one in the remote pod (mutual TLS 1.3
+/// in, TCP to the application), with certificates from the mesh's CA.
+fn haproxy_tls_pair(
+    sb: &Sandbox,
+    client: &Pod,
+    remote: &Pod,
+    ca: &std::path::Path,
+) -> Result<Vec<outrigger_e2e::sandbox::Spawned>> {
+    let pem = |name: &str| -> Result<std::path::PathBuf> {
+        let dir = sb.dir.join(name);
+        ca_issue(ca, name, &dir, &[])?;
+        let combined = dir.join("combined.pem");
+        let mut text = std::fs::read_to_string(dir.join("tls.crt"))?;
+        text.push_str(&std::fs::read_to_string(dir.join("tls.key"))?);
+        std::fs::write(&combined, text)?;
+        Ok(combined)
+    };
+    let (client_pem, server_pem) = (pem("haproxy-client")?, pem("haproxy-server")?);
+    let ca_crt = ca.join("ca.crt");
+    let defaults = "global\n  maxconn 4096\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  ssl-default-server-options ssl-min-ver TLSv1.3\n\n\
+                    defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n";
+    let mut client_cfg = String::from(defaults);
+    let mut server_cfg = String::from(defaults);
+    for (name, front, tls, app) in [
+        ("sockperf", TLS_CLIENT_SOCKPERF, TLS_SERVER_SOCKPERF, SOCKPERF_PORT),
+        ("iperf", TLS_CLIENT_IPERF, TLS_SERVER_IPERF, IPERF_PORT),
+        ("echo", TLS_CLIENT_ECHO, TLS_SERVER_ECHO, ECHO_PORT),
+    ] {
+        client_cfg.push_str(&format!(
+            "listen {name}\n  bind 127.0.0.1:{front}\n  server s {ip}:{tls} ssl crt {} ca-file {} verify required\n\n",
+            client_pem.display(),
+            ca_crt.display(),
+            ip = remote.ip4
+        ));
+        server_cfg.push_str(&format!(
+            "listen {name}\n  bind {ip}:{tls} ssl crt {} ca-file {} verify required\n  server s {ip}:{app}\n\n",
+            server_pem.display(),
+            ca_crt.display(),
+            ip = remote.ip4
+        ));
+    }
+    let mut spawned = Vec::new();
+    for (pod, cfg, name) in [(client, client_cfg, "haproxy-tls-client"), (remote, server_cfg, "haproxy-tls-server")] {
+        let path = sb.dir.join(format!("{name}.cfg"));
+        std::fs::write(&path, cfg)?;
+        let mut cmd = sb.in_pod(pod, "haproxy");
+        cmd.arg("-db").arg("-f").arg(&path);
+        spawned.push(sb.spawn(name, cmd)?);
+    }
+    Ok(spawned)
 }
