@@ -15,14 +15,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::{self, AdminState},
     capture::{self, Capture, CaptureOptions},
-    config::{CaCommand, Cli, Command, MtlsMode, RunArgs},
+    config::{CaCommand, Cli, Command, MtlsMode, RunArgs, StatsArgs},
     identity::{self, CaSource, CertificateSource, DirSource, Identities, Identity},
     mesh::watch::FileWatch,
-    metrics::{KernelCounters, Metrics},
+    metrics::{self, KernelCounters, Metrics, ProcessMetrics},
     netns::sockets::current_netns_cookie,
     node::{self, status::NodeStatus, Node},
     proxy::{ForwardSettings, Mtls, Proxy},
-    telemetry,
+    stats, telemetry,
     tls::TlsConfigs,
     tunnel::Pool,
 };
@@ -32,6 +32,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run_command(*args),
         Command::Ca(command) => ca_command(command),
+        Command::Stats(args) => stats_command(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -39,6 +40,24 @@ pub fn main() -> ExitCode {
             eprintln!("outrigger: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn stats_command(args: &StatsArgs) -> anyhow::Result<()> {
+    loop {
+        let table = stats::snapshot(args.admin_addr, &args.reporter)?;
+        if !args.watch {
+            print!("{table}");
+            return Ok(());
+        }
+        // Clear the screen and redraw in place.
+        print!(
+            "\x1b[2J\x1b[H{} {} traffic per destination service (every {:?})\n\n{table}",
+            args.admin_addr, args.reporter, args.interval
+        );
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(args.interval);
     }
 }
 
@@ -101,6 +120,30 @@ async fn maintain_mtls(proxy: Arc<Proxy>, interval: std::time::Duration, stop: C
     }
 }
 
+/// Drops the metric series of pods that left the node, once idle.
+async fn sweep_metrics(proxy: Arc<Proxy>, idle: std::time::Duration, stop: CancellationToken) {
+    let period = (idle / 4).clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(30));
+    let mut ticker = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let local: std::collections::HashSet<(String, String)> = proxy
+            .mesh
+            .load()
+            .workloads
+            .values()
+            .filter(|w| w.is_local())
+            .map(|w| (w.key.namespace.clone(), w.key.name.clone()))
+            .collect();
+        let dropped = proxy.metrics.conns.sweep(&local, idle);
+        if dropped > 0 {
+            tracing::debug!(dropped, "metric series of departed pods dropped");
+        }
+    }
+}
+
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("outrigger");
@@ -129,9 +172,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     })?);
     tracing::info!(cgroup = %cgroup.display(), programs = capture.attached().len(), "capture programs attached");
 
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(args.connection_metrics));
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    registry.register_collector(Box::new(ProcessMetrics::default()));
 
     let proxy = Arc::new(Proxy {
         capture,
@@ -155,7 +199,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin_listener = admin::bind(args.admin_addr).await?;
     tracing::info!(addr = %args.admin_addr, "admin server listening");
     let admin_stop = CancellationToken::new();
-    let admin_state = Arc::new(AdminState { proxy: proxy.clone(), status: status.clone(), registry, log });
+    let registry = Arc::new(registry);
+    let admin_state =
+        Arc::new(AdminState { proxy: proxy.clone(), status: status.clone(), registry: registry.clone(), log });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop.clone()));
 
     let mut node = Node::new(proxy.clone(), args.outbound_port, own_netns_cookie, status.clone());
@@ -169,6 +215,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let reload_stop = CancellationToken::new();
     let reload = tokio::spawn(node::reload_loop(node, watch, args.reload_interval, reload_stop.clone()));
     tokio::spawn(maintain_mtls(proxy.clone(), args.reload_interval, reload_stop.clone()));
+    tokio::spawn(sweep_metrics(proxy.clone(), args.metrics_idle_timeout, reload_stop.clone()));
+    let textfile = args.textfile_dir.clone().map(|dir| {
+        tracing::info!(dir = %dir.display(), interval = ?args.textfile_interval, "writing node-exporter textfile");
+        tokio::spawn(metrics::textfile::run(dir, args.textfile_interval, registry.clone(), reload_stop.clone()))
+    });
 
     let signal = wait_for_signal().await?;
     tracing::info!(signal, drain_timeout = ?args.drain_timeout, "shutting down: un-meshing pods, draining connections");
@@ -189,6 +240,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     admin_stop.cancel();
     let _ = admin_task.await;
+    if let Some(textfile) = textfile {
+        let _ = textfile.await;
+    }
     drop(node);
     // Dropping the last handle on the capture detaches the programs.
     drop(proxy);

@@ -30,6 +30,25 @@ pub enum Command {
     /// The built-in certificate authority for a self-contained mesh.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// A running proxy's traffic per destination service: connections, bytes, failures,
+    /// connect latency p50/p99 (read from its admin server).
+    Stats(StatsArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatsArgs {
+    /// The proxy's admin server.
+    #[arg(long, env = "OUTRIGGER_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Which side: outbound (pods of this node as clients) or inbound (as servers).
+    #[arg(long, default_value = "outbound", value_parser = ["outbound", "inbound"])]
+    pub reporter: String,
+    /// Refresh until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+    /// --watch: time between refreshes.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +228,25 @@ pub struct RunArgs {
     /// Tunnel connections with no stream for this long are closed.
     #[arg(long, env = "OUTRIGGER_TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub tunnel_idle_timeout: Duration,
+
+    /// Per-connection metrics (counts, bytes, latency histograms by source and destination).
+    /// Turning them off is for measuring what they cost.
+    #[arg(long, env = "OUTRIGGER_CONNECTION_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub connection_metrics: bool,
+
+    /// Series of pods that left the node are dropped once they have seen no
+    /// connection for this long (bounds the registry under pod churn).
+    #[arg(long, env = "OUTRIGGER_METRICS_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub metrics_idle_timeout: Duration,
+
+    /// Write the per-pod series to DIR/outrigger.prom for prometheus-node-exporter's textfile
+    /// collector (--collector.textfile.directory=DIR). Written atomically (temp file + rename).
+    #[arg(long, env = "OUTRIGGER_TEXTFILE_DIR")]
+    pub textfile_dir: Option<PathBuf>,
+
+    /// How often the textfile is rewritten.
+    #[arg(long, env = "OUTRIGGER_TEXTFILE_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub textfile_interval: Duration,
 
     /// Log output format.
     #[arg(long, env = "OUTRIGGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

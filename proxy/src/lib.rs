@@ -25,6 +25,7 @@ pub mod policy;
 pub mod proxy;
 pub mod relay;
 pub mod services;
+pub mod stats;
 pub mod sys;
 pub mod telemetry;
 pub mod tls;

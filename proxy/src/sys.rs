@@ -39,3 +39,25 @@ pub fn async_fd_readable<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::As
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
         .map_err(io::Error::from)
 }
+
+/// The kernel's smoothed round-trip time of a TCP socket (`TCP_INFO`).
+pub fn tcp_rtt(fd: BorrowedFd<'_>) -> Option<std::time::Duration> {
+    // SAFETY: zeroed tcp_info is a valid value (plain integers).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `fd` is a live socket for the borrow; `info` and `len` are
+    // valid for writes and `len` bounds what the kernel writes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || info.tcpi_rtt == 0 {
+        return None;
+    }
+    Some(std::time::Duration::from_micros(u64::from(info.tcpi_rtt)))
+}

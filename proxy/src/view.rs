@@ -3,12 +3,18 @@
 //! Rebuilt on every applied reload and swapped in whole.
 #![forbid(unsafe_code)]
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use crate::{
     balance::BalanceSettings,
     identity::Identity,
     mesh::{MeshState, PodKey, PodSpec},
+    metrics::ConnLabels,
+    node::PodContext,
     policy::Authorizer,
     services::ServiceTable,
 };
@@ -61,5 +67,70 @@ impl MeshView {
             v4 => v4,
         };
         self.workloads.get(&ip)
+    }
+}
+
+fn service_label(key: &crate::mesh::ServiceKey) -> String {
+    format!("{}.{}", key.name, key.namespace)
+}
+
+impl MeshView {
+    /// Labels of a connection leaving `pod` for `dest` (what it dialled),
+    /// served by `upstream` (the endpoint, for a service).
+    pub fn outbound_labels(
+        &self,
+        pod: &PodContext,
+        dest: SocketAddr,
+        service: Option<&crate::mesh::ServiceKey>,
+        upstream: SocketAddr,
+        security: &'static str,
+    ) -> ConnLabels {
+        let target = self.workload(upstream.ip());
+        ConnLabels {
+            reporter: "outbound",
+            source_pod: pod.key.name.clone(),
+            source_workload_namespace: pod.key.namespace.clone(),
+            source_principal: pod.identity.to_string(),
+            destination_service: service.map(service_label).unwrap_or_else(|| dest.to_string()),
+            destination_pod: target.map(|w| w.key.name.clone()).unwrap_or_default(),
+            destination_workload_namespace: target.map(|w| w.key.namespace.clone()).unwrap_or_default(),
+            destination_principal: target.map(|w| w.identity.to_string()).unwrap_or_default(),
+            security,
+        }
+    }
+
+    /// Labels of a tunnel stream arriving at `pod` from `peer` for `authority`.
+    pub fn inbound_labels(
+        &self,
+        pod: &PodContext,
+        peer: IpAddr,
+        peer_id: &Identity,
+        authority: SocketAddr,
+    ) -> ConnLabels {
+        let source = self.workload(peer);
+        ConnLabels {
+            reporter: "inbound",
+            source_pod: source.map(|w| w.key.name.clone()).unwrap_or_default(),
+            source_workload_namespace: peer_id.namespace.clone(),
+            source_principal: peer_id.to_string(),
+            destination_service: self
+                .services
+                .service_of_endpoint(authority)
+                .map(service_label)
+                .unwrap_or_else(|| authority.to_string()),
+            destination_pod: pod.key.name.clone(),
+            destination_workload_namespace: pod.key.namespace.clone(),
+            destination_principal: pod.identity.to_string(),
+            security: "mutual_tls",
+        }
+    }
+
+    /// How a connection to `addr` travels: through a tunnel to a meshed pod
+    /// elsewhere (or any meshed pod when strict), else in plaintext.
+    pub fn security_to(&self, addr: SocketAddr, strict: bool) -> &'static str {
+        match self.workload(addr.ip()) {
+            Some(w) if !w.is_local() || strict => "mutual_tls",
+            _ => "plaintext",
+        }
     }
 }

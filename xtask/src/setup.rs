@@ -20,6 +20,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("sockperf", "sockperf"),
     ("tcpdump", "tcpdump"),
     ("tshark", "tshark"),
+    ("prometheus", "prometheus"),
+    ("prometheus-node-exporter", "prometheus-node-exporter"),
     ("curl", "curl"),
 ];
 

@@ -38,7 +38,7 @@ pub enum AdminError {
 pub struct AdminState {
     pub proxy: Arc<Proxy>,
     pub status: Arc<RwLock<NodeStatus>>,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     pub log: LogControl,
 }
 

@@ -66,6 +66,10 @@ async fn connection(
 ) {
     let Some(mtls) = proxy.mtls.as_ref() else { return };
     let _ = tcp.set_nodelay(true);
+    // A duplicate of the socket, to read the kernel's RTT of the network
+    // side when streams end.
+    let socket: Option<Arc<std::os::fd::OwnedFd>> =
+        std::os::fd::AsFd::as_fd(&tcp).try_clone_to_owned().ok().map(Arc::new);
     let config = match mtls.tls.server(&pod.identity) {
         Ok(c) => c,
         Err(e) => {
@@ -121,7 +125,8 @@ async fn connection(
         };
         match next {
             Some(Ok((request, respond))) => {
-                let peer = Peer { addr: peer, identity: peer_id.clone(), serial: peer_serial.clone() };
+                let peer =
+                    Peer { addr: peer, identity: peer_id.clone(), serial: peer_serial.clone(), socket: socket.clone() };
                 let (pod, proxy) = (pod.clone(), proxy.clone());
                 proxy.connections.clone().spawn(async move { stream(request, respond, peer, pod, proxy).await });
             }
@@ -194,6 +199,7 @@ struct Peer {
     addr: SocketAddr,
     identity: Identity,
     serial: Arc<str>,
+    socket: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 async fn stream(
@@ -204,7 +210,7 @@ async fn stream(
     proxy: Arc<Proxy>,
 ) {
     let start = Instant::now();
-    let Peer { addr: peer, identity: peer_id, serial: peer_serial } = peer;
+    let Peer { addr: peer, identity: peer_id, serial: peer_serial, socket } = peer;
     let refuse = |respond: &mut SendResponse<Bytes>, status, result: &'static str, header, why: String| {
         reply(respond, status, header);
         proxy.metrics.inbound(&pod, result).inc();
@@ -216,8 +222,12 @@ async fn stream(
         Ok(authority) => authority,
         Err(r) => return refuse(&mut respond, r.status(), r.result(), None, r.to_string()),
     };
-    let decision = proxy.mesh.load().authz.check(&pod.spec, Some(&peer_id), authority.port());
+    let view = proxy.mesh.load_full();
+    let labels = view.inbound_labels(&pod, peer.ip(), &peer_id, authority);
+    let decision = view.authz.check(&pod.spec, Some(&peer_id), authority.port());
+    drop(view);
     if let Decision::Deny { policy } = decision {
+        proxy.metrics.conns.failed(&labels, "denied");
         return refuse(
             &mut respond,
             StatusCode::FORBIDDEN,
@@ -226,10 +236,15 @@ async fn stream(
             format!("denied by {policy}"),
         );
     }
+    let connect_start = Instant::now();
     let app = match connect_app(&pod, &proxy, authority).await {
         Ok(app) => app,
-        Err((status, result, why)) => return refuse(&mut respond, status, result, None, why),
+        Err((status, result, why)) => {
+            proxy.metrics.conns.failed(&labels, result);
+            return refuse(&mut respond, status, result, None, why);
+        }
     };
+    let record = proxy.metrics.conns.opened(&labels, connect_start.elapsed());
     let Ok(response) = Response::builder().status(StatusCode::OK).body(()) else { return };
     let mut send = match respond.send_response(response, false) {
         Ok(send) => send,
@@ -242,6 +257,13 @@ async fn stream(
     if relayed.result.is_err() {
         let _ = app.set_zero_linger();
     }
+    if let Some(record) = &record {
+        let rtt = socket.as_ref().and_then(|fd| crate::sys::tcp_rtt(std::os::fd::AsFd::as_fd(&**fd)));
+        // Seen from the source: what it sent reached the app (`received`
+        // by the relay from the stream).
+        record.finish(relayed.received, relayed.sent, start.elapsed(), rtt);
+    }
+    drop(record);
     tracing::info!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, peer = %peer,
         peer_identity = %peer_id, peer_serial = %peer_serial, authority = %authority,
         sent_bytes = relayed.received, received_bytes = relayed.sent,

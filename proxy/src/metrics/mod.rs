@@ -1,10 +1,13 @@
 //! Metrics: one prometheus-client registry, served by the admin server.
 //!
-//! Label handles are resolved once per connection (at accept) and kept in
-//! the connection's task; nothing here is touched per read or write.
+//! Label handles are resolved once per connection and kept in the
+//! connection's task; nothing here is touched per read or write.
 #![forbid(unsafe_code)]
 
+mod connection;
 mod kernel;
+mod process;
+pub mod textfile;
 
 use std::sync::Arc;
 
@@ -14,23 +17,9 @@ use prometheus_client::{
     registry::Registry,
 };
 
+pub use connection::{ConnLabels, ConnRecord, ConnectionMetrics, POD_FAMILIES};
 pub use kernel::KernelCounters;
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct PodLabels {
-    /// "outbound": the connection was captured leaving a local pod.
-    pub reporter: &'static str,
-    pub source_pod: String,
-    pub source_namespace: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct FailureLabels {
-    pub reporter: &'static str,
-    pub source_pod: String,
-    pub source_namespace: String,
-    pub reason: &'static str,
-}
+pub use process::ProcessMetrics;
 
 /// A service as a metric label: `name.namespace`, as Istio and Linkerd show it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -59,14 +48,9 @@ pub struct ResultLabels {
 }
 
 /// The proxy's metric families.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    pub connections_opened: Family<PodLabels, Counter>,
-    pub connections_closed: Family<PodLabels, Counter>,
-    pub connections_failed: Family<FailureLabels, Counter>,
-    pub connections_open: Family<PodLabels, Gauge>,
-    pub bytes_sent: Family<PodLabels, Counter>,
-    pub bytes_received: Family<PodLabels, Counter>,
+    pub conns: ConnectionMetrics,
     pub orig_dst_misses: Counter,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub pods_meshed: Gauge,
@@ -74,37 +58,23 @@ pub struct Metrics {
     pub inbound_streams: Family<InboundLabels, Counter>,
 }
 
-/// Handles for one connection's metrics, resolved once at accept.
-#[derive(Debug, Clone)]
-pub struct ConnMetrics {
-    pub opened: Counter,
-    pub closed: Counter,
-    pub open: Gauge,
-    pub bytes_sent: Counter,
-    pub bytes_received: Counter,
-}
-
 impl Metrics {
+    /// `connection_metrics: false` turns off the per-connection families
+    /// (for measuring what they cost).
+    pub fn new(connection_metrics: bool) -> Self {
+        Self {
+            conns: ConnectionMetrics::new(connection_metrics),
+            orig_dst_misses: Counter::default(),
+            config_reloads: Family::default(),
+            pods_meshed: Gauge::default(),
+            ejections: Family::default(),
+            inbound_streams: Family::default(),
+        }
+    }
+
     pub fn register(self: &Arc<Self>, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("outrigger");
-        r.register("connections_opened", "TCP connections accepted by the proxy", self.connections_opened.clone());
-        r.register("connections_closed", "Proxied TCP connections that ended", self.connections_closed.clone());
-        r.register(
-            "connections_failed",
-            "Connections the proxy could not forward, by reason",
-            self.connections_failed.clone(),
-        );
-        r.register("connections_open", "Proxied TCP connections open now", self.connections_open.clone());
-        r.register(
-            "sent_bytes",
-            "Bytes forwarded from the source pod towards the destination",
-            self.bytes_sent.clone(),
-        );
-        r.register(
-            "received_bytes",
-            "Bytes forwarded from the destination back to the source pod",
-            self.bytes_received.clone(),
-        );
+        self.conns.register(r);
         r.register(
             "orig_dst_lookup_misses",
             "Accepted connections whose original destination the kernel maps did not hold",
@@ -124,16 +94,6 @@ impl Metrics {
         );
     }
 
-    pub fn connection(&self, labels: &PodLabels) -> ConnMetrics {
-        ConnMetrics {
-            opened: self.connections_opened.get_or_create(labels).clone(),
-            closed: self.connections_closed.get_or_create(labels).clone(),
-            open: self.connections_open.get_or_create(labels).clone(),
-            bytes_sent: self.bytes_sent.get_or_create(labels).clone(),
-            bytes_received: self.bytes_received.get_or_create(labels).clone(),
-        }
-    }
-
     pub fn inbound(&self, pod: &crate::node::PodContext, result: &'static str) -> Counter {
         self.inbound_streams
             .get_or_create(&InboundLabels {
@@ -143,17 +103,6 @@ impl Metrics {
                 result,
             })
             .clone()
-    }
-
-    pub fn failed(&self, labels: &PodLabels, reason: &'static str) {
-        self.connections_failed
-            .get_or_create(&FailureLabels {
-                reporter: labels.reporter,
-                source_pod: labels.source_pod.clone(),
-                source_namespace: labels.source_namespace.clone(),
-                reason,
-            })
-            .inc();
     }
 }
 

@@ -33,6 +33,9 @@ pub struct ServiceRoute {
 pub struct ServiceTable {
     routes: HashMap<SocketAddr, Arc<ServiceRoute>>,
     ids: BTreeMap<ServiceKey, u32>,
+    /// Endpoint address → a service it serves (for labelling what arrives
+    /// at a pod: the sender resolved the VIP, the receiver sees the pod).
+    by_endpoint: HashMap<SocketAddr, ServiceKey>,
 }
 
 /// Health is kept per (service, service port, endpoint address).
@@ -56,6 +59,7 @@ impl ServiceTable {
             .collect();
         let mut used: std::collections::BTreeSet<u32> = ids.values().copied().collect();
         let mut routes = HashMap::new();
+        let mut by_endpoint = HashMap::new();
         for (key, svc) in &state.services {
             let id = match ids.get(key) {
                 Some(id) => *id,
@@ -89,6 +93,7 @@ impl ServiceTable {
                             .entry((key.clone(), port.port, addr))
                             .or_insert_with(|| Arc::new(Health::new(settings.ewma_default_rtt)))
                             .clone();
+                        by_endpoint.entry(addr).or_insert_with(|| key.clone());
                         endpoints.push(Endpoint { addr, weight: spec.weight, label, health });
                     }
                     prefer_family(&mut endpoints, v6);
@@ -103,7 +108,12 @@ impl ServiceTable {
                 }
             }
         }
-        Self { routes, ids }
+        Self { routes, ids, by_endpoint }
+    }
+
+    /// A service an endpoint address belongs to.
+    pub fn service_of_endpoint(&self, addr: SocketAddr) -> Option<&ServiceKey> {
+        self.by_endpoint.get(&normalize(addr))
     }
 
     /// The service route for a destination, if it is a service's VIP:port.

@@ -4,6 +4,7 @@
 use std::{
     io,
     net::SocketAddr,
+    os::fd::AsFd,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -41,7 +42,14 @@ pub struct Tunnel {
     pub recv: RecvStream,
     /// Whether this stream needed a new TLS connection.
     pub dialled: bool,
-    _place: StreamGuard,
+    place: StreamGuard,
+}
+
+impl Tunnel {
+    /// The kernel's smoothed RTT of the TCP connection carrying the tunnel.
+    pub fn rtt(&self) -> Option<std::time::Duration> {
+        self.place.rtt()
+    }
 }
 
 /// What opening a tunnel needs from the proxy.
@@ -90,7 +98,7 @@ pub async fn open(
         }
         status => return Err(TunnelError::Status { peer, authority: target.authority, status: status.as_u16() }),
     }
-    Ok(Tunnel { send, recv: response.into_body(), dialled: dialled.load(Ordering::Relaxed), _place: place })
+    Ok(Tunnel { send, recv: response.into_body(), dialled: dialled.load(Ordering::Relaxed), place })
 }
 
 /// A new mutual-TLS h2 connection to the peer, from a socket made in the
@@ -116,13 +124,18 @@ async fn dial(
             io::ErrorKind::ConnectionRefused => TunnelError::Refused { peer },
             _ => TunnelError::Connect { peer, source: e },
         })?;
+        let rtt_fd = tcp.as_fd().try_clone_to_owned().ok();
         let tls = TlsConnector::from(config)
             .connect(ServerName::IpAddress(peer.ip().into()), tcp)
             .await
             .map_err(|source| TunnelError::Tls { peer, source })?;
-        super::client_builder().handshake::<_, Bytes>(tls).await.map_err(|source| TunnelError::H2 { peer, source })
+        let h2 = super::client_builder()
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| TunnelError::H2 { peer, source })?;
+        Ok::<_, TunnelError>((h2, rtt_fd))
     };
-    let (sender, connection) =
+    let ((sender, connection), rtt_fd) =
         tokio::time::timeout(ctx.connect_timeout, handshake).await.map_err(|_| TunnelError::Timeout { peer })??;
     let closed = Arc::new(AtomicBool::new(false));
     let driver_closed = closed.clone();
@@ -133,5 +146,5 @@ async fn dial(
         driver_closed.store(true, Ordering::Relaxed);
     });
     tracing::debug!(peer = %peer, source = %source, destination = %target.identity, "tunnel connection established");
-    Ok(Dialled { sender, closed })
+    Ok(Dialled { sender, closed, socket: rtt_fd })
 }

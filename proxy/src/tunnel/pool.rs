@@ -13,6 +13,7 @@ use std::{
     collections::HashMap,
     future::Future,
     net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
@@ -44,11 +45,20 @@ struct PooledConn {
     /// Set by the connection's driver task when it ends.
     closed: Arc<AtomicBool>,
     last_used: AtomicU64,
+    /// A duplicate of the TCP socket's descriptor, to read its RTT.
+    socket: Option<OwnedFd>,
 }
 
 /// Holds a stream's place on its connection; dropping it frees the place.
 #[derive(Debug)]
 pub struct StreamGuard(Arc<PooledConn>);
+
+impl StreamGuard {
+    /// The kernel's smoothed RTT of the tunnel's TCP connection.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.0.socket.as_ref().and_then(|fd| crate::sys::tcp_rtt(fd.as_fd()))
+    }
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
@@ -61,6 +71,7 @@ impl Drop for StreamGuard {
 pub struct Dialled {
     pub sender: SendRequest<Bytes>,
     pub closed: Arc<AtomicBool>,
+    pub socket: Option<OwnedFd>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -141,6 +152,7 @@ impl Pool {
             generation,
             closed: dialled.closed,
             last_used: AtomicU64::new(now_nanos()),
+            socket: dialled.socket,
         });
         let place = (conn.sender.clone(), StreamGuard(conn.clone()));
         self.conns.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().push(conn);
