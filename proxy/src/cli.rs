@@ -197,7 +197,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let status = Arc::new(RwLock::new(NodeStatus { capture_attached: true, ..Default::default() }));
 
     let admin_listener = admin::bind(args.admin_addr).await?;
-    tracing::info!(addr = %args.admin_addr, "admin server listening");
+    // The bound address (port 0 picks a free one).
+    let admin_addr = admin_listener.local_addr().unwrap_or(args.admin_addr);
+    tracing::info!(addr = %admin_addr, "admin server listening");
     let admin_stop = CancellationToken::new();
     let registry = Arc::new(registry);
     let admin_state =

@@ -21,6 +21,15 @@ pub struct ProxyProcess {
     pub node: usize,
 }
 
+/// The admin address the proxy logged (text or JSON log format).
+fn admin_addr_in(log: &str) -> Option<SocketAddr> {
+    let line = log.lines().find(|l| l.contains("admin server listening"))?;
+    let start = line.find("127.0.0.1:")?;
+    let rest = &line[start..];
+    let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':')).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -37,8 +46,7 @@ impl ProxyProcess {
 
     /// Starts the proxy without waiting for readiness.
     pub fn spawn(sandbox: &Sandbox, node: usize, pods_file: PathBuf, extra: &[&str]) -> Result<Self> {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let log = sandbox.dir.join(format!("outrigger-n{node}-{}.log", admin.port()));
+        let log = sandbox.dir.join(format!("outrigger-n{node}-{}.log", free_port()?));
         let cgroup = sandbox.node_cgroup(node);
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
@@ -50,8 +58,10 @@ impl ProxyProcess {
             .arg(&pods_file)
             .arg("--cgroup2-path")
             .arg(&cgroup)
+            // Port 0: the proxy binds a free port and logs it; picking one
+            // here would race with parallel tests.
             .arg("--admin-addr")
-            .arg(admin.to_string())
+            .arg("127.0.0.1:0")
             .arg("--reload-interval")
             .arg("100ms")
             .arg("--drain-timeout")
@@ -61,7 +71,19 @@ impl ProxyProcess {
             .stdout(fs::File::create(&log)?)
             .stderr(fs::OpenOptions::new().append(true).open(&log)?)
             .env("NO_COLOR", "1");
-        let child = cmd.spawn().context("starting outrigger")?;
+        let mut child = cmd.spawn().context("starting outrigger")?;
+        let admin = wait_for(Duration::from_secs(30), || {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Some(None);
+            }
+            admin_addr_in(&fs::read_to_string(&log).unwrap_or_default()).map(Some)
+        })
+        .flatten();
+        let Some(admin) = admin else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("outrigger did not start its admin server; its log:\n{}", fs::read_to_string(&log).unwrap_or_default());
+        };
         Ok(Self { child, admin, log, pods_file, node })
     }
 
