@@ -82,7 +82,10 @@ impl ProxyProcess {
         let Some(admin) = admin else {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("outrigger did not start its admin server; its log:\n{}", fs::read_to_string(&log).unwrap_or_default());
+            bail!(
+                "outrigger did not start its admin server; its log:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
         };
         Ok(Self { child, admin, log, pods_file, node })
     }

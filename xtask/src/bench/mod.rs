@@ -37,7 +37,7 @@ pub struct BenchArgs {
     /// Extra flags for `outrigger run` (for experiments), e.g. --proxy-arg=--worker-threads=1.
     #[arg(long = "proxy-arg")]
     pub proxy_args: Vec<String>,
-    /// Only these tables (single_hop, service_vip, cross_node_mtls); default all.
+    /// Only these tables (single_hop, service_vip, cross_node_mtls, metrics_cost); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -59,21 +59,37 @@ struct Metric {
 struct Table {
     key: &'static str,
     title: &'static str,
+    paths: Vec<&'static str>,
     metrics: Vec<Metric>,
+    /// (numerator path, denominator path, label) ratios to report.
+    ratios: Vec<(usize, usize, &'static str)>,
     /// samples[path][metric] over rounds.
     samples: Vec<Vec<Vec<f64>>>,
 }
 
 impl Table {
+    /// A table of the three paths (direct, Outrigger, HAProxy).
     fn new(key: &'static str, title: &'static str, metrics: &[(&'static str, bool)]) -> Self {
+        Self::with_paths(key, title, &PATHS, metrics, vec![(1, 0, "outrigger / direct"), (1, 2, "outrigger / haproxy")])
+    }
+
+    fn with_paths(
+        key: &'static str,
+        title: &'static str,
+        paths: &[&'static str],
+        metrics: &[(&'static str, bool)],
+        ratios: Vec<(usize, usize, &'static str)>,
+    ) -> Self {
         Self {
             key,
             title,
+            paths: paths.to_vec(),
             metrics: metrics
                 .iter()
                 .map(|(name, higher_is_better)| Metric { name, higher_is_better: *higher_is_better })
                 .collect(),
-            samples: vec![vec![Vec::new(); metrics.len()]; PATHS.len()],
+            ratios,
+            samples: vec![vec![Vec::new(); metrics.len()]; paths.len()],
         }
     }
 
@@ -113,7 +129,7 @@ fn vip_target(topo: &Topology, path: usize, port: u16, haproxy_port: u16) -> (&o
 pub fn run(args: &BenchArgs) -> Result<()> {
     crate::build::all()?;
     crate::build::export_binaries();
-    let topo = Topology::new(&args.proxy_args)?;
+    let mut topo = Topology::new(&args.proxy_args)?;
     let secs = args.duration;
     let mut hop = Table::new(
         "single_hop",
@@ -130,8 +146,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "Cross-node with mutual TLS: Outrigger pair (HBONE) vs HAProxy pair (TLS 1.3 both ends); direct is plaintext",
         &[("p50_us", false), ("p99_us", false), ("gbps_1_conn", true), ("gbps_8_conns", true), ("conns_per_s", true)],
     );
-    let sb = &topo.sb;
+    let mut cost = Table::with_paths(
+        "metrics_cost",
+        "Cost of metrics: Outrigger single hop with per-connection metrics on, off, and on while /metrics is scraped every 100 ms",
+        &["metrics on", "metrics off", "on + scrape 100ms"],
+        &[("p50_us", false), ("p99_us", false), ("gbps_1_conn", true), ("conns_per_s", true)],
+        vec![(1, 0, "off / on"), (2, 0, "scraped / on")],
+    );
     for round in 1..=args.rounds.max(1) {
+        if args.wants("metrics_cost") {
+            measure_metrics_cost(&mut topo, &mut cost, secs, round)?;
+        }
+        let sb = &topo.sb;
         let step = |what: &str, path: usize| eprintln!("bench: round {round}: {what:<28} {}", PATHS[path]);
         for p in (0..PATHS.len()).filter(|_| args.wants("single_hop")) {
             step("single hop latency", p);
@@ -184,8 +210,49 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             cross.samples[p][4].push(measure::connection_rate(sb, from, to, secs)?);
         }
     }
-    let tables: Vec<Table> = [hop, svc, cross].into_iter().filter(|t| args.wants(t.key)).collect();
+    let tables: Vec<Table> = [hop, svc, cross, cost].into_iter().filter(|t| args.wants(t.key)).collect();
     report(&tables, args)
+}
+
+/// One round of the metrics-cost table: the single-hop Outrigger path with
+/// metrics on, off (proxy restarted with --connection-metrics false), and on
+/// while a scraper fetches /metrics every 100 ms.
+fn measure_metrics_cost(topo: &mut Topology, cost: &mut Table, secs: u64, round: usize) -> Result<()> {
+    let measure = |topo: &Topology, cost: &mut Table, p: usize| -> Result<()> {
+        eprintln!("bench: round {round}: {:<28} {}", "metrics cost", cost.paths[p]);
+        let (p50, p99) = measure::latency(&topo.sb, &topo.meshed, topo.server_addr(SOCKPERF_PORT), secs)?;
+        cost.samples[p][0].push(p50);
+        cost.samples[p][1].push(p99);
+        cost.samples[p][2].push(measure::iperf(&topo.sb, &topo.meshed, topo.server_addr(IPERF_PORT), 1, secs)?);
+        // Short connections are where per-connection metrics could show.
+        let echo = topo.endpoint_addr(ECHO_PORT);
+        cost.samples[p][3].push(measure::connection_rate(&topo.sb, &topo.meshed, echo, secs)?);
+        Ok(())
+    };
+    measure(topo, cost, 0)?;
+    topo.restart_local_proxy(&["--connection-metrics", "false"])?;
+    measure(topo, cost, 1)?;
+    topo.restart_local_proxy(&[])?;
+    let admin = topo.local_proxy().admin;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut scrapes = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if outrigger_e2e::http::get(admin, "/metrics").is_ok() {
+                    scrapes += 1;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            scrapes
+        })
+    };
+    let result = measure(topo, cost, 2);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let scrapes = scraper.join().unwrap_or(0);
+    eprintln!("bench: round {round}: {scrapes} scrapes of /metrics during the scraped measurement");
+    result
 }
 
 fn report(tables: &[Table], args: &BenchArgs) -> Result<()> {
@@ -203,7 +270,7 @@ fn report(tables: &[Table], args: &BenchArgs) -> Result<()> {
         }
         println!();
         let mut paths = Map::new();
-        for (p, name) in PATHS.iter().enumerate() {
+        for (p, name) in t.paths.iter().enumerate() {
             print!("{name:<22}");
             let mut row = Map::new();
             for (i, m) in t.metrics.iter().enumerate() {
@@ -215,18 +282,18 @@ fn report(tables: &[Table], args: &BenchArgs) -> Result<()> {
             paths.insert(name.to_string(), Value::Object(row));
         }
         let mut ratios = Map::new();
-        for (base, label) in [(0, "outrigger / direct"), (2, "outrigger / haproxy")] {
+        for &(num, base, label) in &t.ratios {
             print!("{label:<22}");
             let mut row = Map::new();
             for (i, m) in t.metrics.iter().enumerate() {
-                let r = t.median(1, i) / t.median(base, i);
+                let r = t.median(num, i) / t.median(base, i);
                 print!(" {r:>18.2}");
                 row.insert(m.name.to_string(), json!(r));
             }
             println!();
             ratios.insert(label.replace(" / ", "_over_"), Value::Object(row));
         }
-        if t.metrics[0].name == "p50_us" && !t.metrics[0].higher_is_better {
+        if t.paths[0] == "direct" && t.metrics[0].name == "p50_us" && !t.metrics[0].higher_is_better {
             let added = |p: usize| t.median(p, 0) - t.median(0, 0);
             println!("added p50 latency over direct: outrigger {:.1} µs, haproxy {:.1} µs", added(1), added(2));
         }

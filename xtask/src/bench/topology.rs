@@ -40,7 +40,10 @@ pub struct Topology {
     pub plain: Pod,
     /// On node 1: the far end of the cross-node paths.
     pub remote: Pod,
-    _proxies: [ProxyProcess; 2],
+    proxies: Vec<ProxyProcess>,
+    /// How node 0's proxy was started, to restart it with other flags.
+    base_args: Vec<String>,
+    pods_file: std::path::PathBuf,
 }
 
 pub fn loopback(port: u16) -> SocketAddr {
@@ -118,9 +121,9 @@ impl Topology {
         let haproxy = sb.spawn("haproxy", haproxy)?;
 
         let ca_arg = ca.display().to_string();
-        let mut args = vec!["--log-level", "warn", "--ca-dir", ca_arg.as_str()];
+        let mut args = vec!["--log-level", "warn,outrigger::cli=info", "--ca-dir", ca_arg.as_str()];
         args.extend(proxy_args.iter().map(String::as_str));
-        let proxy = ProxyProcess::start(&sb, 0, pods_file, &args)?;
+        let proxy = ProxyProcess::start(&sb, 0, pods_file.clone(), &args)?;
         let remote_proxy = ProxyProcess::start(&sb, 1, remote_file, &args)?;
         // Let the servers settle before the first measurement.
         std::thread::sleep(Duration::from_millis(500));
@@ -129,7 +132,35 @@ impl Topology {
                 bail!("haproxy failed: {}", h.stderr());
             }
         }
-        Ok(Self { sb, server, endpoints, meshed, plain, remote, _proxies: [proxy, remote_proxy] })
+        let base_args = args.iter().map(|a| a.to_string()).collect();
+        Ok(Self {
+            sb,
+            server,
+            endpoints,
+            meshed,
+            plain,
+            remote,
+            proxies: vec![proxy, remote_proxy],
+            base_args,
+            pods_file,
+        })
+    }
+
+    /// Node 0's proxy, e.g. for its admin address.
+    pub fn local_proxy(&self) -> &ProxyProcess {
+        &self.proxies[0]
+    }
+
+    /// Restarts node 0's proxy with `extra` flags added to its usual ones.
+    pub fn restart_local_proxy(&mut self, extra: &[&str]) -> Result<()> {
+        let mut args: Vec<&str> = self.base_args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        // The old one must be gone first: both would attach to the same cgroup.
+        drop(self.proxies.remove(0));
+        let replacement = ProxyProcess::start(&self.sb, 0, self.pods_file.clone(), &args)?;
+        self.proxies.insert(0, replacement);
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(())
     }
 
     pub fn server_addr(&self, port: u16) -> SocketAddr {
