@@ -25,7 +25,7 @@ use crate::{
     netns::sockets::upstream_socket,
     node::PodContext,
     policy::Decision,
-    proxy::{Mtls, Proxy},
+    proxy::Proxy,
     tls::peer_identity,
     tunnel::relay::relay_h2,
 };
@@ -36,8 +36,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one pod's HBONE listener until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>, stop: CancellationToken) {
-    let Some(mtls) = proxy.mtls.as_ref() else { return };
-    let _ = mtls;
+    if proxy.mtls.is_none() {
+        return;
+    }
     loop {
         let accepted = tokio::select! {
             biased;
@@ -301,10 +302,6 @@ async fn connect_app(
     }
 }
 
-/// Whether the pod gets HBONE listeners: with mutual TLS configured.
-pub fn enabled(mtls: Option<&Mtls>) -> bool {
-    mtls.is_some()
-}
 
 #[cfg(test)]
 mod tests {

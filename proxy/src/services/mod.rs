@@ -135,10 +135,6 @@ impl ServiceTable {
         &self.ids
     }
 
-    /// The service owning a VIP address (any port), for labelling metrics.
-    pub fn service_of_ip(&self, ip: IpAddr) -> Option<&ServiceKey> {
-        self.routes.values().find(|r| r.vip.ip() == ip).map(|r| &r.service)
-    }
 
     pub fn dump(&self) -> Vec<RouteStatus> {
         let now = now_nanos();
