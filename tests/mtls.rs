@@ -428,3 +428,34 @@ fn strict_mode_takes_only_tunnels_even_between_pods_of_one_node() -> Result<()> 
     ensure!(accepted(&server) == 2);
     Ok(())
 }
+
+#[test]
+fn the_admin_server_reports_state_without_secrets() -> Result<()> {
+    let nodes = TwoNodes::new(&["a"], &["b"], &[])?;
+    let n0 = nodes.start(0, &[])?;
+    let get = |path: &str| outrigger_e2e::http::get(n0.admin, path);
+    ensure!(get("/live")?.0 == 200);
+    ensure!(get("/ready")?.0 == 200);
+    let (status, body) = get("/config_dump")?;
+    ensure!(status == 200);
+    ensure!(!body.contains("PRIVATE KEY") && !body.contains("tls.key"), "config_dump leaks key material");
+    let dump: Value = serde_json::from_str(&body)?;
+    ensure!(dump["node"]["pods"][0]["key"]["name"] == "a", "pods: {}", dump["node"]["pods"]);
+    ensure!(
+        dump["node"]["pods"][0]["listeners"].as_array().map(Vec::len) == Some(4),
+        "listeners: {}",
+        dump["node"]["pods"]
+    );
+    ensure!(dump["programs"].as_array().map(Vec::len) == Some(5), "programs: {}", dump["programs"]);
+    ensure!(dump["mtls"]["identities"]["certificates"][0]["identity"] == spiffe_id("a"));
+    ensure!(dump["mtls"]["identities"]["certificates"][0]["serial"].is_string());
+
+    ensure!(get("/logging")?.1.trim() == "info");
+    let (status, _) = outrigger_e2e::http::post(n0.admin, "/logging?level=outrigger=debug")?;
+    ensure!(status == 200);
+    ensure!(get("/logging")?.1.trim() == "outrigger=debug", "the log level did not change");
+    let (status, body) = outrigger_e2e::http::post(n0.admin, "/logging?level=not[a]filter")?;
+    ensure!(status == 400, "a bad filter was accepted: {body}");
+    ensure!(get("/nope")?.0 == 404);
+    Ok(())
+}

@@ -7,3 +7,7 @@ use anyhow::Result;
 pub fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok(outrigger::stats::http_get(addr, path)?)
 }
+
+pub fn post(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    Ok(outrigger::stats::http_request(addr, "POST", path)?)
+}

@@ -21,13 +21,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    identity::Identity,
-    netns::sockets::upstream_socket,
-    node::PodContext,
-    policy::Decision,
-    proxy::Proxy,
-    tls::peer_identity,
-    tunnel::relay::relay_h2,
+    identity::Identity, netns::sockets::upstream_socket, node::PodContext, policy::Decision, proxy::Proxy,
+    tls::peer_identity, tunnel::relay::relay_h2,
 };
 
 /// A TLS handshake that has not finished by then is dropped (slow or
@@ -301,7 +296,6 @@ async fn connect_app(
         Err(_) => Err((StatusCode::GATEWAY_TIMEOUT, "connect_timeout", format!("{target} did not answer"))),
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -135,7 +135,6 @@ impl ServiceTable {
         &self.ids
     }
 
-
     pub fn dump(&self) -> Vec<RouteStatus> {
         let now = now_nanos();
         let mut out: Vec<RouteStatus> = self

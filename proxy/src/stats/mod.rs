@@ -33,13 +33,18 @@ pub enum StatsError {
 }
 
 /// `GET path` over HTTP/1.0 (the admin server speaks it; no client library
-/// needed): the body.
+/// needed): the status and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), StatsError> {
+    http_request(addr, "GET", path)
+}
+
+/// Any method, empty body, over HTTP/1.0.
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), StatsError> {
     let io = |source| StatsError::Io { addr, source };
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .map_err(|source| StatsError::Connect { addr, source })?;
     stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(io)?;
+    write!(stream, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n").map_err(io)?;
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(io)?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
