@@ -373,7 +373,8 @@ fn a_thousand_connections_from_ten_pods_share_few_tls_connections() -> Result<()
     let nodes = TwoNodes::new(&sources, &["b"], &[])?;
     let b = nodes.pod("b");
     nodes.sb.echo_server(b, &[APP], &[])?;
-    let n0 = nodes.start(0, &[])?;
+    // Streams of one source pod spread over at most 2 connections.
+    let n0 = nodes.start(0, &["--tunnel-connections-per-peer", "2"])?;
     let n1 = nodes.start(1, &[])?;
     let clients: Vec<_> = sources
         .iter()
@@ -396,7 +397,7 @@ fn a_thousand_connections_from_ten_pods_share_few_tls_connections() -> Result<()
     ensure!(ok == 1000, "{ok} of 1000 connections completed");
     let dialled = n0.config_dump()?["mtls"]["pool"]["dialled_total"].as_u64().unwrap_or(u64::MAX);
     eprintln!("1000 tunnelled connections from 10 pods used {dialled} TLS connections");
-    ensure!(dialled <= 20, "{dialled} TLS connections for 10 source identities");
+    ensure!(dialled <= 20, "{dialled} TLS connections for 10 source identities at 2 per peer");
     let m1 = n1.metrics()?;
     ensure!(m1.sum("outrigger_inbound_tunnel_streams_total", &[("result", "ok")]) == 1000.0);
     Ok(())

@@ -97,7 +97,12 @@ fn mtls(args: &RunArgs) -> anyhow::Result<Option<Mtls>> {
     Ok(Some(Mtls {
         tls: TlsConfigs::new(identities.clone()),
         identities,
-        pool: Pool::new(args.max_streams_per_connection as usize, args.tunnel_idle_timeout),
+        pool: Pool::new(
+            args.max_streams_per_connection as usize,
+            args.tunnel_connections_per_peer
+                .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+            args.tunnel_idle_timeout,
+        ),
         hbone_port: args.hbone_port,
         max_streams: args.max_streams_per_connection,
         strict: args.mtls == MtlsMode::Strict,

@@ -225,6 +225,11 @@ pub struct RunArgs {
     #[arg(long, env = "OUTRIGGER_MAX_STREAMS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_streams_per_connection: u32,
 
+    /// Tunnel connections to one peer (per source pod and identity pair) that concurrent
+    /// streams spread over before sharing them; more spread TLS work over cores. Default: CPUs.
+    #[arg(long, env = "OUTRIGGER_TUNNEL_CONNECTIONS_PER_PEER")]
+    pub tunnel_connections_per_peer: Option<usize>,
+
     /// Tunnel connections with no stream for this long are closed.
     #[arg(long, env = "OUTRIGGER_TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub tunnel_idle_timeout: Duration,

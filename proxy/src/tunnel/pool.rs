@@ -3,11 +3,13 @@
 //! Keyed by (source pod, source identity, destination identity, peer
 //! address). The source pod is in the key because a connection's socket
 //! lives in that pod's netns: another pod's streams must not leave with this
-//! pod's address. A connection takes streams up to
-//! `--max-streams-per-connection`; past that, or once the source
-//! certificate rotated, a new connection is made and the old one finishes
-//! its streams. Dialling is serialised per key so a burst of new streams
-//! opens one connection, not one each.
+//! pod's address. Streams go to the least busy connection; while every
+//! connection is busy, up to `--tunnel-connections-per-peer` are opened
+//! (one per CPU by default, so TLS work spreads over cores), and past
+//! `--max-streams-per-connection` a new one is opened regardless. Once the
+//! source certificate rotated, new streams take a new connection and the
+//! old ones finish theirs. Dialling is serialised per key so a burst of new
+//! streams opens one connection, not one each.
 
 use std::{
     collections::HashMap,
@@ -86,38 +88,40 @@ pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
     dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     max_streams: usize,
+    /// Connections per key before streams share them.
+    max_conns: usize,
     idle_timeout: Duration,
     dialled: AtomicU64,
 }
 
 impl Pool {
-    pub fn new(max_streams: usize, idle_timeout: Duration) -> Self {
+    pub fn new(max_streams: usize, max_conns: usize, idle_timeout: Duration) -> Self {
         Self {
             conns: Mutex::default(),
             dialing: Mutex::default(),
             max_streams: max_streams.max(1),
+            max_conns: max_conns.max(1),
             idle_timeout,
             dialled: AtomicU64::new(0),
         }
     }
 
+    /// The least busy usable connection — unless it is busy and another
+    /// connection may still be opened: streams then spread over up to
+    /// `max_conns` connections, so their TLS work spreads over cores.
     fn take_place(&self, key: &PoolKey, generation: u64) -> Option<(SendRequest<Bytes>, StreamGuard)> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.closed.load(Ordering::Relaxed));
-        for conn in list.iter() {
-            if conn.generation != generation {
-                continue;
-            }
-            let taken = conn
-                .streams
-                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < self.max_streams).then_some(n + 1))
-                .is_ok();
-            if taken {
-                return Some((conn.sender.clone(), StreamGuard(conn.clone())));
-            }
+        let current = list.iter().filter(|c| c.generation == generation).count();
+        let least =
+            list.iter().filter(|c| c.generation == generation).min_by_key(|c| c.streams.load(Ordering::Relaxed))?;
+        let busy = least.streams.load(Ordering::Relaxed);
+        if busy >= self.max_streams || (busy > 0 && current < self.max_conns) {
+            return None;
         }
-        None
+        least.streams.fetch_add(1, Ordering::AcqRel);
+        Some((least.sender.clone(), StreamGuard(least.clone())))
     }
 
     /// A place for one stream to the peer of `key`, dialling with `dial` if
