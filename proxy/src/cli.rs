@@ -159,8 +159,23 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(run(args))
 }
 
+/// Every connection is two sockets and every pod keeps a few listeners and
+/// spares: take the whole file-descriptor allowance the system grants.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "could not raise the open-file limit");
+            }
+        }
+        _ => {}
+    }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let log = telemetry::init(args.log_format, &args.log_level)?;
+    raise_fd_limit();
     let cgroup = capture::cgroup::resolve(args.cgroup2_path.as_deref())?;
     let own_netns_cookie =
         current_netns_cookie().context("reading the proxy's own netns cookie (needs Linux 5.14+)")?;

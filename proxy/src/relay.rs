@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// What a relay moved, and how it ended.
@@ -89,9 +90,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; buffer_size];
+    // Uninitialised capacity: a connection that moves a few bytes does not
+    // pay for zeroing two large buffers.
+    let mut buf = BytesMut::with_capacity(buffer_size);
     loop {
-        let n = reader.read(&mut buf).await?;
+        buf.clear();
+        let n = reader.read_buf(&mut buf).await?;
         if n == 0 {
             writer.shutdown().await?;
             return Ok(());

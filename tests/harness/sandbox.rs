@@ -259,6 +259,14 @@ impl Sandbox {
         Ok(pod)
     }
 
+    /// Lets a client pod open connections at benchmark rates: reuse ports in
+    /// TIME_WAIT for new outgoing connections and widen the ephemeral range
+    /// (the defaults run out after ~28k connections a minute to one peer).
+    pub fn tune_for_load(&self, pod: &Pod) -> Result<()> {
+        sh(&["ip", "netns", "exec", &pod.netns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+        sh(&["ip", "netns", "exec", &pod.netns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"])
+    }
+
     pub fn pods(&self) -> &[Pod] {
         &self.pods
     }

@@ -21,8 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    identity::Identity, netns::sockets::upstream_socket, node::PodContext, policy::Decision, proxy::Proxy,
-    tls::peer_identity, tunnel::relay::relay_h2,
+    identity::Identity, node::PodContext, policy::Decision, proxy::Proxy, tls::peer_identity, tunnel::relay::relay_h2,
 };
 
 /// A TLS handshake that has not finished by then is dropped (slow or
@@ -278,14 +277,8 @@ async fn connect_app(
 ) -> Result<TcpStream, (StatusCode, &'static str, String)> {
     let target = authority;
     let local_ip = target.ip();
-    let mark = proxy.forward.mark;
     let err = |e: String| (StatusCode::SERVICE_UNAVAILABLE, "upstream_error", e);
-    let socket = pod
-        .netns
-        .run(move || upstream_socket(local_ip, mark))
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .map_err(|e| err(e.to_string()))?;
+    let socket = pod.upstream_socket(local_ip).await.map_err(|e| err(e.to_string()))?;
     let socket = TcpSocket::from_std_stream(socket);
     match tokio::time::timeout(proxy.forward.connect_timeout, socket.connect(target)).await {
         Ok(Ok(tcp)) => Ok(tcp),

@@ -8,6 +8,9 @@
 #![forbid(unsafe_code)]
 
 pub mod sockets;
+mod spare;
+
+pub use spare::SpareSockets;
 
 use std::{
     fs::File,
@@ -113,6 +116,15 @@ impl Netns {
     /// The netns cookie: the key the kernel programs know this pod by.
     pub fn cookie(&self) -> u64 {
         self.cookie
+    }
+
+    /// Queues `f` on the thread inside the namespace without waiting for it
+    /// (fails only when the queue is full or the thread has stopped).
+    pub fn spawn<F>(&self, f: F) -> Result<(), NetnsError>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        self.jobs.try_send(Box::new(f)).map_err(|_| NetnsError::Stopped { path: self.path.clone() })
     }
 
     /// Runs `f` on the thread inside the namespace and returns its result.

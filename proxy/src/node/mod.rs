@@ -133,7 +133,10 @@ impl Node {
     }
 
     async fn start_pod(&self, id: u32, spec: &PodSpec) -> Result<RunningPod, PodError> {
-        let ctx = Arc::new(PodContext::open(id, spec, self.own_netns_cookie, &self.proxy.trust_domain).await?);
+        let ctx = Arc::new(
+            PodContext::open(id, spec, self.own_netns_cookie, &self.proxy.trust_domain, self.proxy.forward.mark)
+                .await?,
+        );
         let listeners = ctx.bind_listeners(self.outbound_port).await?;
         let stop = self.proxy.shutdown.child_token();
         let mut addrs = Vec::with_capacity(listeners.len());

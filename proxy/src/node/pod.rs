@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use crate::{
     identity::Identity,
     mesh::{PodKey, PodSpec},
-    netns::{sockets::bind_listener, Netns, NetnsError},
+    netns::{sockets::bind_listener, Netns, NetnsError, SpareSockets},
     outbound::listener_addr,
 };
 
@@ -43,10 +43,18 @@ pub struct PodContext {
     pub identity: Identity,
     pub spec: PodSpec,
     pub netns: Netns,
+    /// Upstream sockets made ahead of time in the pod's netns.
+    pub spares: Arc<SpareSockets>,
 }
 
 impl PodContext {
-    pub async fn open(id: u32, spec: &PodSpec, own_netns_cookie: u64, trust_domain: &str) -> Result<Self, PodError> {
+    pub async fn open(
+        id: u32,
+        spec: &PodSpec,
+        own_netns_cookie: u64,
+        trust_domain: &str,
+        mark: u32,
+    ) -> Result<Self, PodError> {
         let path = spec.netns.clone().ok_or_else(|| PodError::NotLocal(spec.key().to_string()))?;
         let thread = format!("ns-{}", spec.name);
         let netns = tokio::task::spawn_blocking(move || Netns::open(&path, &thread)).await??;
@@ -54,7 +62,15 @@ impl PodContext {
             return Err(PodError::OwnNetns(netns.path().display().to_string()));
         }
         let identity = Identity::new(trust_domain, &spec.namespace, &spec.service_account);
-        Ok(Self { id, key: spec.key(), identity, spec: spec.clone(), netns })
+        Ok(Self { id, key: spec.key(), identity, spec: spec.clone(), netns, spares: SpareSockets::new(mark) })
+    }
+
+    /// A marked socket in the pod's netns for a connection to `ip`.
+    pub async fn upstream_socket(&self, ip: std::net::IpAddr) -> Result<std::net::TcpStream, io::Error> {
+        match self.spares.take(&self.netns, ip).await {
+            Ok(result) => result,
+            Err(e) => Err(io::Error::other(e)),
+        }
     }
 
     /// Binds the HBONE listener on each of the pod's own addresses, inside

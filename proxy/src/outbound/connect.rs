@@ -12,7 +12,6 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::{
     balance::{InFlight, NoEndpoint},
     metrics::ServiceLabels,
-    netns::sockets::upstream_socket,
     node::PodContext,
     policy::Decision,
     proxy::Proxy,
@@ -136,13 +135,7 @@ pub async fn connect_to(
 
 /// One connect to `dest` from a socket made in the pod's netns.
 pub async fn connect_direct(pod: &PodContext, dest: SocketAddr, proxy: &Proxy) -> Result<TcpStream, ForwardError> {
-    let mark = proxy.forward.mark;
-    let ip = dest.ip();
-    let socket = pod
-        .netns
-        .run(move || upstream_socket(ip, mark))
-        .await?
-        .map_err(|source| ForwardError::Connect { dest, source })?;
+    let socket = pod.upstream_socket(dest.ip()).await.map_err(|source| ForwardError::Connect { dest, source })?;
     let socket = TcpSocket::from_std_stream(socket);
     let timeout = proxy.forward.connect_timeout;
     match tokio::time::timeout(timeout, socket.connect(dest)).await {

@@ -61,6 +61,10 @@ impl Topology {
         let meshed = sb.add_pod(0, "meshed")?;
         let plain = sb.add_pod(0, "plain")?;
         let endpoints = vec![sb.add_pod(0, "e1")?, sb.add_pod(0, "e2")?, sb.add_pod(0, "e3")?];
+        // Client pods (and the proxy's upstream sockets, which live in the
+        // meshed pod) open tens of thousands of connections per run.
+        sb.tune_for_load(&meshed)?;
+        sb.tune_for_load(&plain)?;
 
         for pod in std::iter::once(&server).chain(&endpoints) {
             let mut sockperf = sb.in_pod(pod, "sockperf");
