@@ -10,10 +10,6 @@ use serde_json::Value;
 
 const MIB: usize = 1024 * 1024;
 
-fn client(sb: &Sandbox, pod: &Pod, target: SocketAddr, args: &[&str]) -> Result<Value> {
-    sb.client(pod, target, args)
-}
-
 fn ok_count(summary: &Value) -> u64 {
     summary["ok"].as_u64().unwrap_or(0)
 }
@@ -41,7 +37,7 @@ fn pod_to_pod(v6: bool) -> Result<()> {
     let proxy = ProxyProcess::start(&sb, 0, pods_file, &[])?;
     let target = SocketAddr::new(b.ip(v6), 8080);
 
-    let summary = client(&sb, a, target, &["--bytes", &(16 * MIB).to_string()])?;
+    let summary = sb.client(a, target, &["--bytes", &(16 * MIB).to_string()])?;
     ensure!(ok_count(&summary) == 1, "16 MiB echo through the proxy failed: {summary}");
     // getpeername in the client answers with what it dialled, not 127.0.0.1:15001.
     ensure!(summary["peers"][target.to_string()] == 1, "client's getpeername: {}", summary["peers"]);
@@ -86,7 +82,7 @@ fn unmeshed_pod_is_not_captured() -> Result<()> {
     let server = sb.echo_server(b, &[8080], &[])?;
     let proxy = ProxyProcess::start(&sb, 0, pods_file, &[])?;
     let before = proxy.kernel_events("bypass_unmeshed");
-    let summary = client(&sb, c, SocketAddr::new(b.ip4.into(), 8080), &["--bytes", "100000"])?;
+    let summary = sb.client(c, SocketAddr::new(b.ip4.into(), 8080), &["--bytes", "100000"])?;
     ensure!(ok_count(&summary) == 1, "{summary}");
     ensure!(proxy.kernel_events("captured") == 0.0, "an unmeshed pod's connect was captured");
     ensure!(proxy.kernel_events("bypass_unmeshed") > before);
@@ -133,8 +129,7 @@ fn five_hundred_concurrent_connections_complete_and_the_maps_drain() -> Result<(
     let (a, b) = (&pods[0], &pods[1]);
     sb.echo_server(b, &[8080], &[])?;
     let proxy = ProxyProcess::start(&sb, 0, pods_file, &[])?;
-    let summary = client(
-        &sb,
+    let summary = sb.client(
         a,
         SocketAddr::new(b.ip4.into(), 8080),
         &["--conns", "500", "--parallel", "500", "--hold-ms", "500", "--bytes", "65536"],
@@ -186,21 +181,21 @@ fn pods_file_changes_apply_at_run_time_and_bad_files_change_nothing() -> Result<
     let target = SocketAddr::new(b.ip4.into(), 8080);
     let one = ["--bytes", "10000"];
 
-    ensure!(ok_count(&client(&sb, c, target, &one)?) == 1);
+    ensure!(ok_count(&sb.client(c, target, &one)?) == 1);
     ensure!(opened(&proxy, "c") == 0.0, "c captured before it was added");
 
     // Add c: capture starts.
     ProxyProcess::write_pods_file(&pods_file, &pods_yaml(&[a, b, c]))?;
     wait_for(Duration::from_secs(10), || meshed_pods(&proxy).contains(&"c".to_string()).then_some(()))
         .context("c never became meshed")?;
-    ensure!(ok_count(&client(&sb, c, target, &one)?) == 1);
+    ensure!(ok_count(&sb.client(c, target, &one)?) == 1);
     ensure!(opened(&proxy, "c") == 1.0, "c not captured after it was added");
 
     // Remove c: capture stops.
     ProxyProcess::write_pods_file(&pods_file, &pods_yaml(&[a, b]))?;
     wait_for(Duration::from_secs(10), || (!meshed_pods(&proxy).contains(&"c".to_string())).then_some(()))
         .context("c never left")?;
-    ensure!(ok_count(&client(&sb, c, target, &one)?) == 1);
+    ensure!(ok_count(&sb.client(c, target, &one)?) == 1);
     ensure!(opened(&proxy, "c") == 1.0, "c still captured after it was removed");
 
     // Malformed YAML and a semantically bad file: reported, nothing changes.
@@ -223,7 +218,7 @@ fn pods_file_changes_apply_at_run_time_and_bad_files_change_nothing() -> Result<
         names.sort();
         ensure!(names == ["a", "b"], "meshed pods changed after a bad file: {names:?}");
         let before = opened(&proxy, "a");
-        ensure!(ok_count(&client(&sb, a, target, &one)?) == 1);
+        ensure!(ok_count(&sb.client(a, target, &one)?) == 1);
         ensure!(opened(&proxy, "a") == before + 1.0, "a no longer captured after a bad file");
     }
     let m = proxy.metrics()?;
@@ -247,7 +242,7 @@ fn sigkill_fails_open_and_a_restarted_proxy_captures_again() -> Result<()> {
     let cgroup = sb.node_cgroup(0);
     let mut proxy = ProxyProcess::start(&sb, 0, pods_file.clone(), &[])?;
     ensure!(attached_programs(&cgroup)? == 5, "expected 5 programs attached");
-    ensure!(ok_count(&client(&sb, a, target, &["--bytes", "1000"])?) == 1);
+    ensure!(ok_count(&sb.client(a, target, &["--bytes", "1000"])?) == 1);
     ensure!(opened(&proxy, "a") == 1.0);
 
     proxy.signal(Signal::SIGKILL)?;
@@ -256,11 +251,11 @@ fn sigkill_fails_open_and_a_restarted_proxy_captures_again() -> Result<()> {
     ensure!(detached.is_some(), "programs still attached after the proxy died");
     // Fail open: the pod's connection now goes direct and works.
     let peers_before = server.stdout().matches(&a.ip4.to_string()).count();
-    ensure!(ok_count(&client(&sb, a, target, &["--bytes", "1000"])?) == 1, "direct connection failed after SIGKILL");
+    ensure!(ok_count(&sb.client(a, target, &["--bytes", "1000"])?) == 1, "direct connection failed after SIGKILL");
     ensure!(server.stdout().matches(&a.ip4.to_string()).count() == peers_before + 1);
 
     let restarted = ProxyProcess::start(&sb, 0, pods_file, &[])?;
-    ensure!(ok_count(&client(&sb, a, target, &["--bytes", "1000"])?) == 1);
+    ensure!(ok_count(&sb.client(a, target, &["--bytes", "1000"])?) == 1);
     ensure!(opened(&restarted, "a") == 1.0, "restarted proxy did not capture");
     Ok(())
 }
@@ -285,7 +280,7 @@ fn sigterm_drains_open_connections_and_exits_cleanly() -> Result<()> {
     proxy.signal(Signal::SIGTERM)?;
     // While draining, new connects go direct and still work.
     std::thread::sleep(Duration::from_millis(300));
-    ensure!(ok_count(&client(&sb, a, target, &["--bytes", "1000"])?) == 1, "connect during drain failed");
+    ensure!(ok_count(&sb.client(a, target, &["--bytes", "1000"])?) == 1, "connect during drain failed");
     let out = long.wait_with_output()?;
     let summary: Value = serde_json::from_slice(&out.stdout)?;
     ensure!(ok_count(&summary) == 1, "open connection broken by shutdown: {summary}");

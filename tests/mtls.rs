@@ -158,6 +158,15 @@ impl Drop for Capture {
     }
 }
 
+/// Whether `proxy` logs (within 5 s) a finished tunnel stream whose line
+/// contains `needle`.
+fn tunnel_logged(proxy: &ProxyProcess, needle: &str) -> bool {
+    wait_for(Duration::from_secs(5), || {
+        proxy.log_text().lines().any(|l| l.contains("tunnel stream closed") && l.contains(needle)).then_some(())
+    })
+    .is_some()
+}
+
 fn count(haystack: &[u8], needle: &[u8]) -> usize {
     haystack.windows(needle.len()).filter(|w| *w == needle).count()
 }
@@ -193,13 +202,8 @@ fn pod_to_pod_across_nodes_never_crosses_the_wire_in_plaintext() -> Result<()> {
     ensure!(versions.contains("0x0304"), "no TLS 1.3 handshake in the capture: {versions:?}");
 
     // B's proxy saw A's identity, and delivered over loopback in B's pod.
-    let peer_logged = wait_for(Duration::from_secs(5), || {
-        n1.log_text()
-            .lines()
-            .any(|l| l.contains("tunnel stream closed") && l.contains(&format!("peer_identity={}", spiffe_id("a"))))
-            .then_some(())
-    });
-    ensure!(peer_logged.is_some(), "B's proxy did not log A's identity:\n{}", n1.log_text());
+    let peer_logged = tunnel_logged(&n1, &format!("peer_identity={}", spiffe_id("a")));
+    ensure!(peer_logged, "B's proxy did not log A's identity:\n{}", n1.log_text());
     // Delivered from inside B's pod: the app sees B's own address as the peer.
     ensure!(
         server.stdout().contains(&format!("\"peer\":\"{}:", b.ip4)),
@@ -339,16 +343,8 @@ fn rotated_certificates_are_used_by_new_connections_without_breaking_open_ones()
     let second = wait_for(Duration::from_secs(10), || serial_of(&n0, "a").filter(|s| *s != first))
         .context("the rotated certificate was never loaded")?;
     ensure!(nodes.sb.client(a, app_addr(b), &[])?["ok"] == 1, "a new connection failed after rotation");
-    let presented = |serial: &str| {
-        n1.log_text()
-            .lines()
-            .any(|l| l.contains("tunnel stream closed") && l.contains(&format!("peer_serial={serial}")))
-    };
-    ensure!(
-        wait_for(Duration::from_secs(5), || presented(&second).then_some(())).is_some(),
-        "B never saw the new certificate {second}:\n{}",
-        n1.log_text()
-    );
+    let presented = |serial: &str| tunnel_logged(&n1, &format!("peer_serial={serial}"));
+    ensure!(presented(&second), "B never saw the new certificate {second}:\n{}", n1.log_text());
 
     // A certificate for the wrong identity is refused; the current one stays.
     install_cert(&nodes.ca, "a", "z", &dirs[0])?;
@@ -419,13 +415,8 @@ fn strict_mode_takes_only_tunnels_even_between_pods_of_one_node() -> Result<()> 
 
     ensure!(nodes.sb.client(a, app_addr(b), &[])?["ok"] == 1, "a -> b (other node) failed in strict mode");
     ensure!(nodes.sb.client(c, app_addr(b), &[])?["ok"] == 1, "c -> b (same node) failed in strict mode");
-    let tunnelled = wait_for(Duration::from_secs(5), || {
-        n1.log_text()
-            .lines()
-            .any(|l| l.contains("tunnel stream closed") && l.contains(&format!("peer_identity={}", spiffe_id("c"))))
-            .then_some(())
-    });
-    ensure!(tunnelled.is_some(), "same-node traffic was not tunnelled in strict mode");
+    let tunnelled = tunnel_logged(&n1, &format!("peer_identity={}", spiffe_id("c")));
+    ensure!(tunnelled, "same-node traffic was not tunnelled in strict mode");
     ensure!(accepted(&server) == 2);
     Ok(())
 }

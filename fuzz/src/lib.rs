@@ -11,6 +11,8 @@ pub fn test_identities() -> (Arc<Identities>, Identity) {
     let _ = std::fs::remove_dir_all(&dir);
     ca::init(&dir, "cluster.local", std::time::Duration::from_secs(3600)).expect("CA");
     let source = CaSource::new(&dir, std::time::Duration::from_secs(3600)).expect("CA source");
+    // The CA is in memory now; leave no files behind.
+    let _ = std::fs::remove_dir_all(&dir);
     let identities = Arc::new(Identities::new("cluster.local", Box::new(source)));
     let id = identities.identity("default", "fuzz");
     identities.set_wanted([id.clone()].into_iter().collect());

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod inbound;
+pub mod listen;
 pub mod mesh;
 pub mod metrics;
 pub mod netns;

@@ -70,10 +70,6 @@ impl MeshView {
     }
 }
 
-fn service_label(key: &crate::mesh::ServiceKey) -> String {
-    format!("{}.{}", key.name, key.namespace)
-}
-
 impl MeshView {
     /// Labels of a connection leaving `pod` for `dest` (what it dialled),
     /// served by `upstream` (the endpoint, for a service).
@@ -91,7 +87,7 @@ impl MeshView {
             source_pod: pod.key.name.clone(),
             source_workload_namespace: pod.key.namespace.clone(),
             source_principal: pod.identity.to_string(),
-            destination_service: service.map(service_label).unwrap_or_else(|| dest.to_string()),
+            destination_service: service.map(crate::metrics::service_label).unwrap_or_else(|| dest.to_string()),
             destination_pod: target.map(|w| w.key.name.clone()).unwrap_or_default(),
             destination_workload_namespace: target.map(|w| w.key.namespace.clone()).unwrap_or_default(),
             destination_principal: target.map(|w| w.identity.to_string()).unwrap_or_default(),
@@ -116,7 +112,7 @@ impl MeshView {
             destination_service: self
                 .services
                 .service_of_endpoint(authority)
-                .map(service_label)
+                .map(crate::metrics::service_label)
                 .unwrap_or_else(|| authority.to_string()),
             destination_pod: pod.key.name.clone(),
             destination_workload_namespace: pod.key.namespace.clone(),
@@ -125,12 +121,18 @@ impl MeshView {
         }
     }
 
-    /// How a connection to `addr` travels: through a tunnel to a meshed pod
-    /// elsewhere (or any meshed pod when strict), else in plaintext.
+    /// The meshed pod at `addr` when a connection there goes through a
+    /// tunnel: a pod elsewhere, or any meshed pod when strict.
+    pub fn tunnel_peer(&self, addr: SocketAddr, strict: bool) -> Option<&Arc<Workload>> {
+        self.workload(addr.ip()).filter(|w| !w.is_local() || strict)
+    }
+
+    /// How a connection to `addr` travels.
     pub fn security_to(&self, addr: SocketAddr, strict: bool) -> &'static str {
-        match self.workload(addr.ip()) {
-            Some(w) if !w.is_local() || strict => "mutual_tls",
-            _ => "plaintext",
+        if self.tunnel_peer(addr, strict).is_some() {
+            "mutual_tls"
+        } else {
+            "plaintext"
         }
     }
 }

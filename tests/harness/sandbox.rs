@@ -91,15 +91,10 @@ fn ip(args: &[&str]) -> Result<()> {
     sh(&all)
 }
 
+/// Where cgroup2 is mounted, found the way the proxy finds it.
 pub fn cgroup2_root() -> Result<PathBuf> {
     let mounts = fs::read_to_string("/proc/self/mounts")?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
-        })
-        .context("no cgroup2 mount in /proc/self/mounts")
+    outrigger::capture::cgroup::cgroup2_mount_in(&mounts).context("no cgroup2 mount in /proc/self/mounts")
 }
 
 fn pid_alive(pid: i32) -> bool {

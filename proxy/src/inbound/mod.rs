@@ -33,23 +33,11 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy
     if proxy.mtls.is_none() {
         return;
     }
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                let (pod, proxy, stop) = (pod.clone(), proxy.clone(), stop.clone());
-                proxy.connections.clone().spawn(async move { connection(tcp, peer, pod, proxy, stop).await });
-            }
-            Err(e) => {
-                tracing::warn!(pod = %pod.key, error = %e, "inbound accept failed; is the proxy out of file descriptors?");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::listen::accept_until(&listener, &stop, &pod.key, |tcp, peer| {
+        let (pod, proxy, stop) = (pod.clone(), proxy.clone(), stop.clone());
+        proxy.connections.clone().spawn(async move { connection(tcp, peer, pod, proxy, stop).await });
+    })
+    .await;
 }
 
 async fn connection(

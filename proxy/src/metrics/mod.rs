@@ -29,8 +29,13 @@ pub struct ServiceLabels {
 
 impl ServiceLabels {
     pub fn of(key: &crate::mesh::ServiceKey) -> Self {
-        Self { destination_service: format!("{}.{}", key.name, key.namespace) }
+        Self { destination_service: service_label(key) }
     }
+}
+
+/// `name.namespace`: how every metric names a service.
+pub fn service_label(key: &crate::mesh::ServiceKey) -> String {
+    format!("{}.{}", key.name, key.namespace)
 }
 
 /// Tunnels arriving at a pod of this node, by outcome.

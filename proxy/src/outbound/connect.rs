@@ -104,33 +104,29 @@ pub async fn connect_to(
     proxy: &Proxy,
     view: &MeshView,
 ) -> Result<UpstreamConn, ForwardError> {
-    let workload = view.workload(dest.ip());
     let strict = proxy.mtls.as_ref().is_some_and(|m| m.strict);
-    match workload {
-        Some(w) if !w.is_local() || strict => {
-            let mtls = proxy.mtls.as_ref().ok_or(ForwardError::NoMtls { dest })?;
-            let target = TunnelTarget {
-                peer: SocketAddr::new(dest.ip(), mtls.hbone_port),
-                authority: dest,
-                identity: w.identity.clone(),
-            };
-            let ctx = TunnelContext {
-                tls: &mtls.tls,
-                pool: &mtls.pool,
-                mark: proxy.forward.mark,
-                connect_timeout: proxy.forward.connect_timeout,
-            };
-            let tunnel = crate::tunnel::open(pod, &pod.identity, &target, &ctx).await?;
-            Ok(UpstreamConn::Tunnel(Box::new(tunnel)))
-        }
-        Some(w) => {
-            if let Decision::Deny { policy } = view.authz.check(&w.spec, Some(&pod.identity), dest.port()) {
-                return Err(ForwardError::Denied { policy });
-            }
-            connect_direct(pod, dest, proxy).await.map(UpstreamConn::Plain)
-        }
-        None => connect_direct(pod, dest, proxy).await.map(UpstreamConn::Plain),
+    if let Some(w) = view.tunnel_peer(dest, strict) {
+        let mtls = proxy.mtls.as_ref().ok_or(ForwardError::NoMtls { dest })?;
+        let target = TunnelTarget {
+            peer: SocketAddr::new(dest.ip(), mtls.hbone_port),
+            authority: dest,
+            identity: w.identity.clone(),
+        };
+        let ctx = TunnelContext {
+            tls: &mtls.tls,
+            pool: &mtls.pool,
+            mark: proxy.forward.mark,
+            connect_timeout: proxy.forward.connect_timeout,
+        };
+        let tunnel = crate::tunnel::open(pod, &pod.identity, &target, &ctx).await?;
+        return Ok(UpstreamConn::Tunnel(Box::new(tunnel)));
     }
+    if let Some(w) = view.workload(dest.ip()) {
+        if let Decision::Deny { policy } = view.authz.check(&w.spec, Some(&pod.identity), dest.port()) {
+            return Err(ForwardError::Denied { policy });
+        }
+    }
+    connect_direct(pod, dest, proxy).await.map(UpstreamConn::Plain)
 }
 
 /// One connect to `dest` from a socket made in the pod's netns.

@@ -11,7 +11,7 @@ mod forward;
 
 pub use connect::ForwardError;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -27,25 +27,11 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy
             return;
         }
     };
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let conn = forward::Connection { pod: pod.clone(), peer, local };
-                proxy.connections.spawn(forward::run(stream, conn, proxy.clone()));
-            }
-            Err(e) => {
-                // Out of file descriptors or memory: back off instead of spinning;
-                // the backlog holds connects meanwhile.
-                tracing::warn!(pod = %pod.key, listener = %local, error = %e, "accept failed; is the proxy out of file descriptors (ulimit -n)?");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::listen::accept_until(&listener, &stop, &pod.key, |stream, peer| {
+        let conn = forward::Connection { pod: pod.clone(), peer, local };
+        proxy.connections.spawn(forward::run(stream, conn, proxy.clone()));
+    })
+    .await;
 }
 
 /// The local address of a pod listener for the given family.

@@ -40,8 +40,6 @@ pub struct TunnelTarget {
 pub struct Tunnel {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
-    /// Whether this stream needed a new TLS connection.
-    pub dialled: bool,
     place: StreamGuard,
 }
 
@@ -73,14 +71,7 @@ pub async fn open(
         destination: target.identity.clone(),
         peer: target.peer,
     };
-    let dialled = AtomicBool::new(false);
-    let (mut sender, place) = ctx
-        .pool
-        .stream(&key, generation, || {
-            dialled.store(true, Ordering::Relaxed);
-            dial(pod, source, target, ctx)
-        })
-        .await?;
+    let (mut sender, place) = ctx.pool.stream(&key, generation, || dial(pod, source, target, ctx)).await?;
     let peer = target.peer;
     let h2_err = |source| TunnelError::H2 { peer, source };
     sender = sender.ready().await.map_err(h2_err)?;
@@ -98,7 +89,7 @@ pub async fn open(
         }
         status => return Err(TunnelError::Status { peer, authority: target.authority, status: status.as_u16() }),
     }
-    Ok(Tunnel { send, recv: response.into_body(), dialled: dialled.load(Ordering::Relaxed), place })
+    Ok(Tunnel { send, recv: response.into_body(), place })
 }
 
 /// A new mutual-TLS h2 connection to the peer, from a socket made in the

@@ -157,61 +157,74 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if args.wants("metrics_cost") {
             measure_metrics_cost(&mut topo, &mut cost, secs, round)?;
         }
-        let sb = &topo.sb;
-        let step = |what: &str, path: usize| eprintln!("bench: round {round}: {what:<28} {}", PATHS[path]);
-        for p in (0..PATHS.len()).filter(|_| args.wants("single_hop")) {
-            step("single hop latency", p);
-            let (from, to) = single_hop_target(&topo, p, SOCKPERF_PORT, HAPROXY_SOCKPERF);
-            let (p50, p99) = measure::latency(sb, from, to, secs)?;
-            hop.samples[p][0].push(p50);
-            hop.samples[p][1].push(p99);
-        }
-        for (m, streams) in [(2, 1), (3, 8)] {
-            for p in (0..PATHS.len()).filter(|_| args.wants("single_hop")) {
-                step(&format!("single hop iperf3 x{streams}"), p);
-                let (from, to) = single_hop_target(&topo, p, IPERF_PORT, HAPROXY_IPERF);
-                hop.samples[p][m].push(measure::iperf(sb, from, to, streams, secs)?);
+        let (sb, t) = (&topo.sb, &topo);
+        if args.wants("single_hop") {
+            each_path(round, &mut hop, "single hop latency", 0, |p| {
+                let (from, to) = single_hop_target(t, p, SOCKPERF_PORT, HAPROXY_SOCKPERF);
+                let (p50, p99) = measure::latency(sb, from, to, secs)?;
+                Ok(vec![p50, p99])
+            })?;
+            for (m, streams) in [(2, 1), (3, 8)] {
+                each_path(round, &mut hop, &format!("single hop iperf3 x{streams}"), m, |p| {
+                    let (from, to) = single_hop_target(t, p, IPERF_PORT, HAPROXY_IPERF);
+                    Ok(vec![measure::iperf(sb, from, to, streams, secs)?])
+                })?;
             }
         }
-        for p in (0..PATHS.len()).filter(|_| args.wants("service_vip")) {
-            step("service latency", p);
-            let (from, to) = vip_target(&topo, p, SOCKPERF_PORT, HAPROXY_VIP_SOCKPERF);
-            let (p50, p99) = measure::latency(sb, from, to, secs)?;
-            svc.samples[p][0].push(p50);
-            svc.samples[p][1].push(p99);
+        if args.wants("service_vip") {
+            each_path(round, &mut svc, "service latency", 0, |p| {
+                let (from, to) = vip_target(t, p, SOCKPERF_PORT, HAPROXY_VIP_SOCKPERF);
+                let (p50, p99) = measure::latency(sb, from, to, secs)?;
+                Ok(vec![p50, p99])
+            })?;
+            each_path(round, &mut svc, "service connection rate", 2, |p| {
+                let (from, to) = vip_target(t, p, ECHO_PORT, HAPROXY_VIP_ECHO);
+                Ok(vec![measure::connection_rate(sb, from, to, secs)?])
+            })?;
+            each_path(round, &mut svc, "service echo throughput", 3, |p| {
+                let (from, to) = vip_target(t, p, ECHO_PORT, HAPROXY_VIP_ECHO);
+                Ok(vec![measure::echo_throughput(sb, from, to, secs)?])
+            })?;
         }
-        for p in (0..PATHS.len()).filter(|_| args.wants("service_vip")) {
-            step("service connection rate", p);
-            let (from, to) = vip_target(&topo, p, ECHO_PORT, HAPROXY_VIP_ECHO);
-            svc.samples[p][2].push(measure::connection_rate(sb, from, to, secs)?);
-        }
-        for p in (0..PATHS.len()).filter(|_| args.wants("service_vip")) {
-            step("service echo throughput", p);
-            let (from, to) = vip_target(&topo, p, ECHO_PORT, HAPROXY_VIP_ECHO);
-            svc.samples[p][3].push(measure::echo_throughput(sb, from, to, secs)?);
-        }
-        for p in (0..PATHS.len()).filter(|_| args.wants("cross_node_mtls")) {
-            step("cross-node latency", p);
-            let (from, to) = cross_target(&topo, p, SOCKPERF_PORT, TLS_CLIENT_SOCKPERF);
-            let (p50, p99) = measure::latency(sb, from, to, secs)?;
-            cross.samples[p][0].push(p50);
-            cross.samples[p][1].push(p99);
-        }
-        for (m, streams) in [(2, 1), (3, 8)] {
-            for p in (0..PATHS.len()).filter(|_| args.wants("cross_node_mtls")) {
-                step(&format!("cross-node iperf3 x{streams}"), p);
-                let (from, to) = cross_target(&topo, p, IPERF_PORT, TLS_CLIENT_IPERF);
-                cross.samples[p][m].push(measure::iperf(sb, from, to, streams, secs)?);
+        if args.wants("cross_node_mtls") {
+            each_path(round, &mut cross, "cross-node latency", 0, |p| {
+                let (from, to) = cross_target(t, p, SOCKPERF_PORT, TLS_CLIENT_SOCKPERF);
+                let (p50, p99) = measure::latency(sb, from, to, secs)?;
+                Ok(vec![p50, p99])
+            })?;
+            for (m, streams) in [(2, 1), (3, 8)] {
+                each_path(round, &mut cross, &format!("cross-node iperf3 x{streams}"), m, |p| {
+                    let (from, to) = cross_target(t, p, IPERF_PORT, TLS_CLIENT_IPERF);
+                    Ok(vec![measure::iperf(sb, from, to, streams, secs)?])
+                })?;
             }
-        }
-        for p in (0..PATHS.len()).filter(|_| args.wants("cross_node_mtls")) {
-            step("cross-node connection rate", p);
-            let (from, to) = cross_target(&topo, p, ECHO_PORT, TLS_CLIENT_ECHO);
-            cross.samples[p][4].push(measure::connection_rate(sb, from, to, secs)?);
+            each_path(round, &mut cross, "cross-node connection rate", 4, |p| {
+                let (from, to) = cross_target(t, p, ECHO_PORT, TLS_CLIENT_ECHO);
+                Ok(vec![measure::connection_rate(sb, from, to, secs)?])
+            })?;
         }
     }
     let tables: Vec<Table> = [hop, svc, cross, cost].into_iter().filter(|t| args.wants(t.key)).collect();
     report(&tables, args)
+}
+
+/// Measures `what` on every path of `table` in turn (interleaved, so drift
+/// hits all paths alike); `measure` returns the values of consecutive
+/// metrics starting at `first`.
+fn each_path(
+    round: usize,
+    table: &mut Table,
+    what: &str,
+    first: usize,
+    mut measure: impl FnMut(usize) -> Result<Vec<f64>>,
+) -> Result<()> {
+    for p in 0..table.paths.len() {
+        eprintln!("bench: round {round}: {what:<28} {}", table.paths[p]);
+        for (i, value) in measure(p)?.into_iter().enumerate() {
+            table.samples[p][first + i].push(value);
+        }
+    }
+    Ok(())
 }
 
 /// One round of the metrics-cost table: the single-hop Outrigger path with
