@@ -1,10 +1,11 @@
 //! The top of the program: parse the command line, run the command, turn
-//! errors into a message and an exit code.
+//! errors into a message and an exit code. The only place `anyhow` is used.
 #![forbid(unsafe_code)]
 
 use std::{
     process::ExitCode,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
 };
 
 use anyhow::Context;
@@ -15,16 +16,22 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::{self, AdminState},
     capture::{self, Capture, CaptureOptions},
-    config::{CaCommand, Cli, Command, MtlsMode, RunArgs, StatsArgs},
+    config::{self, CaCommand, Cli, Command, MtlsMode, RunArgs, StatsArgs},
     identity::{self, CaSource, CertificateSource, DirSource, Identities, Identity},
-    mesh::watch::FileWatch,
-    metrics::{self, KernelCounters, Metrics, ProcessMetrics},
+    inbound::{Inbound, InboundSettings},
+    metrics::{self, KernelCounters, Metrics, ProcessMetrics, ResultLabels},
     netns::sockets::current_netns_cookie,
-    node::{self, status::NodeStatus, Node},
-    proxy::{ForwardSettings, Mtls, Proxy},
-    stats, telemetry,
+    node::{self, status::NodeStatus, Node, NodeDeps},
+    outbound::{Connector, Core, Outbound, OutboundSettings},
+    sources::{
+        file::{self, FileLimits, FileSource, Loaded},
+        SourceStatus,
+    },
+    stats,
+    store::{MeshReader, Store, StoreSettings},
+    telemetry,
     tls::TlsConfigs,
-    tunnel::Pool,
+    tunnel::{Pool, TunnelClient},
 };
 
 pub fn main() -> ExitCode {
@@ -64,6 +71,8 @@ fn stats_command(args: &StatsArgs) -> anyhow::Result<()> {
 fn ca_command(command: CaCommand) -> anyhow::Result<()> {
     match command {
         CaCommand::Init { dir, trust_domain, lifetime } => {
+            config::check_trust_domain("trust-domain", &trust_domain)?;
+            config::check_lifetime("lifetime", lifetime, config::MAX_CA_LIFETIME)?;
             let cert = identity::ca::init(&dir, &trust_domain, lifetime)?;
             println!(
                 "wrote {} and its key; copy {} to every node and pass it as --ca-dir",
@@ -72,6 +81,10 @@ fn ca_command(command: CaCommand) -> anyhow::Result<()> {
             );
         }
         CaCommand::Issue { ca_dir, id, out, lifetime, backdate } => {
+            config::check_lifetime("lifetime", lifetime, config::MAX_CERT_LIFETIME)?;
+            if backdate > config::MAX_CERT_LIFETIME {
+                anyhow::bail!("--backdate: {backdate:?} is more than {:?}", config::MAX_CERT_LIFETIME);
+            }
             let id: Identity = id.parse()?;
             let ca = identity::ca::CertificateAuthority::load(&ca_dir)?;
             let issued = ca.issue(&id, lifetime, backdate)?;
@@ -85,75 +98,84 @@ fn ca_command(command: CaCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Mutual TLS when a certificate source is configured.
-fn mtls(args: &RunArgs) -> anyhow::Result<Option<Mtls>> {
+/// Certificates, when a source is configured.
+fn identities(args: &RunArgs) -> anyhow::Result<Option<Arc<Identities>>> {
     let source: Box<dyn CertificateSource> = match (&args.cert_dir, &args.ca_dir) {
         (Some(dir), _) => Box::new(DirSource::new(dir)),
         (None, Some(dir)) => Box::new(CaSource::new(dir, args.cert_lifetime)?),
         (None, None) => return Ok(None),
     };
-    let identities = Arc::new(Identities::new(&args.trust_domain, source));
-    identities.refresh();
-    Ok(Some(Mtls {
-        tls: TlsConfigs::new(identities.clone()),
-        identities,
-        pool: Pool::new(
-            args.max_streams_per_connection as usize,
-            args.tunnel_connections_per_peer
-                .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
-            args.tunnel_idle_timeout,
-        ),
-        hbone_port: args.hbone_port,
-        max_streams: args.max_streams_per_connection,
-        strict: args.mtls == MtlsMode::Strict,
-    }))
+    Ok(Some(Arc::new(Identities::new(&args.trust_domain, source))))
 }
 
 /// Re-reads certificates (rotation, renewal) and closes idle tunnels.
-async fn maintain_mtls(proxy: Arc<Proxy>, interval: std::time::Duration, stop: CancellationToken) {
-    let Some(mtls) = proxy.mtls.as_ref() else { return };
+async fn maintain_mtls(
+    identities: Arc<Identities>,
+    tunnels: Arc<TunnelClient>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(interval);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let identities = mtls.identities.clone();
+        let ids = identities.clone();
         // File reads and key generation: off the async workers.
-        let _ = tokio::task::spawn_blocking(move || identities.refresh()).await;
-        mtls.pool.reap();
+        let _ = tokio::task::spawn_blocking(move || ids.refresh()).await;
+        tunnels.reap();
     }
 }
 
 /// Drops the metric series of pods that left the node, once idle.
-async fn sweep_metrics(proxy: Arc<Proxy>, idle: std::time::Duration, stop: CancellationToken) {
-    let period = (idle / 4).clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(30));
+async fn sweep_metrics(metrics: Arc<Metrics>, mesh: MeshReader, idle: Duration, stop: CancellationToken) {
+    let period = (idle / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
     let mut ticker = tokio::time::interval(period);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let local: std::collections::HashSet<(String, String)> = proxy
-            .mesh
-            .load()
-            .workloads
-            .values()
-            .filter(|w| w.is_local())
-            .map(|w| (w.key.namespace.clone(), w.key.name.clone()))
-            .collect();
-        let dropped = proxy.metrics.conns.sweep(&local, idle);
+        let local: std::collections::HashSet<(String, String)> =
+            mesh.load().local_workloads().keys().map(|k| (k.namespace.to_string(), k.name.to_string())).collect();
+        let dropped = metrics.conns.sweep(&local, idle);
         if dropped > 0 {
             tracing::debug!(dropped, "metric series of departed pods dropped");
         }
     }
 }
 
+/// Watches a background task: if it ends before shutdown (a panic, or a
+/// loop that should never return), `/ready` fails with its name and the
+/// error is logged, instead of the proxy silently losing a duty.
+fn supervise(
+    name: &'static str,
+    status: Arc<RwLock<NodeStatus>>,
+    stop: CancellationToken,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let handle = tokio::spawn(task);
+    tokio::spawn(async move {
+        let result = handle.await;
+        if stop.is_cancelled() {
+            return;
+        }
+        let why = match result {
+            Ok(()) => "ended".to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(task = name, error = %why, "a background task stopped; the proxy reports not ready");
+        status.write().unwrap_or_else(|e| e.into_inner()).failed_tasks.push(format!("{name} ({why})"));
+    })
+}
+
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
+    args.validate()?;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("outrigger");
     if let Some(n) = args.worker_threads {
-        builder.worker_threads(n.max(1));
+        builder.worker_threads(n);
     }
     let runtime = builder.build().context("starting the async runtime")?;
     runtime.block_on(run(args))
@@ -179,10 +201,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cgroup = capture::cgroup::resolve(args.cgroup2_path.as_deref())?;
     let own_netns_cookie =
         current_netns_cookie().context("reading the proxy's own netns cookie (needs Linux 5.14+)")?;
+    let metrics = Arc::new(Metrics::new(args.connection_metrics, args.metrics_destination_addresses as usize));
 
-    // Refuse to start on a bad file: there is no last good state to keep.
-    let mut watch = FileWatch::new(&args.pods_file);
-    let initial = watch.poll().await.context("loading the mesh file at start")?.unwrap_or_default();
+    // The store, fed by the mesh file. A bad file at start stops the proxy:
+    // there is no last good state to keep.
+    let store_settings = StoreSettings { trust_domain: args.trust_domain.clone(), balance: args.balance_settings() };
+    let store = Arc::new(Mutex::new(Store::new(store_settings.clone())));
+    let (mesh, snapshots) = {
+        let s = store.lock().unwrap_or_else(|e| e.into_inner());
+        (s.reader(), s.subscribe())
+    };
+    let limits = FileLimits { max_bytes: args.max_mesh_file_bytes, ..FileLimits::default() };
+    let source = Arc::new(Mutex::new(FileSource::new(&args.pods_file, limits, store_settings)));
+    let source_status = Arc::new(RwLock::new(SourceStatus::new(format!("mesh file {}", args.pods_file.display()))));
+    match file::watch::load_blocking(&source).await.context("loading the mesh file at start")? {
+        Loaded::Changed { changes, objects } => {
+            let rejected = file::watch::apply(&store, changes);
+            source_status.write().unwrap_or_else(|e| e.into_inner()).applied(objects, rejected);
+            metrics.config_reloads.get_or_create(&ResultLabels { result: "applied" }).inc();
+        }
+        Loaded::Unchanged => {}
+    }
 
     let capture = Arc::new(Capture::load(&CaptureOptions {
         cgroup: &cgroup,
@@ -192,69 +231,158 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     })?);
     tracing::info!(cgroup = %cgroup.display(), programs = capture.attached().len(), "capture programs attached");
 
-    let metrics = Arc::new(Metrics::new(args.connection_metrics));
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     registry.register_collector(Box::new(ProcessMetrics::default()));
+    registry.register_collector(Box::new(KernelCounters { capture: capture.clone(), mesh: mesh.clone() }));
+    let registry = Arc::new(registry);
 
-    let proxy = Arc::new(Proxy {
-        capture,
-        metrics,
-        forward: ForwardSettings {
-            connect_timeout: args.connect_timeout,
-            connect_attempts: args.connect_attempts,
-            buffer_size: args.buffer_size as usize,
-            mark: args.mark,
-        },
-        mesh: Default::default(),
-        balance: args.balance_settings(),
-        trust_domain: args.trust_domain.clone(),
-        mtls: mtls(&args)?,
-        connections: TaskTracker::new(),
-        shutdown: CancellationToken::new(),
+    let identities = identities(&args)?;
+    if let Some(ids) = identities.clone() {
+        // File reads and key generation: on a blocking thread.
+        tokio::task::spawn_blocking(move || ids.refresh()).await.context("loading certificates")?;
+    }
+    let tls = identities.clone().map(|ids| Arc::new(TlsConfigs::new(ids)));
+    let strict = args.mtls == MtlsMode::Strict;
+    let tunnels = tls.clone().map(|tls| {
+        let per_peer = args
+            .tunnel_connections_per_peer
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        let pool = Pool::new(args.max_streams_per_connection as usize, per_peer, args.tunnel_idle_timeout);
+        Arc::new(TunnelClient::new(tls, pool, args.hbone_port, args.connect_timeout))
     });
-    registry.register_collector(Box::new(KernelCounters(proxy.clone())));
-    let status = Arc::new(RwLock::new(NodeStatus { capture_attached: true, ..Default::default() }));
+    let connections = TaskTracker::new();
+    let shutdown = CancellationToken::new();
+    let relay = args.relay_options();
+    let outbound = Arc::new(Outbound::new(
+        Core {
+            mesh: mesh.clone(),
+            orig_dst: capture.clone(),
+            connector: Connector { tunnels: tunnels.clone(), strict },
+            metrics: metrics.clone(),
+            settings: OutboundSettings {
+                connect_timeout: args.connect_timeout,
+                connect_attempts: args.connect_attempts,
+                relay,
+            },
+        },
+        connections.clone(),
+    ));
+    let inbound = tls.clone().map(|tls| {
+        Arc::new(Inbound::new(
+            mesh.clone(),
+            tls,
+            metrics.clone(),
+            InboundSettings {
+                connect_timeout: args.connect_timeout,
+                handshake_timeout: Duration::from_secs(10),
+                max_streams: args.max_streams_per_connection,
+                relay,
+            },
+            connections.clone(),
+        ))
+    });
 
+    let status = Arc::new(RwLock::new(NodeStatus { capture_attached: true, ..Default::default() }));
     let admin_listener = admin::bind(args.admin_addr).await?;
     // The bound address (port 0 picks a free one).
     let admin_addr = admin_listener.local_addr().unwrap_or(args.admin_addr);
     tracing::info!(addr = %admin_addr, "admin server listening");
     let admin_stop = CancellationToken::new();
-    let registry = Arc::new(registry);
-    let admin_state =
-        Arc::new(AdminState { proxy: proxy.clone(), status: status.clone(), registry: registry.clone(), log });
+    let admin_state = Arc::new(AdminState {
+        status: status.clone(),
+        source: source_status.clone(),
+        registry: registry.clone(),
+        log,
+        capture: capture.clone(),
+        mesh: mesh.clone(),
+        identities: identities.clone(),
+        tunnels: tunnels.clone(),
+        strict,
+        settings: serde_json::json!({
+            "connect_timeout_ms": args.connect_timeout.as_millis() as u64,
+            "connect_attempts": args.connect_attempts,
+            "buffer_size": args.buffer_size,
+            "initial_buffer_size": args.initial_buffer_size,
+            "mark": args.mark,
+            "tcp_keepalive_idle_ms": args.tcp_keepalive_idle.as_millis() as u64,
+            "tcp_user_timeout_ms": args.tcp_user_timeout.as_millis() as u64,
+        }),
+    });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop.clone()));
 
-    let mut node = Node::new(proxy.clone(), args.outbound_port, own_netns_cookie, status.clone());
-    node.reconcile(&initial).await;
-    {
-        let mut s = status.write().unwrap_or_else(|e| e.into_inner());
-        s.loaded_once = true;
-    }
-    tracing::info!(pods = initial.pods.len(), file = %args.pods_file.display(), "mesh file applied");
+    let mut node = Node::new(
+        NodeDeps {
+            capture: capture.clone(),
+            outbound,
+            inbound,
+            identities: identities.clone(),
+            metrics: metrics.clone(),
+            sockets: args.socket_options(),
+            outbound_port: args.outbound_port,
+            hbone_port: args.hbone_port,
+            strict,
+            own_netns_cookie,
+            shutdown: shutdown.clone(),
+        },
+        status.clone(),
+    );
+    let mut snapshots = snapshots;
+    let first = snapshots.borrow_and_update().clone();
+    node.reconcile(&first).await;
+    tracing::info!(pods = first.local_workloads().len(), file = %args.pods_file.display(), "mesh file applied");
 
-    let reload_stop = CancellationToken::new();
-    let reload = tokio::spawn(node::reload_loop(node, watch, args.reload_interval, reload_stop.clone()));
-    tokio::spawn(maintain_mtls(proxy.clone(), args.reload_interval, reload_stop.clone()));
-    tokio::spawn(sweep_metrics(proxy.clone(), args.metrics_idle_timeout, reload_stop.clone()));
+    let background = CancellationToken::new();
+    let reconciler = tokio::spawn(node::run(node, snapshots, args.reload_interval, background.clone()));
+    supervise(
+        "mesh file watch",
+        status.clone(),
+        background.clone(),
+        file::watch::run(
+            source,
+            store.clone(),
+            source_status,
+            metrics.clone(),
+            args.reload_interval,
+            background.clone(),
+        ),
+    );
+    if let (Some(ids), Some(t)) = (identities.clone(), tunnels.clone()) {
+        supervise(
+            "certificate refresh",
+            status.clone(),
+            background.clone(),
+            maintain_mtls(ids, t, args.reload_interval, background.clone()),
+        );
+    }
+    supervise(
+        "metrics sweep",
+        status.clone(),
+        background.clone(),
+        sweep_metrics(metrics.clone(), mesh.clone(), args.metrics_idle_timeout, background.clone()),
+    );
     let textfile = args.textfile_dir.clone().map(|dir| {
         tracing::info!(dir = %dir.display(), interval = ?args.textfile_interval, "writing node-exporter textfile");
-        tokio::spawn(metrics::textfile::run(dir, args.textfile_interval, registry.clone(), reload_stop.clone()))
+        tokio::spawn(metrics::textfile::run(dir, args.textfile_interval, registry.clone(), background.clone()))
     });
 
     let signal = wait_for_signal().await?;
     tracing::info!(signal, drain_timeout = ?args.drain_timeout, "shutting down: un-meshing pods, draining connections");
     status.write().unwrap_or_else(|e| e.into_inner()).shutting_down = true;
-    reload_stop.cancel();
-    let mut node = reload.await.context("the reload loop panicked")?;
-    node.unmesh_all().await;
-    proxy.shutdown.cancel();
-    proxy.connections.close();
-    let open = proxy.connections.len();
-    if tokio::time::timeout(args.drain_timeout, proxy.connections.wait()).await.is_err() {
+    background.cancel();
+    match reconciler.await {
+        Ok(mut node) => node.unmesh_all().await,
+        // Capture still detaches below when the programs are dropped.
+        Err(e) => {
+            tracing::error!(error = %e, "the reconciler stopped unexpectedly; detaching capture without un-meshing")
+        }
+    }
+    shutdown.cancel();
+    connections.close();
+    let open = connections.len();
+    if tokio::time::timeout(args.drain_timeout, connections.wait()).await.is_err() {
         tracing::warn!(
-            cut = proxy.connections.len(),
+            cut = connections.len(),
             "drain deadline reached; closing the connections still open (raise --drain-timeout to wait longer)"
         );
     } else {
@@ -265,9 +393,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(textfile) = textfile {
         let _ = textfile.await;
     }
-    drop(node);
+    drop((store, registry));
     // Dropping the last handle on the capture detaches the programs.
-    drop(proxy);
+    drop(capture);
     tracing::info!("capture programs detached; exiting");
     Ok(())
 }

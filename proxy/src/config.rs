@@ -9,6 +9,28 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::balance::{Algorithm, BalanceSettings};
 
+/// How a service's endpoint is chosen (`--lb-algorithm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LbAlgorithm {
+    /// Power of two choices over peak-EWMA latency × connections in flight (linkerd2-proxy's).
+    #[value(name = "p2c-ewma")]
+    P2cEwma,
+    /// Smooth weighted round robin (nginx's).
+    RoundRobin,
+    /// Weighted random.
+    Random,
+}
+
+impl From<LbAlgorithm> for Algorithm {
+    fn from(a: LbAlgorithm) -> Self {
+        match a {
+            LbAlgorithm::P2cEwma => Algorithm::P2cEwma,
+            LbAlgorithm::RoundRobin => Algorithm::RoundRobin,
+            LbAlgorithm::Random => Algorithm::Random,
+        }
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "outrigger",
@@ -152,8 +174,8 @@ pub struct RunArgs {
     pub connect_attempts: u32,
 
     /// How a service's endpoint is chosen for each new connection.
-    #[arg(long, env = "OUTRIGGER_LB_ALGORITHM", value_enum, default_value_t = Algorithm::P2cEwma)]
-    pub lb_algorithm: Algorithm,
+    #[arg(long, env = "OUTRIGGER_LB_ALGORITHM", value_enum, default_value_t = LbAlgorithm::P2cEwma)]
+    pub lb_algorithm: LbAlgorithm,
 
     /// p2c-ewma: decay time of the latency estimate (linkerd2-proxy uses 10s).
     #[arg(long, env = "OUTRIGGER_LB_EWMA_DECAY", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -188,10 +210,44 @@ pub struct RunArgs {
     #[arg(long, env = "OUTRIGGER_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Size of each of the two copy buffers of a forwarded connection, in bytes.
-    /// Memory per connection is twice this.
+    /// Largest read buffer of each direction of a relayed connection, in bytes. Buffers start
+    /// at --initial-buffer-size, double while reads fill them, and are released whenever the
+    /// connection goes quiet: an idle connection holds none.
     #[arg(long, env = "OUTRIGGER_BUFFER_SIZE", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(4096..=16 * 1024 * 1024))]
     pub buffer_size: u32,
+
+    /// First read size of each direction of a relayed connection, in bytes (at most --buffer-size).
+    #[arg(long, env = "OUTRIGGER_INITIAL_BUFFER_SIZE", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(512..=16 * 1024 * 1024))]
+    pub initial_buffer_size: u32,
+
+    /// TCP keepalive on upstream and tunnel sockets: idle time before the first probe
+    /// (0s turns keepalive off). With the interval and count, a peer that vanished is
+    /// detected after idle + interval × count.
+    #[arg(long, env = "OUTRIGGER_TCP_KEEPALIVE_IDLE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub tcp_keepalive_idle: Duration,
+
+    /// TCP keepalive: time between probes.
+    #[arg(long, env = "OUTRIGGER_TCP_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tcp_keepalive_interval: Duration,
+
+    /// TCP keepalive: unanswered probes that end the connection.
+    #[arg(long, env = "OUTRIGGER_TCP_KEEPALIVE_COUNT", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub tcp_keepalive_count: u32,
+
+    /// TCP_USER_TIMEOUT on upstream and tunnel sockets: data left unacknowledged this long ends
+    /// the connection (a peer gone mid-transfer). 0s leaves the kernel default (~15 minutes).
+    #[arg(long, env = "OUTRIGGER_TCP_USER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub tcp_user_timeout: Duration,
+
+    /// Largest mesh file accepted, in bytes; a bigger one is refused (the last good state stays).
+    #[arg(long, env = "OUTRIGGER_MAX_MESH_FILE_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..=1024 * 1024 * 1024))]
+    pub max_mesh_file_bytes: u64,
+
+    /// Destinations outside the mesh and its services are labelled destination_service="external".
+    /// Set N > 0 to label them by address instead, up to N addresses per source pod (later ones
+    /// are still "external"), so one pod dialling many addresses cannot grow /metrics without bound.
+    #[arg(long, env = "OUTRIGGER_METRICS_DESTINATION_ADDRESSES", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub metrics_destination_addresses: u32,
 
     /// SPIFFE trust domain: pods' identities are spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>,
     /// and tunnel peers must present an identity of this domain.
@@ -266,10 +322,137 @@ pub struct RunArgs {
     pub worker_threads: Option<usize>,
 }
 
+/// A flag value that would panic or silently break the proxy, refused at start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--{flag}: {problem}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub problem: String,
+}
+
+fn bad(flag: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError { flag, problem: problem.into() }
+}
+
+fn within(flag: &'static str, value: Duration, min: Duration, max: Duration) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(bad(flag, format!("{value:?} is outside {min:?}..={max:?}")));
+    }
+    Ok(())
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+const YEAR: Duration = Duration::from_secs(365 * 86_400);
+
+/// A SPIFFE trust domain: lower-case letters, digits, '.', '-', '_'.
+pub fn check_trust_domain(flag: &'static str, td: &str) -> Result<(), ConfigError> {
+    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_');
+    if td.is_empty() || td.len() > 255 || !td.chars().all(ok) {
+        return Err(bad(
+            flag,
+            format!("{td:?} is not a SPIFFE trust domain (lower-case letters, digits, '.', '-', '_')"),
+        ));
+    }
+    Ok(())
+}
+
+/// Certificate lifetimes the CA commands and `--cert-lifetime` accept:
+/// long enough to be renewed before expiry, short enough not to overflow
+/// a certificate's validity fields.
+pub fn check_lifetime(flag: &'static str, lifetime: Duration, max: Duration) -> Result<(), ConfigError> {
+    within(flag, lifetime, Duration::from_secs(300), max)
+}
+
+pub const MAX_CA_LIFETIME: Duration = Duration::from_secs(100 * 365 * 86_400);
+pub const MAX_CERT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86_400);
+
 impl RunArgs {
+    /// Refuses values that would panic, spin, or silently break capture,
+    /// naming the flag and its allowed range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ms = Duration::from_millis;
+        if self.outbound_port == 0 {
+            return Err(bad("outbound-port", "0 is not a port: pods' connects would be steered nowhere"));
+        }
+        if self.hbone_port == 0 {
+            return Err(bad("hbone-port", "0 is not a port"));
+        }
+        if self.outbound_port == self.hbone_port {
+            return Err(bad("hbone-port", format!("{} is also --outbound-port: pick two ports", self.hbone_port)));
+        }
+        let admin = self.admin_addr.port();
+        if admin != 0 && (admin == self.outbound_port || admin == self.hbone_port) {
+            return Err(bad("admin-addr", format!("port {admin} is also the outbound or tunnel port")));
+        }
+        within("reload-interval", self.reload_interval, ms(10), DAY)?;
+        within("textfile-interval", self.textfile_interval, ms(10), DAY)?;
+        within("connect-timeout", self.connect_timeout, ms(1), Duration::from_secs(600))?;
+        within("drain-timeout", self.drain_timeout, Duration::ZERO, DAY)?;
+        within("tunnel-idle-timeout", self.tunnel_idle_timeout, ms(100), DAY)?;
+        within("metrics-idle-timeout", self.metrics_idle_timeout, ms(100), 30 * DAY)?;
+        within("lb-ewma-decay", self.lb_ewma_decay, ms(1), DAY)?;
+        within("lb-ewma-default-rtt", self.lb_ewma_default_rtt, Duration::from_micros(1), Duration::from_secs(60))?;
+        within("ejection-base-time", self.ejection_base_time, ms(1), DAY)?;
+        within("ejection-max-time", self.ejection_max_time, self.ejection_base_time, 30 * DAY)
+            .map_err(|_| bad("ejection-max-time", "must be at least --ejection-base-time and at most 30 days"))?;
+        check_lifetime("cert-lifetime", self.cert_lifetime, MAX_CERT_LIFETIME)?;
+        check_trust_domain("trust-domain", &self.trust_domain)?;
+        if self.initial_buffer_size > self.buffer_size {
+            return Err(bad(
+                "initial-buffer-size",
+                format!("{} is larger than --buffer-size {}", self.initial_buffer_size, self.buffer_size),
+            ));
+        }
+        within("tcp-keepalive-idle", self.tcp_keepalive_idle, Duration::ZERO, DAY)?;
+        if !self.tcp_keepalive_idle.is_zero() {
+            within(
+                "tcp-keepalive-interval",
+                self.tcp_keepalive_interval,
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            )?;
+        }
+        within("tcp-user-timeout", self.tcp_user_timeout, Duration::ZERO, DAY)?;
+        if let Some(n) = self.worker_threads {
+            if n == 0 || n > 1024 {
+                return Err(bad("worker-threads", format!("{n} is outside 1..=1024")));
+            }
+        }
+        if let Some(n) = self.tunnel_connections_per_peer {
+            if n == 0 || n > 64 {
+                return Err(bad("tunnel-connections-per-peer", format!("{n} is outside 1..=64")));
+            }
+        }
+        if self.mtls == MtlsMode::Strict && self.cert_dir.is_none() && self.ca_dir.is_none() {
+            return Err(bad("mtls", "strict needs certificates: pass --cert-dir or --ca-dir"));
+        }
+        let _ = YEAR;
+        Ok(())
+    }
+
+    /// How upstream and tunnel sockets are made.
+    pub fn socket_options(&self) -> crate::transport::SocketOptions {
+        crate::transport::SocketOptions {
+            mark: self.mark,
+            keepalive: (!self.tcp_keepalive_idle.is_zero()).then_some(crate::transport::Keepalive {
+                idle: self.tcp_keepalive_idle,
+                interval: self.tcp_keepalive_interval,
+                count: self.tcp_keepalive_count,
+            }),
+            user_timeout: (!self.tcp_user_timeout.is_zero()).then_some(self.tcp_user_timeout),
+        }
+    }
+
+    pub fn relay_options(&self) -> crate::transport::RelayOptions {
+        crate::transport::RelayOptions {
+            initial_buffer: self.initial_buffer_size as usize,
+            max_buffer: self.buffer_size as usize,
+        }
+    }
+
     pub fn balance_settings(&self) -> BalanceSettings {
         BalanceSettings {
-            algorithm: self.lb_algorithm,
+            algorithm: self.lb_algorithm.into(),
             ewma_decay: self.lb_ewma_decay,
             ewma_default_rtt: self.lb_ewma_default_rtt,
             ejection_consecutive_failures: self.ejection_consecutive_failures,
@@ -312,6 +495,36 @@ mod tests {
         assert_eq!(args.outbound_port, 15001);
         assert_eq!(args.connect_timeout, Duration::from_secs(5));
         assert_eq!(args.log_format, LogFormat::Text);
+    }
+
+    fn run_args(extra: &[&str]) -> Result<(), String> {
+        let mut argv = vec!["outrigger", "run"];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let Command::Run(args) = cli.command else { panic!("run expected") };
+        args.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn flags_that_would_break_the_proxy_are_refused_by_name() {
+        assert_eq!(run_args(&[]), Ok(()));
+        for (flags, expect) in [
+            (&["--outbound-port", "0"][..], "--outbound-port"),
+            (&["--reload-interval", "0s"], "--reload-interval"),
+            (&["--textfile-interval", "0s"], "--textfile-interval"),
+            (&["--cert-lifetime", "20000y"], "--cert-lifetime"),
+            (&["--cert-lifetime", "0s"], "--cert-lifetime"),
+            (&["--trust-domain", ""], "--trust-domain"),
+            (&["--trust-domain", "bad domain/x"], "--trust-domain"),
+            (&["--hbone-port", "15001"], "--hbone-port"),
+            (&["--admin-addr", "127.0.0.1:15008"], "--admin-addr"),
+            (&["--initial-buffer-size", "131072"], "--initial-buffer-size"),
+            (&["--mtls", "strict"], "--mtls"),
+            (&["--worker-threads", "0"], "--worker-threads"),
+        ] {
+            let err = run_args(flags).expect_err(expect);
+            assert!(err.contains(expect), "{flags:?}: {err}");
+        }
     }
 
     #[test]

@@ -1,34 +1,38 @@
 //! Outrigger: a per-node service-mesh proxy.
 //!
-//! The modules follow the path of a connection: `capture` (kernel programs
-//! that steer a pod's connects to us), `netns` (acting inside a pod's network
-//! namespace), `mesh` (the mesh state: pods and services), `node` (the pods
-//! registered on this node and their listeners), `outbound` (accepting
-//! captured connections and forwarding them), `services` and `balance`
-//! (virtual IPs, endpoint choice and health), `metrics` and `admin` (what
-//! operators see).
+//! Modules, from the bottom of the dependency order up (a module only uses
+//! modules listed before it; `cargo xtask test` checks there are no cycles):
+//!
+//! - leaves: `sys`, `clock`, `model` (the mesh model), `transport`
+//!   (sockets, relay, h2 streams), `balance`, `identity`, `capture`,
+//!   `telemetry`, `stats`;
+//! - `netns`, `tls`, `policy`, `store` (indexed snapshots of the model),
+//!   `pod` (one pod's network handle), `metrics`, `tunnel`;
+//! - `sources` (the mesh file today, the Kubernetes API next);
+//! - the data path: `outbound`, `inbound`; the reconciler: `node`;
+//! - `admin`, `config`, and `cli` at the top.
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod balance;
 pub mod capture;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod identity;
 pub mod inbound;
-pub mod listen;
-pub mod mesh;
 pub mod metrics;
+pub mod model;
 pub mod netns;
 pub mod node;
 pub mod outbound;
+pub mod pod;
 pub mod policy;
-pub mod proxy;
-pub mod relay;
-pub mod services;
+pub mod sources;
 pub mod stats;
+pub mod store;
 pub mod sys;
 pub mod telemetry;
 pub mod tls;
+pub mod transport;
 pub mod tunnel;
-pub mod view;

@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod demo;
+mod deps;
 mod fuzz;
 mod setup;
 mod test;

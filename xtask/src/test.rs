@@ -18,6 +18,8 @@ pub fn run(extra: &[String]) -> Result<()> {
             .env_remove("RUSTUP_TOOLCHAIN")
             .args(["+nightly", "fmt", "--check"]),
     )?;
+    // Before clippy and the tests: a module cycle is cheap to find and points at the fix.
+    crate::deps::check(&workspace_root())?;
     exec(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     exec(ebpf_cargo("clippy").args(["--", "-D", "warnings"]))?;
     crate::build::export_binaries();

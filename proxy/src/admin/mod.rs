@@ -23,7 +23,10 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{node::status::NodeStatus, proxy::Proxy, telemetry::LogControl};
+use crate::{
+    capture::Capture, identity::Identities, node::status::NodeStatus, sources::SourceStatus, store::MeshReader,
+    telemetry::LogControl, tunnel::TunnelClient,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -35,11 +38,64 @@ pub enum AdminError {
     },
 }
 
+/// What the admin server reads; each part is a handle of its own owner.
 pub struct AdminState {
-    pub proxy: Arc<Proxy>,
     pub status: Arc<RwLock<NodeStatus>>,
+    pub source: Arc<RwLock<SourceStatus>>,
     pub registry: Arc<Registry>,
     pub log: LogControl,
+    pub capture: Arc<Capture>,
+    pub mesh: MeshReader,
+    pub identities: Option<Arc<Identities>>,
+    pub tunnels: Option<Arc<TunnelClient>>,
+    /// `--mtls strict`.
+    pub strict: bool,
+    /// The effective settings, shown as they are (no secrets in them).
+    pub settings: serde_json::Value,
+}
+
+impl AdminState {
+    /// `Ok` when the proxy serves every pod it was given; otherwise why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        let node = self.status.read().unwrap_or_else(|e| e.into_inner());
+        if node.shutting_down {
+            return Err("shutting down".into());
+        }
+        self.source.read().unwrap_or_else(|e| e.into_inner()).readiness()?;
+        node.readiness()
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        let node = self.status.read().unwrap_or_else(|e| e.into_inner());
+        let source = self.source.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let snapshot = self.mesh.load();
+        let mut node_json = serde_json::to_value(&*node).unwrap_or_default();
+        if let Some(obj) = node_json.as_object_mut() {
+            obj.insert("loaded_once".into(), source.synced.into());
+            obj.insert("last_reload_error".into(), source.last_error.clone().into());
+            obj.insert("source".into(), serde_json::to_value(&source).unwrap_or_default());
+        }
+        serde_json::json!({
+            "node": node_json,
+            "programs": self.capture.attached(),
+            "store": {
+                "version": snapshot.version,
+                "workloads": snapshot.workload_count(),
+                "services": snapshot.service_count(),
+                "endpoint_slices": snapshot.endpoint_slice_count(),
+                "rejected": snapshot.rejected(),
+            },
+            "services": snapshot.dump_routes(),
+            "mtls": self.identities.as_ref().map(|ids| serde_json::json!({
+                "identities": ids.status(),
+                "pool": self.tunnels.as_ref().map(|t| t.pool_stats()),
+                "hbone_port": self.tunnels.as_ref().map(|t| t.hbone_port()),
+                "strict": self.strict,
+            })),
+            "maps": self.capture.map_entries(),
+            "forward": self.settings,
+        })
+    }
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
@@ -86,10 +142,9 @@ fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let status = || state.status.read().unwrap_or_else(|e| e.into_inner());
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
-        (&Method::GET, "/ready") => match status().readiness() {
+        (&Method::GET, "/ready") => match state.readiness() {
             Ok(()) => text(StatusCode::OK, "ready\n"),
             Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
         },
@@ -104,27 +159,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
             Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n"),
         },
-        (&Method::GET, "/config_dump") => {
-            let node = status();
-            let dump = serde_json::json!({
-                "node": &*node,
-                "programs": state.proxy.capture.attached(),
-                "services": state.proxy.mesh.load().services.dump(),
-                "mtls": state.proxy.mtls.as_ref().map(|m| serde_json::json!({
-                    "identities": m.identities.status(),
-                    "pool": m.pool.stats(),
-                    "hbone_port": m.hbone_port,
-                    "strict": m.strict,
-                })),
-                "maps": state.proxy.capture.map_entries(),
-                "forward": {
-                    "connect_timeout_ms": state.proxy.forward.connect_timeout.as_millis() as u64,
-                    "buffer_size": state.proxy.forward.buffer_size,
-                    "mark": state.proxy.forward.mark,
-                },
-            });
-            json(&dump)
-        }
+        (&Method::GET, "/config_dump") => json(&state.config_dump()),
         (&Method::GET, "/logging") => text(StatusCode::OK, format!("{}\n", state.log.current())),
         (&Method::POST | &Method::PUT, "/logging") => {
             let level = req

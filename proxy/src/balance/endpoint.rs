@@ -7,7 +7,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicU32, AtomicU64, Ordering},
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -15,13 +15,7 @@ use std::{
 use serde::Serialize;
 
 use super::BalanceSettings;
-
-/// Monotonic nanoseconds since the first call: lets ejection deadlines live
-/// in an atomic, so checking them takes no lock.
-pub fn now_nanos() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
-}
+use crate::clock::now_nanos;
 
 #[derive(Debug)]
 struct Estimate {
@@ -182,8 +176,8 @@ pub struct HealthStatus {
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub weight: u32,
-    /// What the mesh state called it: `pod ns/name` or the address.
-    pub label: String,
+    /// The pod it is, when it is one (its name).
+    pub pod: Option<Arc<str>>,
     pub health: Arc<Health>,
 }
 

@@ -15,16 +15,16 @@ mod endpoint;
 
 use std::{sync::Mutex, time::Duration};
 
-use clap::ValueEnum;
 use serde::Serialize;
 
-pub use endpoint::{now_nanos, Endpoint, Health, HealthStatus, InFlight};
+pub use endpoint::{Endpoint, Health, HealthStatus, InFlight};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+use crate::clock::now_nanos;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Algorithm {
     /// Power of two choices over peak-EWMA latency × connections in flight.
-    #[value(name = "p2c-ewma")]
     P2cEwma,
     /// Smooth weighted round robin.
     RoundRobin,
@@ -202,7 +202,7 @@ mod tests {
             .map(|(i, w)| Endpoint {
                 addr: SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)),
                 weight: *w,
-                label: format!("ep{i}"),
+                pod: Some(format!("ep{i}").into()),
                 health: Arc::new(Health::new(settings.ewma_default_rtt)),
             })
             .collect();

@@ -240,26 +240,21 @@ impl Capture {
         prog.detach(link).map_err(prog_err(STRICT))
     }
 
-    /// Makes the kernel refuse connects to exactly these VIP:ports (services
-    /// with no endpoints), each counted under its service id.
-    pub fn set_refused_vips(&self, entries: &[(SocketAddr, u32)]) -> Result<(), CaptureError> {
+    /// Makes the kernel refuse connects to this VIP:port (a service with no
+    /// endpoints), counted under the service's id.
+    pub fn refuse_vip(&self, vip: SocketAddr, service_id: u32) -> Result<(), CaptureError> {
         let mut map = self.refused_vips.lock().unwrap_or_else(|e| e.into_inner());
-        let wanted: std::collections::HashMap<SockAddr, u32> =
-            entries.iter().map(|(vip, id)| (addr::to_kernel(*vip), *id)).collect();
-        let present: Vec<SockAddr> = map.keys().filter_map(Result::ok).collect();
-        for key in present {
-            if !wanted.contains_key(&key) {
-                match map.remove(&key) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(e) if is_not_found(&e) => {}
-                    Err(e) => return Err(map_err("REFUSED_VIPS")(e)),
-                }
-            }
+        map.insert(addr::to_kernel(vip), service_id, 0).map_err(map_err("REFUSED_VIPS"))
+    }
+
+    /// Stops refusing connects to this VIP:port.
+    pub fn allow_vip(&self, vip: SocketAddr) -> Result<(), CaptureError> {
+        let mut map = self.refused_vips.lock().unwrap_or_else(|e| e.into_inner());
+        match map.remove(&addr::to_kernel(vip)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(map_err("REFUSED_VIPS")(e)),
         }
-        for (key, id) in wanted {
-            map.insert(key, id, 0).map_err(map_err("REFUSED_VIPS"))?;
-        }
-        Ok(())
     }
 
     /// Connects the kernel refused for the service with this id.

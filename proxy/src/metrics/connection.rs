@@ -27,7 +27,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::balance::now_nanos;
+use super::labels::AddressBudget;
+use crate::clock::now_nanos;
 
 /// The label set of a connection, Istio's names where Istio has one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -38,7 +39,8 @@ pub struct ConnLabels {
     pub source_pod: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
-    /// `name.namespace` of the service dialled, else the address dialled.
+    /// `name.namespace` of the service, `unknown` (a meshed pod outside any
+    /// service) or `external`.
     pub destination_service: String,
     pub destination_pod: String,
     pub destination_workload_namespace: String,
@@ -159,6 +161,7 @@ pub struct ConnectionMetrics {
     duration: HistFamily,
     rtt: HistFamily,
     series: Mutex<HashMap<ConnLabels, Arc<Series>>>,
+    pub(super) addresses: AddressBudget,
 }
 
 /// The metric names of the per-pod families (what the node-exporter
@@ -176,8 +179,9 @@ pub const POD_FAMILIES: &[&str] = &[
 ];
 
 impl ConnectionMetrics {
-    pub fn new(enabled: bool) -> Self {
+    pub fn new(enabled: bool, addresses_per_pod: usize) -> Self {
         Self {
+            addresses: AddressBudget::new(addresses_per_pod),
             enabled,
             opened: Family::default(),
             closed: Family::default(),
@@ -287,6 +291,7 @@ impl ConnectionMetrics {
                 }
             }
         }
+        self.addresses.forget(local_pods);
         stale.len()
     }
 

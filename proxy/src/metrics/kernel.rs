@@ -10,26 +10,30 @@ use prometheus_client::{
 };
 
 use super::ServiceLabels;
-use crate::{capture::Capture, proxy::Proxy};
+use crate::{capture::Capture, store::MeshReader};
 
+/// Reads the kernel's counters at scrape time: per-CPU counter arrays are
+/// read with one syscall each, never by walking a map key by key.
 #[derive(Debug)]
-pub struct KernelCounters(pub Arc<Proxy>);
+pub struct KernelCounters {
+    pub capture: Arc<Capture>,
+    pub mesh: MeshReader,
+}
 
 impl Collector for KernelCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let capture: &Capture = &self.0.capture;
+        let capture: &Capture = &self.capture;
         {
-            let view = self.0.mesh.load();
-            let table = &view.services;
+            let snapshot = self.mesh.load();
             let mut family = encoder.encode_descriptor(
                 "outrigger_service_refused_connections",
                 "Connects to a service VIP refused by the kernel because the service had no endpoints",
                 None,
                 MetricType::Counter,
             )?;
-            for (key, id) in table.ids() {
+            for (key, id) in snapshot.service_ids() {
                 let labels = ServiceLabels::of(key);
-                ConstCounter::new(capture.service_refused(*id)).encode(family.encode_family(&labels)?)?;
+                ConstCounter::new(capture.service_refused(id)).encode(family.encode_family(&labels)?)?;
             }
         }
         let counts = match capture.counters() {

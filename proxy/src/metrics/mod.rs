@@ -6,6 +6,7 @@
 
 mod connection;
 mod kernel;
+mod labels;
 mod process;
 pub mod textfile;
 
@@ -19,6 +20,7 @@ use prometheus_client::{
 
 pub use connection::{ConnLabels, ConnRecord, ConnectionMetrics, POD_FAMILIES};
 pub use kernel::KernelCounters;
+pub use labels::{EXTERNAL, UNKNOWN_SERVICE};
 pub use process::ProcessMetrics;
 
 /// A service as a metric label: `name.namespace`, as Istio and Linkerd show it.
@@ -28,13 +30,13 @@ pub struct ServiceLabels {
 }
 
 impl ServiceLabels {
-    pub fn of(key: &crate::mesh::ServiceKey) -> Self {
+    pub fn of(key: &crate::model::ServiceKey) -> Self {
         Self { destination_service: service_label(key) }
     }
 }
 
 /// `name.namespace`: how every metric names a service.
-pub fn service_label(key: &crate::mesh::ServiceKey) -> String {
+pub fn service_label(key: &crate::model::ServiceKey) -> String {
     format!("{}.{}", key.name, key.namespace)
 }
 
@@ -66,9 +68,9 @@ pub struct Metrics {
 impl Metrics {
     /// `connection_metrics: false` turns off the per-connection families
     /// (for measuring what they cost).
-    pub fn new(connection_metrics: bool) -> Self {
+    pub fn new(connection_metrics: bool, addresses_per_pod: usize) -> Self {
         Self {
-            conns: ConnectionMetrics::new(connection_metrics),
+            conns: ConnectionMetrics::new(connection_metrics, addresses_per_pod),
             orig_dst_misses: Counter::default(),
             config_reloads: Family::default(),
             pods_meshed: Gauge::default(),
@@ -99,12 +101,13 @@ impl Metrics {
         );
     }
 
-    pub fn inbound(&self, pod: &crate::node::PodContext, result: &'static str) -> Counter {
+    /// The counter of tunnel streams arriving at `pod` with `result`.
+    pub fn inbound(&self, pod: &crate::model::PodKey, result: &'static str) -> Counter {
         self.inbound_streams
             .get_or_create(&InboundLabels {
                 reporter: "inbound",
-                destination_pod: pod.key.name.clone(),
-                destination_namespace: pod.key.namespace.clone(),
+                destination_pod: pod.name.to_string(),
+                destination_namespace: pod.namespace.to_string(),
                 result,
             })
             .clone()

@@ -70,7 +70,17 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct Netns {
     path: PathBuf,
     cookie: u64,
+    /// (device, inode) of the namespace: what tells a namespace recreated
+    /// at the same path from the one opened.
+    inode: (u64, u64),
     jobs: mpsc::Sender<Job>,
+}
+
+/// (device, inode) of the namespace a netns file refers to now.
+pub fn inode_of(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 impl Netns {
@@ -82,6 +92,11 @@ impl Netns {
         if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
             return Err(NetnsError::NotANetns { path: path.to_path_buf() });
         }
+        let inode = {
+            use std::os::unix::fs::MetadataExt;
+            let meta = file.metadata().map_err(open_err)?;
+            (meta.dev(), meta.ino())
+        };
         let (jobs, mut queue) = mpsc::channel::<Job>(QUEUE_DEPTH);
         let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
         let thread_path = path.to_path_buf();
@@ -106,11 +121,23 @@ impl Netns {
             })
             .map_err(|source| NetnsError::Spawn { path: path.to_path_buf(), source })?;
         let cookie = ready_rx.recv().map_err(|_| NetnsError::Stopped { path: path.to_path_buf() })??;
-        Ok(Self { path: path.to_path_buf(), cookie, jobs })
+        Ok(Self { path: path.to_path_buf(), cookie, inode, jobs })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// (device, inode) of the namespace this handle holds.
+    pub fn inode(&self) -> (u64, u64) {
+        self.inode
+    }
+
+    /// A handle with no thread behind it, for tests that never make sockets.
+    #[cfg(test)]
+    pub fn detached(path: &Path, cookie: u64) -> Self {
+        let (jobs, _) = mpsc::channel(1);
+        Self { path: path.to_path_buf(), cookie, inode: (0, cookie), jobs }
     }
 
     /// The netns cookie: the key the kernel programs know this pod by.

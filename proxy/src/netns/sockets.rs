@@ -1,10 +1,6 @@
 //! Sockets made inside a pod's netns, on its netns thread.
 
-use std::{
-    io,
-    net::{IpAddr, SocketAddr},
-    os::fd::AsFd,
-};
+use std::{io, net::SocketAddr, os::fd::AsFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -29,15 +25,5 @@ pub fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     }
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
-}
-
-/// A non-blocking TCP socket for a connection to `dest`, carrying the
-/// proxy's mark so the kernel programs leave it alone.
-pub fn upstream_socket(dest: IpAddr, mark: u32) -> io::Result<std::net::TcpStream> {
-    let domain = if dest.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
-    let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
-    socket.set_mark(mark)?;
-    socket.set_tcp_nodelay(true)?;
     Ok(socket.into())
 }

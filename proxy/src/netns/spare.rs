@@ -15,7 +15,8 @@ use std::{
     },
 };
 
-use super::{sockets::upstream_socket, Netns, NetnsError};
+use super::{Netns, NetnsError};
+use crate::transport::SocketOptions;
 
 /// Refill below this many spares...
 const LOW: usize = 4;
@@ -24,7 +25,7 @@ const HIGH: usize = 16;
 
 #[derive(Debug)]
 pub struct SpareSockets {
-    mark: u32,
+    options: SocketOptions,
     /// Index 0: IPv4, 1: IPv6.
     pools: [Mutex<Vec<std::net::TcpStream>>; 2],
     refilling: [AtomicBool; 2],
@@ -35,8 +36,8 @@ fn family(ip: IpAddr) -> usize {
 }
 
 impl SpareSockets {
-    pub fn new(mark: u32) -> Arc<Self> {
-        Arc::new(Self { mark, pools: Default::default(), refilling: Default::default() })
+    pub fn new(options: SocketOptions) -> Arc<Self> {
+        Arc::new(Self { options, pools: Default::default(), refilling: Default::default() })
     }
 
     /// A marked, non-blocking TCP socket in the pod's netns for a
@@ -61,8 +62,8 @@ impl SpareSockets {
         match spare {
             Some(socket) => Ok(Ok(socket)),
             None => {
-                let mark = self.mark;
-                netns.run(move || upstream_socket(ip, mark)).await
+                let options = self.options;
+                netns.run(move || options.tcp(ip)).await
             }
         }
     }
@@ -71,7 +72,7 @@ impl SpareSockets {
     fn refill(&self, f: usize) {
         let ip: IpAddr = if f == 1 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
         let have = self.pools[f].lock().unwrap_or_else(|e| e.into_inner()).len();
-        let made: Vec<_> = (have..HIGH).map_while(|_| upstream_socket(ip, self.mark).ok()).collect();
+        let made: Vec<_> = (have..HIGH).map_while(|_| self.options.tcp(ip).ok()).collect();
         self.pools[f].lock().unwrap_or_else(|e| e.into_inner()).extend(made);
         self.refilling[f].store(false, Ordering::Release);
     }

@@ -1,70 +1,106 @@
-//! The pods registered on this node: their netns threads, listeners and
-//! capture entries, kept in line with the mesh file.
+//! The pods of this node: their netns handles, listeners and capture
+//! entries, kept in line with the store's snapshots.
+//!
+//! The reconciler wakes on every published snapshot and compares the
+//! snapshot's local pods with what runs: a pod whose definition is unchanged
+//! is left alone (however often its source rewrites it); a changed or
+//! departed pod is stopped (un-meshed first, then its listeners closed); a
+//! new one is started (listeners bound first, then meshed — never steer to
+//! a port not yet bound). Pods that fail to start are retried on a timer,
+//! and a pod whose netns was replaced under the same path is re-meshed.
 #![forbid(unsafe_code)]
 
-mod pod;
 pub mod status;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
     sync::{Arc, RwLock},
+    time::Duration,
 };
 
 use aya::programs::sk_lookup::SkLookupLinkId;
 use outrigger_common::{MeshedPod, POD_FLAG_V6_LISTENER};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    mesh::{watch::FileWatch, MeshState, PodKey, PodSpec},
-    metrics::ResultLabels,
-    proxy::Proxy,
-    view::MeshView,
+    capture::Capture,
+    identity::Identities,
+    inbound::Inbound,
+    metrics::Metrics,
+    model::{NetnsRef, PodKey},
+    outbound::Outbound,
+    pod::{PodContext, PodError},
+    store::{Snapshot, WorkloadEntry},
+    transport::SocketOptions,
 };
-pub use pod::{PodContext, PodError};
-use status::{NodeStatus, PodStatus};
+use status::{KeyStatus, NodeStatus, PodStatus};
+
+/// What the reconciler needs from the rest of the proxy.
+pub struct NodeDeps {
+    pub capture: Arc<Capture>,
+    pub outbound: Arc<Outbound>,
+    /// Set when mutual TLS is configured.
+    pub inbound: Option<Arc<Inbound>>,
+    pub identities: Option<Arc<Identities>>,
+    pub metrics: Arc<Metrics>,
+    pub sockets: SocketOptions,
+    pub outbound_port: u16,
+    pub hbone_port: u16,
+    /// `--mtls strict`: attach the plaintext-refusing program to each pod.
+    pub strict: bool,
+    pub own_netns_cookie: u64,
+    /// Parent of every pod's stop token.
+    pub shutdown: CancellationToken,
+}
 
 struct RunningPod {
-    spec: PodSpec,
+    entry: Arc<WorkloadEntry>,
     ctx: Arc<PodContext>,
-    listeners: Vec<std::net::SocketAddr>,
+    listeners: Vec<SocketAddr>,
     stop: CancellationToken,
     /// The strict-mode program's link in the pod's netns.
     strict: Option<SkLookupLinkId>,
 }
 
-/// Owns the running pods. Only the reload loop touches it.
+/// Owns the running pods. Only the reconcile loop touches it.
 pub struct Node {
-    proxy: Arc<Proxy>,
-    outbound_port: u16,
-    own_netns_cookie: u64,
+    deps: NodeDeps,
     running: BTreeMap<PodKey, RunningPod>,
-    /// Pods in the current state that could not be started; retried on every tick.
-    failed: BTreeMap<PodKey, (PodSpec, String)>,
+    /// Pods of the current snapshot that could not be started; retried.
+    failed: BTreeMap<PodKey, (Arc<WorkloadEntry>, String)>,
+    /// VIP:ports the kernel refuses now (what was last written to it).
+    refused: BTreeMap<SocketAddr, u32>,
+    wanted_identities: BTreeSet<crate::identity::Identity>,
     next_pod_id: u32,
     status: Arc<RwLock<NodeStatus>>,
 }
 
+fn same(a: &WorkloadEntry, b: &WorkloadEntry) -> bool {
+    a.workload == b.workload && a.identity == b.identity
+}
+
 impl Node {
-    pub fn new(proxy: Arc<Proxy>, outbound_port: u16, own_netns_cookie: u64, status: Arc<RwLock<NodeStatus>>) -> Self {
+    pub fn new(deps: NodeDeps, status: Arc<RwLock<NodeStatus>>) -> Self {
         Self {
-            proxy,
-            outbound_port,
-            own_netns_cookie,
+            deps,
             running: BTreeMap::new(),
             failed: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            wanted_identities: BTreeSet::new(),
             next_pod_id: 1,
             status,
         }
     }
 
-    /// Brings the running pods in line with `state`: pods that left or
-    /// changed are stopped first, then new or changed ones are started.
-    pub async fn reconcile(&mut self, state: &MeshState) {
-        let local: BTreeMap<&PodKey, &PodSpec> = state.pods.iter().filter(|(_, p)| p.is_local()).collect();
+    /// Brings the node in line with `snapshot`.
+    pub async fn reconcile(&mut self, snapshot: &Snapshot) {
+        let local = snapshot.local_workloads();
         let stale: Vec<PodKey> = self
             .running
             .iter()
-            .filter(|(key, pod)| local.get(key) != Some(&&pod.spec))
+            .filter(|(key, pod)| !local.get(*key).is_some_and(|e| same(e, &pod.entry)))
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
@@ -72,136 +108,191 @@ impl Node {
                 self.stop_pod(&key, pod);
             }
         }
-        self.failed.retain(|key, (spec, _)| local.get(key).is_some_and(|s| *s == spec));
-        for (key, spec) in local {
-            if !self.running.contains_key(key) {
-                self.start_or_record(key.clone(), spec.clone()).await;
+        self.failed.retain(|key, (entry, _)| local.get(key).is_some_and(|e| same(e, entry)));
+        for (key, entry) in local.iter() {
+            if !self.running.contains_key(key) && !self.failed.contains_key(key) {
+                self.start_or_record(key.clone(), entry.clone()).await;
             }
         }
-        self.apply_mesh(state);
+        self.sync_refused(snapshot);
+        self.sync_identities(snapshot).await;
         self.publish();
     }
 
-    /// Swaps in a view built from `state` (services keep endpoint health),
-    /// tells the kernel which VIPs to refuse (no endpoints), and asks for
-    /// certificates of the identities now on the node. New connections
-    /// follow the new view; open ones keep their upstream.
-    fn apply_mesh(&self, state: &MeshState) {
-        let view = MeshView::build(state, &self.proxy.mesh.load(), &self.proxy.balance, &self.proxy.trust_domain);
-        if let Err(e) = self.proxy.capture.set_refused_vips(&view.services.refused()) {
-            tracing::error!(error = %e, "updating the kernel's refused-VIP map failed; such connects reach the proxy and are reset there");
+    /// Writes only the differences to the kernel's refused-VIP map.
+    fn sync_refused(&mut self, snapshot: &Snapshot) {
+        let wanted = snapshot.refused();
+        let gone: Vec<SocketAddr> = self.refused.keys().filter(|vip| !wanted.contains_key(*vip)).copied().collect();
+        for vip in gone {
+            match self.deps.capture.allow_vip(vip) {
+                Ok(()) => {
+                    self.refused.remove(&vip);
+                }
+                Err(e) => tracing::error!(vip = %vip, error = %e, "could not stop refusing a VIP in the kernel"),
+            }
         }
-        if let Some(mtls) = &self.proxy.mtls {
-            let wanted = view.workloads.values().filter(|w| w.is_local()).map(|w| w.identity.clone()).collect();
-            mtls.identities.set_wanted(wanted);
-            mtls.identities.refresh();
+        for (vip, id) in wanted.iter() {
+            if self.refused.get(vip) == Some(id) {
+                continue;
+            }
+            match self.deps.capture.refuse_vip(*vip, *id) {
+                Ok(()) => {
+                    self.refused.insert(*vip, *id);
+                }
+                Err(e) => tracing::error!(vip = %vip, error = %e,
+                    "could not mark a VIP without endpoints in the kernel; such connects reach the proxy and are reset there"),
+            }
         }
-        self.proxy.mesh.store(Arc::new(view));
     }
 
-    /// Retries pods that failed to start (their netns may exist by now).
-    pub async fn retry_failed(&mut self) {
+    /// Asks for certificates of the identities now on the node. Loading
+    /// them reads files or generates keys: done on a blocking thread.
+    async fn sync_identities(&mut self, snapshot: &Snapshot) {
+        let Some(identities) = self.deps.identities.clone() else { return };
+        let wanted: BTreeSet<_> = snapshot.local_workloads().values().map(|e| e.identity.clone()).collect();
+        if wanted == self.wanted_identities {
+            return;
+        }
+        self.wanted_identities = wanted.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            identities.set_wanted(wanted);
+            identities.refresh();
+        })
+        .await;
+    }
+
+    /// Retries pods that failed to start, and re-meshes pods whose netns
+    /// file now refers to another namespace (a pod sandbox recreated).
+    pub async fn recheck(&mut self) {
+        let replaced: Vec<PodKey> = self
+            .running
+            .iter()
+            .filter(|(_, pod)| {
+                let Some(NetnsRef::Path(path)) = &pod.entry.workload.netns else { return false };
+                crate::netns::inode_of(path).map(|now| now != pod.ctx.netns.inode()).unwrap_or(true)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in replaced {
+            if let Some(pod) = self.running.remove(&key) {
+                tracing::warn!(pod = %key, netns = %pod.ctx.netns.path().display(),
+                    "the pod's network namespace was replaced (or removed); re-meshing it");
+                let entry = pod.entry.clone();
+                self.stop_pod(&key, pod);
+                self.failed.insert(key, (entry, "network namespace replaced".into()));
+            }
+        }
         if self.failed.is_empty() {
             return;
         }
         let failed = std::mem::take(&mut self.failed);
-        for (key, (spec, _)) in failed {
-            self.start_or_record(key, spec).await;
+        for (key, (entry, _)) in failed {
+            self.start_or_record(key, entry).await;
         }
         self.publish();
     }
 
-    async fn start_or_record(&mut self, key: PodKey, spec: PodSpec) {
+    async fn start_or_record(&mut self, key: PodKey, entry: Arc<WorkloadEntry>) {
         let id = self.next_pod_id;
         self.next_pod_id = self.next_pod_id.wrapping_add(1).max(1);
-        match self.start_pod(id, &spec).await {
+        let result = match self.start_pod(id, &entry).await {
+            Ok(pod) => match self.running.values().find(|p| p.ctx.netns.cookie() == pod.ctx.netns.cookie()) {
+                // Two paths can name one namespace: refuse the second.
+                Some(other) => {
+                    let message = format!(
+                        "pod {} already uses this network namespace (netns cookie {}, {}): each pod needs its own",
+                        other.entry.workload.key,
+                        pod.ctx.netns.cookie(),
+                        other.ctx.netns.path().display()
+                    );
+                    self.stop_pod(&key, pod);
+                    Err(message)
+                }
+                None => Ok(pod),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
             Ok(pod) => {
                 tracing::info!(pod = %key, netns = %pod.ctx.netns.path().display(), cookie = pod.ctx.netns.cookie(),
                     listeners = ?pod.listeners, "pod meshed");
                 self.failed.remove(&key);
                 self.running.insert(key, pod);
             }
-            Err(e) => {
-                let message = e.to_string();
-                let known = self.failed.get(&key).map(|(_, m)| m == &message).unwrap_or(false);
+            Err(message) => {
+                // Logged when the reason first appears or changes, not on
+                // every retry.
+                let known = self.failed.get(&key).is_some_and(|(_, m)| *m == message);
                 if !known {
                     tracing::error!(pod = %key, error = %message, "pod not meshed; retrying");
                 }
-                self.failed.insert(key, (spec, message));
+                self.failed.insert(key, (entry, message));
             }
         }
     }
 
-    async fn start_pod(&self, id: u32, spec: &PodSpec) -> Result<RunningPod, PodError> {
+    async fn start_pod(&self, id: u32, entry: &Arc<WorkloadEntry>) -> Result<RunningPod, PodError> {
+        let d = &self.deps;
         let ctx = Arc::new(
-            PodContext::open(id, spec, self.own_netns_cookie, &self.proxy.trust_domain, self.proxy.forward.mark)
-                .await?,
+            PodContext::open(id, &entry.workload, entry.identity.clone(), d.own_netns_cookie, d.sockets).await?,
         );
-        let listeners = ctx.bind_listeners(self.outbound_port).await?;
-        let stop = self.proxy.shutdown.child_token();
-        let mut addrs = Vec::with_capacity(listeners.len());
+        let stop = d.shutdown.child_token();
+        let mut addrs = Vec::new();
         let mut flags = 0;
-        for listener in listeners {
-            if listener.local_addr().map(|a| a.is_ipv6()).unwrap_or(false) {
-                flags |= POD_FLAG_V6_LISTENER;
-            }
-            addrs.push(listener.local_addr().map_err(PodError::ListenerAddr)?);
-            tokio::spawn(crate::outbound::serve(listener, ctx.clone(), self.proxy.clone(), stop.clone()));
-        }
-        if let Some(mtls) = &self.proxy.mtls {
-            match ctx.bind_inbound(mtls.hbone_port).await {
-                Ok(inbound) => {
-                    for listener in inbound {
-                        addrs.push(listener.local_addr().map_err(PodError::ListenerAddr)?);
-                        tokio::spawn(crate::inbound::serve(listener, ctx.clone(), self.proxy.clone(), stop.clone()));
-                    }
+        let result = async {
+            for listener in ctx.bind_outbound(d.outbound_port).await? {
+                let addr = listener.local_addr().map_err(|e| PodError::ListenerAddr(e.to_string()))?;
+                if addr.is_ipv6() {
+                    flags |= POD_FLAG_V6_LISTENER;
                 }
+                addrs.push(addr);
+                tokio::spawn(d.outbound.clone().serve(listener, ctx.clone(), stop.clone()));
+            }
+            if let Some(inbound) = &d.inbound {
+                for listener in ctx.bind_inbound(d.hbone_port).await? {
+                    if let Ok(addr) = listener.local_addr() {
+                        addrs.push(addr);
+                    }
+                    tokio::spawn(inbound.clone().serve(listener, ctx.clone(), stop.clone()));
+                }
+            }
+            // Capture only once the listeners are up: a connect steered to
+            // a port nobody listens on would be refused.
+            d.capture
+                .mesh(ctx.netns.cookie(), MeshedPod { pod_id: id, outbound_port: u32::from(d.outbound_port), flags })?;
+            if !d.strict {
+                return Ok(None);
+            }
+            let netns = std::fs::File::open(ctx.netns.path()).map_err(|source| {
+                PodError::Netns(crate::netns::NetnsError::Open { path: ctx.netns.path().into(), source })
+            });
+            match netns.and_then(|f| d.capture.attach_strict(&f).map_err(PodError::Capture)) {
+                Ok(link) => Ok(Some(link)),
                 Err(e) => {
-                    stop.cancel();
-                    return Err(e);
+                    let _ = d.capture.unmesh(ctx.netns.cookie());
+                    Err(e)
                 }
             }
         }
-        // Capture only once the listeners are up: a connect steered to a
-        // port nobody listens on would be refused.
-        if let Err(e) = self
-            .proxy
-            .capture
-            .mesh(ctx.netns.cookie(), MeshedPod { pod_id: id, outbound_port: u32::from(self.outbound_port), flags })
-        {
-            stop.cancel();
-            return Err(PodError::Capture(e));
-        }
-        let strict = match self.proxy.mtls.as_ref().filter(|m| m.strict) {
-            None => None,
-            Some(_) => {
-                let attached = std::fs::File::open(ctx.netns.path())
-                    .map_err(|source| {
-                        PodError::Netns(crate::netns::NetnsError::Open { path: ctx.netns.path().into(), source })
-                    })
-                    .and_then(|netns| self.proxy.capture.attach_strict(&netns).map_err(PodError::Capture));
-                match attached {
-                    Ok(link) => Some(link),
-                    Err(e) => {
-                        let _ = self.proxy.capture.unmesh(ctx.netns.cookie());
-                        stop.cancel();
-                        return Err(e);
-                    }
-                }
+        .await;
+        match result {
+            Ok(strict) => Ok(RunningPod { entry: entry.clone(), ctx, listeners: addrs, stop, strict }),
+            Err(e) => {
+                stop.cancel();
+                Err(e)
             }
-        };
-        Ok(RunningPod { spec: spec.clone(), ctx, listeners: addrs, stop, strict })
+        }
     }
 
     fn stop_pod(&self, key: &PodKey, pod: RunningPod) {
         // Un-mesh first so new connects go direct, then close the listeners;
         // connections already accepted run to completion.
-        if let Err(e) = self.proxy.capture.unmesh(pod.ctx.netns.cookie()) {
+        if let Err(e) = self.deps.capture.unmesh(pod.ctx.netns.cookie()) {
             tracing::error!(pod = %key, error = %e, "un-meshing pod failed");
         }
         pod.stop.cancel();
         if let Some(link) = pod.strict {
-            if let Err(e) = self.proxy.capture.detach_strict(link) {
+            if let Err(e) = self.deps.capture.detach_strict(link) {
                 tracing::error!(pod = %key, error = %e, "detaching the strict-mode program failed");
             }
         }
@@ -213,11 +304,11 @@ impl Node {
     /// listeners. Accepted connections keep running.
     pub async fn unmesh_all(&mut self) {
         for (key, pod) in &self.running {
-            if let Err(e) = self.proxy.capture.unmesh(pod.ctx.netns.cookie()) {
+            if let Err(e) = self.deps.capture.unmesh(pod.ctx.netns.cookie()) {
                 tracing::error!(pod = %key, error = %e, "un-meshing pod failed");
             }
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         for (_, pod) in std::mem::take(&mut self.running) {
             pod.stop.cancel();
         }
@@ -225,72 +316,52 @@ impl Node {
     }
 
     fn publish(&self) {
-        self.proxy.metrics.pods_meshed.set(self.running.len() as i64);
+        self.deps.metrics.pods_meshed.set(self.running.len() as i64);
+        let status_of = |entry: &WorkloadEntry, cookie, listeners: Vec<SocketAddr>, error: Option<String>| PodStatus {
+            key: KeyStatus::from(&entry.workload.key),
+            uid: entry.workload.uid.to_string(),
+            service_account: entry.workload.service_account.to_string(),
+            netns: entry.workload.netns.as_ref().map(ToString::to_string).unwrap_or_default(),
+            ips: entry.workload.ips.clone(),
+            netns_cookie: cookie,
+            listeners,
+            error,
+        };
         let mut pods: Vec<PodStatus> = self
             .running
-            .iter()
-            .map(|(key, pod)| PodStatus {
-                key: key.clone(),
-                spec: pod.spec.clone(),
-                netns_cookie: Some(pod.ctx.netns.cookie()),
-                listeners: pod.listeners.clone(),
-                error: None,
-            })
+            .values()
+            .map(|pod| status_of(&pod.entry, Some(pod.ctx.netns.cookie()), pod.listeners.clone(), None))
             .collect();
-        pods.extend(self.failed.iter().map(|(key, (spec, error))| PodStatus {
-            key: key.clone(),
-            spec: spec.clone(),
-            netns_cookie: None,
-            listeners: Vec::new(),
-            error: Some(error.clone()),
-        }));
+        pods.extend(self.failed.values().map(|(entry, error)| status_of(entry, None, Vec::new(), Some(error.clone()))));
         let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
         status.pods = pods;
         status.pods_ready = self.failed.is_empty();
     }
 }
 
-/// Loads the mesh file every `interval` and applies changes until shutdown.
-pub async fn reload_loop(
+/// Applies every published snapshot, and rechecks failed and replaced pods
+/// every `recheck`, until `stop`.
+pub async fn run(
     mut node: Node,
-    mut watch: FileWatch,
-    interval: std::time::Duration,
-    shutdown: CancellationToken,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    recheck: Duration,
+    stop: CancellationToken,
 ) -> Node {
-    let mut ticker = tokio::time::interval(interval);
+    let mut ticker = tokio::time::interval(recheck);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return node,
-            _ = ticker.tick() => {}
-        }
-        match watch.poll().await {
-            Ok(Some(state)) => {
-                node.reconcile(&state).await;
-                node.proxy.metrics.config_reloads.get_or_create(&ResultLabels { result: "applied" }).inc();
-                node.record_reload(None);
-                tracing::info!(file = %watch.path().display(), pods = state.pods.len(), "mesh file applied");
-            }
-            Ok(None) => node.retry_failed().await,
-            Err(e) => {
-                let message = e.to_string();
-                if node.record_reload(Some(message.clone())) {
-                    node.proxy.metrics.config_reloads.get_or_create(&ResultLabels { result: "rejected" }).inc();
-                    tracing::error!(error = %message, "mesh file rejected; the last good state stays in force");
+            _ = stop.cancelled() => return node,
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    // The store is gone: nothing more will change.
+                    stop.cancelled().await;
+                    return node;
                 }
-                node.retry_failed().await;
+                let snapshot = snapshots.borrow_and_update().clone();
+                node.reconcile(&snapshot).await;
             }
+            _ = ticker.tick() => node.recheck().await,
         }
-    }
-}
-
-impl Node {
-    /// Records the outcome of a load; true when it differs from the last one.
-    fn record_reload(&self, error: Option<String>) -> bool {
-        let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
-        status.loaded_once |= error.is_none();
-        let changed = status.last_reload_error != error;
-        status.last_reload_error = error;
-        changed
     }
 }

@@ -1,15 +1,29 @@
 //! What the admin server shows about the node's pods.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
-use crate::mesh::{PodKey, PodSpec};
+/// `namespace/name`, as a JSON object.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyStatus {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl From<&crate::model::ObjectKey> for KeyStatus {
+    fn from(k: &crate::model::ObjectKey) -> Self {
+        Self { namespace: k.namespace.to_string(), name: k.name.to_string() }
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PodStatus {
-    pub key: PodKey,
-    pub spec: PodSpec,
+    pub key: KeyStatus,
+    pub uid: String,
+    pub service_account: String,
+    pub netns: String,
+    pub ips: Vec<IpAddr>,
     pub netns_cookie: Option<u64>,
     pub listeners: Vec<SocketAddr>,
     /// Why the pod is not meshed, when it is not.
@@ -21,13 +35,11 @@ pub struct NodeStatus {
     pub pods: Vec<PodStatus>,
     /// Every pod of the current state is meshed with its listeners bound.
     pub pods_ready: bool,
-    /// A mesh file has been applied at least once.
-    pub loaded_once: bool,
-    /// Why the newest mesh file was refused (the last good one is in force).
-    pub last_reload_error: Option<String>,
     /// Programs attached and the kernel side ready.
     pub capture_attached: bool,
     pub shutting_down: bool,
+    /// Background tasks that stopped unexpectedly (the proxy is then not ready).
+    pub failed_tasks: Vec<String>,
 }
 
 impl NodeStatus {
@@ -39,15 +51,15 @@ impl NodeStatus {
         if !self.capture_attached {
             return Err("capture programs not attached yet".into());
         }
-        if !self.loaded_once {
-            return Err(match &self.last_reload_error {
-                Some(e) => format!("no mesh file applied yet: {e}"),
-                None => "no mesh file applied yet".into(),
-            });
+        if !self.failed_tasks.is_empty() {
+            return Err(format!("background tasks stopped: {}", self.failed_tasks.join(", ")));
         }
         if !self.pods_ready {
-            let failing: Vec<String> =
-                self.pods.iter().filter_map(|p| p.error.as_ref().map(|e| format!("{}: {e}", p.key))).collect();
+            let failing: Vec<String> = self
+                .pods
+                .iter()
+                .filter_map(|p| p.error.as_ref().map(|e| format!("{}/{}: {e}", p.key.namespace, p.key.name)))
+                .collect();
             return Err(format!("pods not meshed: {}", failing.join("; ")));
         }
         Ok(())

@@ -1,27 +1,23 @@
-//! One captured connection: find where it was going, resolve a service VIP
-//! to an endpoint, connect there from inside the source pod's netns (or
-//! through a tunnel), copy both ways, and account for it once at the end.
+//! One captured connection through the steps: original destination →
+//! logical destination (service port or passthrough) → protocol (opaque
+//! TCP today) → endpoint (direct or tunnel) → relay, accounted for once at
+//! the end.
 
-use std::{
-    net::SocketAddr,
-    os::fd::AsFd,
-    sync::Arc,
-    time::{Duration, Instant},
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use super::{
+    endpoint::{connect_passthrough, connect_route, Connect, ConnectContext, Connected, Upstream},
+    failure::Failure,
+    Core,
 };
-
-use outrigger_common::ConnKey;
-use tokio::net::TcpStream;
-
-use super::connect::{connect_service, connect_to, ForwardError, Upstream, UpstreamConn};
 use crate::{
-    capture::addr::to_kernel,
-    node::PodContext,
-    proxy::Proxy,
-    relay::{relay, Relayed},
-    tunnel::{relay::relay_h2, Tunnel},
+    pod::PodContext,
+    store::{ServiceRoute, Snapshot},
+    transport::{relay, Duplex},
 };
 
-pub struct Connection {
+/// A connection accepted on a pod's outbound listener.
+pub struct Accepted {
     pub pod: Arc<PodContext>,
     /// The client's address (in the pod's netns).
     pub peer: SocketAddr,
@@ -29,107 +25,102 @@ pub struct Connection {
     pub local: SocketAddr,
 }
 
-/// Envoy-style response flags for the access log: what went wrong, briefly.
-fn failure_flag(e: &ForwardError) -> &'static str {
-    match e.reason() {
-        "connect_refused" | "connect_error" | "tunnel_error" => "UF",
-        "connect_timeout" => "UT",
-        "no_route" | "no_endpoints" => "NR",
-        "no_healthy_endpoints" => "UH",
-        "denied" => "RBAC",
-        "tls_failure" => "TLS",
-        _ => "UF",
+/// Where the connection is going, logically.
+pub enum Logical {
+    /// A service's VIP:port: balanced over its endpoints.
+    Service(Arc<ServiceRoute>),
+    /// Anything else: where it was dialled.
+    Passthrough(SocketAddr),
+}
+
+impl Logical {
+    pub fn resolve(snapshot: &Snapshot, dest: SocketAddr) -> Self {
+        match snapshot.route(dest) {
+            Some(route) => Self::Service(route.clone()),
+            None => Self::Passthrough(dest),
+        }
     }
 }
 
-pub async fn run(client: TcpStream, conn: Connection, proxy: Arc<Proxy>) {
+/// How the bytes are understood. HTTP detection plugs in here; until then
+/// every connection is relayed as opaque TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Opaque,
+}
+
+impl Protocol {
+    pub fn decide(_logical: &Logical) -> Self {
+        Self::Opaque
+    }
+}
+
+/// Runs one connection to its end.
+pub async fn run<I: Duplex, C: Connect>(mut client: I, conn: Accepted, core: &Core<C>) {
     let start = Instant::now();
-    let _ = client.set_nodelay(true);
     let pod = &conn.pod;
-    let key =
-        ConnKey { netns_cookie: pod.netns.cookie(), client: to_kernel(conn.peer), listener: to_kernel(conn.local) };
-    let dest = match proxy.capture.original_destination(&key) {
+    let dest = match core.orig_dst.lookup(pod.netns.cookie(), conn.peer, conn.local) {
         Ok(Some(dest)) => dest,
-        Ok(None) => {
-            // Not a captured connection (someone dialled the listener
-            // directly) or its entry was lost: never guess a destination.
-            proxy.metrics.orig_dst_misses.inc();
-            tracing::warn!(pod = %pod.key, client = %conn.peer, "no original destination for this connection; closing it");
-            return;
-        }
-        Err(e) => {
-            proxy.metrics.orig_dst_misses.inc();
-            tracing::error!(pod = %pod.key, client = %conn.peer, error = %e, "original destination lookup failed; closing");
-            return;
-        }
+        Ok(None) => return refuse(&mut client, &conn, core, Failure::NoOriginalDestination),
+        Err(e) => return refuse(&mut client, &conn, core, Failure::OrigDstLookup(e)),
     };
-    let view = proxy.mesh.load_full();
-    let route = view.services.route(dest).cloned();
-    let service = route.as_ref().map(|r| r.service.to_string()).unwrap_or_default();
+    let snapshot = core.mesh.load_full();
+    let logical = Logical::resolve(&snapshot, dest);
+    let _protocol = Protocol::decide(&logical);
+    let cx =
+        ConnectContext { snapshot: &snapshot, pod, timeout: core.settings.connect_timeout, metrics: &core.metrics };
     let connect_start = Instant::now();
-    let connected = match &route {
-        Some(route) => connect_service(pod, route, &proxy, &view).await,
-        None => connect_to(pod, dest, &proxy, &view).await.map(|conn| Upstream {
-            conn,
-            addr: dest,
-            endpoint: None,
-            attempts: 1,
-        }),
+    let connected = match &logical {
+        Logical::Service(route) => connect_route(&core.connector, &cx, route, core.settings.connect_attempts).await,
+        Logical::Passthrough(dest) => connect_passthrough(&core.connector, &cx, *dest).await,
     };
     let connect_time = connect_start.elapsed();
-    let strict = proxy.mtls.as_ref().is_some_and(|m| m.strict);
-    let service_key = route.as_ref().map(|r| &r.service);
+    let service = match &logical {
+        Logical::Service(route) => Some(route.service.clone()),
+        Logical::Passthrough(_) => None,
+    };
+    let service_name = service.as_ref().map(ToString::to_string).unwrap_or_default();
     let upstream = match connected {
         Ok(upstream) => upstream,
         Err(e) => {
-            let labels = view.outbound_labels(pod, dest, service_key, dest, view.security_to(dest, strict));
-            proxy.metrics.conns.failed(&labels, e.reason());
+            let target = snapshot.workload(dest.ip());
+            let security = if target.is_some_and(|w| !w.workload.is_local() || core.connector.strict()) {
+                "mutual_tls"
+            } else {
+                "plaintext"
+            };
+            let labels =
+                core.metrics.conns.outbound_labels(pod, dest, service.as_ref(), target.map(|w| &**w), security);
+            let reason = e.reason();
+            core.metrics.conns.failed(&labels, reason.label());
             tracing::info!(
                 target: "outrigger::access",
                 reporter = "outbound", pod = %pod.key, identity = %pod.identity, client = %conn.peer, dst = %dest,
-                service, result = e.reason(), flags = failure_flag(&e), error = %e,
+                service = service_name, result = reason.label(), flags = reason.flag(), error = %e,
                 duration_ms = start.elapsed().as_secs_f64() * 1e3,
                 "connection failed"
             );
-            // Reset rather than close, so the client sees a failure like a
+            // Reset rather than close: the client sees a failure like a
             // direct connect would, not an empty successful exchange.
-            let _ = client.set_zero_linger();
+            client.abort();
             return;
         }
     };
-    let Upstream { conn: link, addr: upstream_addr, endpoint, attempts } = upstream;
-    let security = link.security();
-    let labels = view.outbound_labels(pod, dest, service_key, upstream_addr, security);
-    drop(view);
-    let record = proxy.metrics.conns.opened(&labels, connect_time);
+    let Connected { io: mut link, addr: upstream_addr, security, workload, endpoint, attempts } = upstream;
+    // A passthrough to an endpoint of a service is labelled with it.
+    let service = service.or_else(|| snapshot.service_of_endpoint(dest).cloned());
+    let labels = core.metrics.conns.outbound_labels(pod, dest, service.as_ref(), workload.as_deref(), security);
+    drop(snapshot);
+    let record = core.metrics.conns.opened(&labels, connect_time);
     // The first response byte's delay is a latency sample for the endpoint.
     let first_response = |latency| {
-        if let (Some(route), Some((i, _))) = (&route, &endpoint) {
+        if let (Logical::Service(route), Some((i, _))) = (&logical, &endpoint) {
             route.balancer.observe(*i, latency);
         }
     };
-    let mut client = client;
-    let buffer = proxy.forward.buffer_size;
-    let (relayed, rtt): (Relayed, Option<Duration>) = match link {
-        UpstreamConn::Plain(mut upstream) => {
-            let relayed = relay(client.split(), upstream.split(), buffer, first_response).await;
-            let rtt = crate::sys::tcp_rtt(upstream.as_fd());
-            if relayed.result.is_err() {
-                let _ = upstream.set_zero_linger();
-            }
-            (relayed, rtt)
-        }
-        UpstreamConn::Tunnel(mut tunnel) => {
-            let Tunnel { send, recv, .. } = &mut *tunnel;
-            let relayed = relay_h2(&mut client, send, recv, buffer, first_response).await;
-            (relayed, tunnel.rtt())
-        }
-    };
-    if relayed.result.is_err() {
-        // Pass a reset on as a reset: the application should see the
-        // failure it would have seen without the proxy, not a clean EOF.
-        let _ = client.set_zero_linger();
-    }
+    let relayed = relay(&mut client, &mut link, core.settings.relay, first_response).await;
+    let rtt = link.rtt();
+    drop(link);
     drop(endpoint);
     let duration = start.elapsed();
     if let Some(record) = &record {
@@ -145,11 +136,18 @@ pub async fn run(client: TcpStream, conn: Connection, proxy: Arc<Proxy>) {
     tracing::info!(
         target: "outrigger::access",
         reporter = "outbound", pod = %pod.key, identity = %pod.identity, client = %conn.peer, dst = %dest,
-        service, upstream = %upstream_addr, attempts, security,
+        service = service_name, upstream = %upstream_addr, attempts, security,
         sent_bytes = relayed.sent, received_bytes = relayed.received,
         duration_ms = duration.as_secs_f64() * 1e3,
         rtt_us = rtt.map(|r| r.as_micros() as u64).unwrap_or(0),
         result = relayed.outcome(), flags,
         "connection closed"
     );
+}
+
+/// A connection the proxy cannot place: reset, counted, logged.
+fn refuse<I: Duplex, C: Connect>(client: &mut I, conn: &Accepted, core: &Core<C>, e: Failure) {
+    core.metrics.orig_dst_misses.inc();
+    tracing::warn!(pod = %conn.pod.key, client = %conn.peer, error = %e, "closing the connection (reset)");
+    client.abort();
 }

@@ -1,44 +1,111 @@
-//! Outbound: connections captured leaving a meshed pod.
+//! Outbound: connections captured leaving a meshed pod of this node.
 //!
 //! Each meshed pod has listeners on `127.0.0.1:15001` and `[::1]:15001`
 //! inside its own netns; the listener that accepted a connection tells us
-//! which pod it came from. The original destination comes from the kernel
-//! maps, keyed by (pod netns cookie, 4-tuple).
+//! which pod it came from. A connection then goes through steps, each its
+//! own small piece, generic over the connection type so the whole path runs
+//! in unit tests without a kernel:
+//!
+//! 1. accept — the original destination, from an [`OrigDst`] (the kernel
+//!    maps in production);
+//! 2. logical destination — a service's VIP:port or a passthrough address;
+//! 3. protocol — opaque TCP (HTTP detection plugs in here);
+//! 4. endpoint — direct or through a tunnel ([`Connect`]), with retries on
+//!    other endpoints and ejection for a service;
+//! 5. relay, then one metric update and one access-log line.
+//!
+//! Failures are one typed enum ([`Failure`]) that yields the metric label,
+//! the access-log flag, and whether the endpoint is to blame.
 #![forbid(unsafe_code)]
 
-mod connect;
+mod endpoint;
+mod failure;
 mod forward;
+#[cfg(test)]
+mod tests;
 
-pub use connect::ForwardError;
-
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{node::PodContext, proxy::Proxy};
+pub use endpoint::{Connect, Connector, Target, Upstream};
+pub use failure::{Failure, Reason};
+pub use forward::{Accepted, Logical, Protocol};
 
-/// Serves one pod-local listener until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, proxy: Arc<Proxy>, stop: CancellationToken) {
-    let local = match listener.local_addr() {
-        Ok(addr) => addr,
-        Err(e) => {
-            tracing::error!(pod = %pod.key, error = %e, "listener has no local address; not serving it");
-            return;
-        }
-    };
-    crate::listen::accept_until(&listener, &stop, &pod.key, |stream, peer| {
-        let conn = forward::Connection { pod: pod.clone(), peer, local };
-        proxy.connections.spawn(forward::run(stream, conn, proxy.clone()));
-    })
-    .await;
+use crate::{capture::Capture, metrics::Metrics, pod::PodContext, store::MeshReader, transport::RelayOptions};
+
+/// Where a captured connection was going. The kernel maps in production.
+pub trait OrigDst: Send + Sync + 'static {
+    /// `Ok(None)`: not a captured connection (someone dialled the listener
+    /// directly) or its entry was lost — never guess a destination.
+    fn lookup(&self, netns_cookie: u64, client: SocketAddr, listener: SocketAddr)
+        -> Result<Option<SocketAddr>, String>;
 }
 
-/// The local address of a pod listener for the given family.
-pub fn listener_addr(v6: bool, port: u16) -> SocketAddr {
-    if v6 {
-        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))
-    } else {
-        SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port))
+impl OrigDst for Capture {
+    fn lookup(
+        &self,
+        netns_cookie: u64,
+        client: SocketAddr,
+        listener: SocketAddr,
+    ) -> Result<Option<SocketAddr>, String> {
+        let key = outrigger_common::ConnKey {
+            netns_cookie,
+            client: crate::capture::addr::to_kernel(client),
+            listener: crate::capture::addr::to_kernel(listener),
+        };
+        self.original_destination(&key).map_err(|e| e.to_string())
+    }
+}
+
+/// Knobs of the outbound path, from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboundSettings {
+    /// Per connect attempt (TCP connect, or tunnel setup).
+    pub connect_timeout: Duration,
+    /// Attempts for a service VIP, each on another endpoint.
+    pub connect_attempts: u32,
+    pub relay: RelayOptions,
+}
+
+/// What every outbound connection shares; generic over the connector so
+/// tests can substitute in-memory upstreams.
+pub struct Core<C> {
+    pub mesh: MeshReader,
+    pub orig_dst: Arc<dyn OrigDst>,
+    pub connector: C,
+    pub metrics: Arc<Metrics>,
+    pub settings: OutboundSettings,
+}
+
+/// The outbound side of the proxy: the core plus the tasks it runs.
+pub struct Outbound {
+    core: Core<Connector>,
+    /// Every connection task, so shutdown can wait for them to drain.
+    tasks: TaskTracker,
+}
+
+impl Outbound {
+    pub fn new(core: Core<Connector>, tasks: TaskTracker) -> Self {
+        Self { core, tasks }
+    }
+
+    /// Serves one pod-local listener until `stop` is cancelled.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, pod: Arc<PodContext>, stop: CancellationToken) {
+        let local = match listener.local_addr() {
+            Ok(addr) => addr,
+            Err(e) => {
+                tracing::error!(pod = %pod.key, error = %e, "listener has no local address; not serving it");
+                return;
+            }
+        };
+        crate::transport::accept_until(&listener, &stop, &pod.key, |stream, peer| {
+            let _ = stream.set_nodelay(true);
+            let conn = Accepted { pod: pod.clone(), peer, local };
+            let this = self.clone();
+            self.tasks.spawn(async move { forward::run(stream, conn, &this.core).await });
+        })
+        .await;
     }
 }

@@ -2,16 +2,17 @@
 //!
 //! Istio's evaluation order: any matching `deny` policy refuses; else, if
 //! any `allow` policy selects the destination, one of them must match;
-//! else the connection is allowed. Policies come from the mesh file and are
-//! swapped in on reload, so rule changes apply to new connections.
+//! else the connection is allowed. A plaintext connection has no principal
+//! and no namespace: a rule that requires either does not match it.
+//! Policies come from the store per destination namespace, so rule changes
+//! apply to new connections as soon as they are published.
 #![forbid(unsafe_code)]
+
+use std::sync::Arc;
 
 use crate::{
     identity::Identity,
-    mesh::{
-        authz::{Action, AuthorizationPolicy, Rule},
-        PodSpec,
-    },
+    model::{Action, AuthorizationPolicy, Rule, Workload},
 };
 
 /// The outcome, with the deciding policy for logs.
@@ -21,14 +22,7 @@ pub enum Decision {
     Deny { policy: String },
 }
 
-#[derive(Debug, Default)]
-pub struct Authorizer {
-    policies: Vec<AuthorizationPolicy>,
-}
-
-fn principal_matches(pattern: &str, source: Option<&Identity>) -> bool {
-    let Some(source) = source else { return false };
-    let id = source.to_string();
+fn principal_matches(pattern: &str, id: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => id.starts_with(prefix),
         None => id == pattern,
@@ -36,73 +30,85 @@ fn principal_matches(pattern: &str, source: Option<&Identity>) -> bool {
 }
 
 fn rule_matches(rule: &Rule, source: Option<&Identity>, port: u16) -> bool {
-    (rule.principals.is_empty() || rule.principals.iter().any(|p| principal_matches(p, source)))
-        && (rule.namespaces.is_empty() || source.is_some_and(|s| rule.namespaces.contains(&s.namespace)))
+    let id = source.map(|s| s.to_string());
+    let principal_ok = rule.principals.is_empty()
+        || id.as_deref().is_some_and(|id| rule.principals.iter().any(|p| principal_matches(p, id)));
+    let not_principal_ok = rule.not_principals.is_empty()
+        || id.as_deref().is_some_and(|id| !rule.not_principals.iter().any(|p| principal_matches(p, id)));
+    let ns = source.map(|s| s.namespace.as_str());
+    let namespace_ok = rule.namespaces.is_empty() || ns.is_some_and(|ns| rule.namespaces.iter().any(|n| n == ns));
+    let not_namespace_ok =
+        rule.not_namespaces.is_empty() || ns.is_some_and(|ns| !rule.not_namespaces.iter().any(|n| n == ns));
+    principal_ok
+        && not_principal_ok
+        && namespace_ok
+        && not_namespace_ok
         && (rule.ports.is_empty() || rule.ports.contains(&port))
 }
 
-impl Authorizer {
-    pub fn new(policies: Vec<AuthorizationPolicy>) -> Self {
-        Self { policies }
+fn selects(policy: &AuthorizationPolicy, pod: &Workload) -> bool {
+    if policy.key.namespace != pod.key.namespace {
+        return false;
     }
+    let Some(sel) = &policy.selector else { return true };
+    (sel.pods.is_empty() || sel.pods.iter().any(|p| **p == *pod.key.name))
+        && (sel.service_accounts.is_empty() || sel.service_accounts.iter().any(|s| **s == *pod.service_account))
+        && sel.match_labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+}
 
-    fn selects(policy: &AuthorizationPolicy, pod: &PodSpec) -> bool {
-        if policy.namespace != pod.namespace {
-            return false;
-        }
-        match &policy.selector {
-            None => true,
-            Some(sel) => sel.pods.contains(&pod.name) || sel.service_accounts.contains(&pod.service_account),
-        }
-    }
+fn matches(policy: &AuthorizationPolicy, source: Option<&Identity>, port: u16) -> bool {
+    policy.rules.is_empty() || policy.rules.iter().any(|r| rule_matches(r, source, port))
+}
 
-    fn matches(policy: &AuthorizationPolicy, source: Option<&Identity>, port: u16) -> bool {
-        policy.rules.is_empty() || policy.rules.iter().any(|r| rule_matches(r, source, port))
-    }
-
-    /// `source` is `None` for plaintext (unauthenticated) connections.
-    pub fn check(&self, destination: &PodSpec, source: Option<&Identity>, port: u16) -> Decision {
-        let selecting = self.policies.iter().filter(|p| Self::selects(p, destination));
-        let mut allow_policies = 0;
-        for p in selecting {
-            match p.action {
-                Action::Deny if Self::matches(p, source, port) => {
-                    return Decision::Deny { policy: format!("{}/{}", p.namespace, p.name) };
-                }
-                Action::Deny => {}
-                Action::Allow if Self::matches(p, source, port) => return self.no_deny(destination, source, port),
-                Action::Allow => allow_policies += 1,
+/// Decides for a connection from `source` (`None`: plaintext) to
+/// `destination`'s `port`, given the policies of the destination's namespace.
+pub fn check(
+    policies: &[Arc<AuthorizationPolicy>],
+    destination: &Workload,
+    source: Option<&Identity>,
+    port: u16,
+) -> Decision {
+    let mut allow_policies = 0;
+    let mut allowed = false;
+    for p in policies.iter().filter(|p| selects(p, destination)) {
+        match p.action {
+            Action::Deny if matches(p, source, port) => return Decision::Deny { policy: p.key.to_string() },
+            Action::Deny => {}
+            Action::Allow => {
+                allow_policies += 1;
+                allowed |= matches(p, source, port);
             }
         }
-        if allow_policies > 0 {
-            return Decision::Deny { policy: "no allow policy matched".into() };
-        }
-        Decision::Allow
     }
-
-    /// An allow matched; a deny listed after it still wins.
-    fn no_deny(&self, destination: &PodSpec, source: Option<&Identity>, port: u16) -> Decision {
-        for p in self.policies.iter().filter(|p| Self::selects(p, destination) && p.action == Action::Deny) {
-            if Self::matches(p, source, port) {
-                return Decision::Deny { policy: format!("{}/{}", p.namespace, p.name) };
-            }
-        }
-        Decision::Allow
+    if allow_policies > 0 && !allowed {
+        return Decision::Deny { policy: "no allow policy matched".into() };
     }
+    Decision::Allow
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::parse_for_test;
+    use crate::model::{ObjectKey, Selector};
 
-    fn setup(policies: &str) -> (Authorizer, PodSpec) {
-        let text = format!(
-            "pods:\n  - {{name: b, serviceAccount: b, netns: /n/b, ips: [10.0.0.2]}}\nauthorization:\n{policies}"
-        );
-        let state = parse_for_test(&text).expect("valid");
-        let pod = state.pods.values().next().expect("pod").clone();
-        (Authorizer::new(state.authorization), pod)
+    fn pod() -> Workload {
+        Workload {
+            uid: "u".into(),
+            key: ObjectKey::new("default", "b"),
+            service_account: "b".into(),
+            node: None,
+            ips: vec![],
+            labels: [("app".to_string(), "db".to_string())].into(),
+            netns: None,
+        }
+    }
+
+    fn policy(name: &str, action: Action, selector: Option<Selector>, rules: Vec<Rule>) -> Arc<AuthorizationPolicy> {
+        Arc::new(AuthorizationPolicy { key: ObjectKey::new("default", name), selector, action, rules })
+    }
+
+    fn principals(p: &[&str]) -> Rule {
+        Rule { principals: p.iter().map(|s| s.to_string()).collect(), ..Rule::default() }
     }
 
     fn id(sa: &str) -> Identity {
@@ -111,45 +117,60 @@ mod tests {
 
     #[test]
     fn deny_matching_principal() {
-        let (authz, b) = setup(
-            "  - {name: no-a, action: deny, rules: [{principals: ['spiffe://cluster.local/ns/default/sa/a']}]}\n",
-        );
-        assert!(matches!(authz.check(&b, Some(&id("a")), 80), Decision::Deny { .. }));
-        assert_eq!(authz.check(&b, Some(&id("c")), 80), Decision::Allow);
+        let ps = [policy("no-a", Action::Deny, None, vec![principals(&["spiffe://cluster.local/ns/default/sa/a"])])];
+        assert!(matches!(check(&ps, &pod(), Some(&id("a")), 80), Decision::Deny { .. }));
+        assert_eq!(check(&ps, &pod(), Some(&id("c")), 80), Decision::Allow);
     }
 
     #[test]
     fn allow_lists_are_exclusive_and_ports_count() {
-        let (authz, b) = setup("  - {name: only-a, action: allow, selector: {pods: [b]}, rules: [{principals: ['spiffe://cluster.local/ns/default/sa/a'], ports: [8080]}]}\n");
-        assert_eq!(authz.check(&b, Some(&id("a")), 8080), Decision::Allow);
-        assert!(matches!(authz.check(&b, Some(&id("a")), 9090), Decision::Deny { .. }));
-        assert!(matches!(authz.check(&b, Some(&id("c")), 8080), Decision::Deny { .. }));
-        assert!(matches!(authz.check(&b, None, 8080), Decision::Deny { .. }), "plaintext has no principal");
+        let rule = Rule { ports: vec![8080], ..principals(&["spiffe://cluster.local/ns/default/sa/a"]) };
+        let sel = Selector { pods: vec!["b".into()], ..Selector::default() };
+        let ps = [policy("only-a", Action::Allow, Some(sel), vec![rule])];
+        assert_eq!(check(&ps, &pod(), Some(&id("a")), 8080), Decision::Allow);
+        assert!(matches!(check(&ps, &pod(), Some(&id("a")), 9090), Decision::Deny { .. }));
+        assert!(matches!(check(&ps, &pod(), Some(&id("c")), 8080), Decision::Deny { .. }));
+        assert!(matches!(check(&ps, &pod(), None, 8080), Decision::Deny { .. }), "plaintext has no principal");
     }
 
     #[test]
-    fn deny_beats_allow_and_namespaces_and_wildcards_work() {
-        let (authz, b) = setup(
-            "  - {name: all, action: allow, rules: [{namespaces: [default]}]}\n  - {name: no-x, action: deny, rules: [{principals: ['spiffe://cluster.local/ns/default/sa/x*']}]}\n",
-        );
-        assert_eq!(authz.check(&b, Some(&id("a")), 1), Decision::Allow);
-        assert!(matches!(authz.check(&b, Some(&id("xray")), 1), Decision::Deny { .. }));
-        assert!(matches!(
-            authz.check(&b, Some(&Identity::new("cluster.local", "other", "a")), 1),
-            Decision::Deny { .. }
-        ));
+    fn deny_beats_allow_in_any_order_and_wildcards_work() {
+        let all =
+            policy("all", Action::Allow, None, vec![Rule { namespaces: vec!["default".into()], ..Rule::default() }]);
+        let no_x = policy("no-x", Action::Deny, None, vec![principals(&["spiffe://cluster.local/ns/default/sa/x*"])]);
+        for ps in [[all.clone(), no_x.clone()], [no_x, all]] {
+            assert_eq!(check(&ps, &pod(), Some(&id("a")), 1), Decision::Allow);
+            assert!(matches!(check(&ps, &pod(), Some(&id("xray")), 1), Decision::Deny { .. }));
+            let other = Identity::new("cluster.local", "other", "a");
+            assert!(matches!(check(&ps, &pod(), Some(&other), 1), Decision::Deny { .. }));
+        }
     }
 
     #[test]
-    fn policies_of_other_namespaces_or_pods_do_not_apply() {
-        let (authz, b) = setup("  - {name: elsewhere, namespace: shop, action: deny}\n  - {name: other-pod, action: deny, selector: {pods: [z]}}\n");
-        assert_eq!(authz.check(&b, Some(&id("a")), 80), Decision::Allow);
+    fn selectors_and_negations() {
+        let sel = |labels: &[(&str, &str)]| Selector {
+            match_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Selector::default()
+        };
+        let ps = [policy("web-only", Action::Deny, Some(sel(&[("app", "web")])), vec![])];
+        assert_eq!(check(&ps, &pod(), Some(&id("a")), 80), Decision::Allow, "labels do not select b");
+        let ps = [policy("db", Action::Deny, Some(sel(&[("app", "db")])), vec![])];
+        assert!(matches!(check(&ps, &pod(), Some(&id("a")), 80), Decision::Deny { .. }));
+        let not_a = Rule { not_principals: vec!["spiffe://cluster.local/ns/default/sa/a".into()], ..Rule::default() };
+        let ps = [policy("not-a", Action::Allow, None, vec![not_a])];
+        assert_eq!(check(&ps, &pod(), Some(&id("c")), 80), Decision::Allow);
+        assert!(matches!(check(&ps, &pod(), Some(&id("a")), 80), Decision::Deny { .. }));
+        assert!(matches!(check(&ps, &pod(), None, 80), Decision::Deny { .. }), "plaintext matches no principal rule");
     }
 
     #[test]
-    fn invalid_policies_are_refused() {
-        let text = "authorization:\n  - {name: p, action: deny, rules: [{principals: ['sa/a']}]}\n";
-        assert!(parse_for_test(text).expect_err("bad principal").to_string().contains("spiffe://"));
-        assert!(parse_for_test("authorization:\n  - {name: p, action: maybe}\n").is_err());
+    fn policies_of_other_namespaces_do_not_apply() {
+        let p = Arc::new(AuthorizationPolicy {
+            key: ObjectKey::new("shop", "elsewhere"),
+            selector: None,
+            action: Action::Deny,
+            rules: vec![],
+        });
+        assert_eq!(check(&[p], &pod(), Some(&id("a")), 80), Decision::Allow);
     }
 }

@@ -13,7 +13,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpSocket;
@@ -21,9 +20,14 @@ use tokio_rustls::TlsConnector;
 
 use super::{
     pool::{Dialled, PoolKey},
-    Pool, StreamGuard, TunnelError,
+    Pool, PoolStats, StreamGuard, TunnelError,
 };
-use crate::{identity::Identity, netns::sockets::upstream_socket, node::PodContext, tls::TlsConfigs};
+use crate::{
+    identity::Identity,
+    pod::PodContext,
+    tls::TlsConfigs,
+    transport::{Duplex, H2Recv, H2Send, H2Stream},
+};
 
 /// Where a tunnel goes.
 #[derive(Debug, Clone)]
@@ -36,106 +40,137 @@ pub struct TunnelTarget {
     pub identity: Identity,
 }
 
-/// An open tunnel stream.
+/// An open tunnel stream; dropping it frees its place on the connection.
 pub struct Tunnel {
-    pub send: SendStream<Bytes>,
-    pub recv: RecvStream,
+    stream: H2Stream,
     place: StreamGuard,
 }
 
 impl Tunnel {
     /// The kernel's smoothed RTT of the TCP connection carrying the tunnel.
-    pub fn rtt(&self) -> Option<std::time::Duration> {
+    pub fn rtt(&self) -> Option<Duration> {
         self.place.rtt()
     }
 }
 
-/// What opening a tunnel needs from the proxy.
-pub struct TunnelContext<'a> {
-    pub tls: &'a TlsConfigs,
-    pub pool: &'a Pool,
-    pub mark: u32,
-    pub connect_timeout: Duration,
-}
+impl Duplex for Tunnel {
+    type Read<'a> = H2Recv<'a>;
+    type Write<'a> = H2Send<'a>;
 
-pub async fn open(
-    pod: &PodContext,
-    source: &Identity,
-    target: &TunnelTarget,
-    ctx: &TunnelContext<'_>,
-) -> Result<Tunnel, TunnelError> {
-    let generation = ctx.tls.identities().current(source).map_err(crate::tls::TlsError::from)?.generation;
-    let key = PoolKey {
-        netns_cookie: pod.netns.cookie(),
-        source: source.clone(),
-        destination: target.identity.clone(),
-        peer: target.peer,
-    };
-    let (mut sender, place) = ctx.pool.stream(&key, generation, || dial(pod, source, target, ctx)).await?;
-    let peer = target.peer;
-    let h2_err = |source| TunnelError::H2 { peer, source };
-    sender = sender.ready().await.map_err(h2_err)?;
-    let request = Request::builder()
-        .method(Method::CONNECT)
-        .uri(target.authority.to_string())
-        .body(())
-        .map_err(|e| TunnelError::Connect { peer, source: io::Error::other(e) })?;
-    let (response, send) = sender.send_request(request, false).map_err(h2_err)?;
-    let response = response.await.map_err(h2_err)?;
-    match response.status() {
-        StatusCode::OK => {}
-        StatusCode::FORBIDDEN if response.headers().contains_key("x-outrigger-denied") => {
-            return Err(TunnelError::Denied { peer, authority: target.authority });
-        }
-        status => return Err(TunnelError::Status { peer, authority: target.authority, status: status.as_u16() }),
+    fn halves(&mut self) -> (H2Recv<'_>, H2Send<'_>) {
+        self.stream.halves()
     }
-    Ok(Tunnel { send, recv: response.into_body(), place })
+
+    fn abort(&mut self) {
+        self.stream.abort();
+    }
 }
 
-/// A new mutual-TLS h2 connection to the peer, from a socket made in the
-/// source pod's netns.
-async fn dial(
-    pod: &PodContext,
-    source: &Identity,
-    target: &TunnelTarget,
-    ctx: &TunnelContext<'_>,
-) -> Result<Dialled, TunnelError> {
-    let peer = target.peer;
-    let config = ctx.tls.client(source, &target.identity)?;
-    let mark = ctx.mark;
-    let ip = peer.ip();
-    let socket = pod
-        .netns
-        .run(move || upstream_socket(ip, mark))
-        .await?
-        .map_err(|source| TunnelError::Connect { peer, source })?;
-    let socket = TcpSocket::from_std_stream(socket);
-    let handshake = async {
-        let tcp = socket.connect(peer).await.map_err(|e| match e.kind() {
-            io::ErrorKind::ConnectionRefused => TunnelError::Refused { peer },
-            _ => TunnelError::Connect { peer, source: e },
-        })?;
-        let rtt_fd = tcp.as_fd().try_clone_to_owned().ok();
-        let tls = TlsConnector::from(config)
-            .connect(ServerName::IpAddress(peer.ip().into()), tcp)
-            .await
-            .map_err(|source| TunnelError::Tls { peer, source })?;
-        let h2 = super::client_builder()
-            .handshake::<_, Bytes>(tls)
-            .await
-            .map_err(|source| TunnelError::H2 { peer, source })?;
-        Ok::<_, TunnelError>((h2, rtt_fd))
-    };
-    let ((sender, connection), rtt_fd) =
-        tokio::time::timeout(ctx.connect_timeout, handshake).await.map_err(|_| TunnelError::Timeout { peer })??;
-    let closed = Arc::new(AtomicBool::new(false));
-    let driver_closed = closed.clone();
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(peer = %peer, error = %e, "tunnel connection ended");
+/// Opens tunnels for the pods of this node.
+#[derive(Debug)]
+pub struct TunnelClient {
+    tls: Arc<TlsConfigs>,
+    pool: Pool,
+    hbone_port: u16,
+    connect_timeout: Duration,
+}
+
+impl TunnelClient {
+    pub fn new(tls: Arc<TlsConfigs>, pool: Pool, hbone_port: u16, connect_timeout: Duration) -> Self {
+        Self { tls, pool, hbone_port, connect_timeout }
+    }
+
+    pub fn hbone_port(&self) -> u16 {
+        self.hbone_port
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    /// Closes idle and dead pooled connections.
+    pub fn reap(&self) {
+        self.pool.reap();
+    }
+
+    /// A CONNECT stream from `pod` (as its identity) to `authority`, a
+    /// meshed pod whose identity must be `identity`.
+    pub async fn open(
+        &self,
+        pod: &PodContext,
+        authority: SocketAddr,
+        identity: &Identity,
+    ) -> Result<Tunnel, TunnelError> {
+        let target = TunnelTarget {
+            peer: SocketAddr::new(authority.ip(), self.hbone_port),
+            authority,
+            identity: identity.clone(),
+        };
+        let source = &pod.identity;
+        let generation = self.tls.identities().current(source).map_err(crate::tls::TlsError::from)?.generation;
+        let key = PoolKey {
+            netns_cookie: pod.netns.cookie(),
+            source: source.clone(),
+            destination: target.identity.clone(),
+            peer: target.peer,
+        };
+        let (mut sender, place) = self.pool.stream(&key, generation, || self.dial(pod, &target)).await?;
+        let peer = target.peer;
+        let h2_err = |source| TunnelError::H2 { peer, source };
+        sender = sender.ready().await.map_err(h2_err)?;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.authority.to_string())
+            .body(())
+            .map_err(|e| TunnelError::Connect { peer, source: io::Error::other(e) })?;
+        let (response, send) = sender.send_request(request, false).map_err(h2_err)?;
+        let response = response.await.map_err(h2_err)?;
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::FORBIDDEN if response.headers().contains_key("x-outrigger-denied") => {
+                return Err(TunnelError::Denied { peer, authority: target.authority });
+            }
+            status => return Err(TunnelError::Status { peer, authority: target.authority, status: status.as_u16() }),
         }
-        driver_closed.store(true, Ordering::Relaxed);
-    });
-    tracing::debug!(peer = %peer, source = %source, destination = %target.identity, "tunnel connection established");
-    Ok(Dialled { sender, closed, socket: rtt_fd })
+        Ok(Tunnel { stream: H2Stream::new(send, response.into_body()), place })
+    }
+
+    /// A new mutual-TLS h2 connection to the peer, from a socket made in the
+    /// source pod's netns.
+    async fn dial(&self, pod: &PodContext, target: &TunnelTarget) -> Result<Dialled, TunnelError> {
+        let peer = target.peer;
+        let source = &pod.identity;
+        let config = self.tls.client(source, &target.identity)?;
+        let socket = pod.upstream_socket(peer.ip()).await.map_err(|source| TunnelError::Connect { peer, source })?;
+        let socket = TcpSocket::from_std_stream(socket);
+        let handshake = async {
+            let tcp = socket.connect(peer).await.map_err(|e| match e.kind() {
+                io::ErrorKind::ConnectionRefused => TunnelError::Refused { peer },
+                _ => TunnelError::Connect { peer, source: e },
+            })?;
+            let rtt_fd = tcp.as_fd().try_clone_to_owned().ok();
+            let tls = TlsConnector::from(config)
+                .connect(ServerName::IpAddress(peer.ip().into()), tcp)
+                .await
+                .map_err(|source| TunnelError::Tls { peer, source })?;
+            let h2 = super::client_builder()
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|source| TunnelError::H2 { peer, source })?;
+            Ok::<_, TunnelError>((h2, rtt_fd))
+        };
+        let ((sender, connection), rtt_fd) = tokio::time::timeout(self.connect_timeout, handshake)
+            .await
+            .map_err(|_| TunnelError::Timeout { peer })??;
+        let closed = Arc::new(AtomicBool::new(false));
+        let driver_closed = closed.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(peer = %peer, error = %e, "tunnel connection ended");
+            }
+            driver_closed.store(true, Ordering::Relaxed);
+        });
+        tracing::debug!(peer = %peer, source = %source, destination = %target.identity, "tunnel connection established");
+        Ok(Dialled { sender, closed, socket: rtt_fd })
+    }
 }

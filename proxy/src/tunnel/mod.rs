@@ -10,11 +10,10 @@
 
 mod client;
 mod pool;
-pub mod relay;
 
 use std::net::SocketAddr;
 
-pub use client::{open, Tunnel, TunnelContext, TunnelTarget};
+pub use client::{Tunnel, TunnelClient, TunnelTarget};
 pub use pool::{Pool, PoolStats, StreamGuard};
 
 /// The HBONE port (ztunnel's).
@@ -71,6 +70,12 @@ fn upstream_hint(status: u16) -> &'static str {
 }
 
 impl TunnelError {
+    /// Whether the failure is the peer's (it counts against the endpoint
+    /// and may eject it) rather than this node's (no certificate, netns).
+    pub fn is_peer_fault(&self) -> bool {
+        !matches!(self, Self::Config(_) | Self::Netns(_) | Self::Denied { .. })
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Refused { .. } => "connect_refused",

@@ -28,7 +28,7 @@ use h2::client::SendRequest;
 use serde::Serialize;
 
 use super::TunnelError;
-use crate::{balance::now_nanos, identity::Identity};
+use crate::{clock::now_nanos, identity::Identity};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {

@@ -1,0 +1,242 @@
+//! One tunnel stream: validate the CONNECT, authorize the peer, dial the
+//! application inside the pod, relay.
+
+use std::{
+    future::poll_fn,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::{server::SendResponse, RecvStream};
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::Inbound;
+use crate::{
+    identity::Identity,
+    pod::PodContext,
+    policy::{self, Decision},
+    transport::{relay, H2Stream},
+};
+
+/// The authenticated peer of a tunnel connection.
+pub(super) struct Peer {
+    pub addr: SocketAddr,
+    pub identity: Identity,
+    pub serial: Arc<str>,
+    /// The tunnel's TCP RTT, read after its handshake.
+    pub rtt: Option<Duration>,
+}
+
+/// Why a tunnel request is not served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    #[error("not a CONNECT")]
+    NotConnect,
+    #[error("the authority is not an ip:port")]
+    BadAuthority,
+    #[error("{0} is not an address of this pod: tunnels only reach the pod itself")]
+    NotPodAddress(std::net::IpAddr),
+}
+
+impl BadRequest {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::NotConnect => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BadAuthority => StatusCode::BAD_REQUEST,
+            Self::NotPodAddress(_) => StatusCode::FORBIDDEN,
+        }
+    }
+
+    fn result(&self) -> &'static str {
+        match self {
+            Self::NotConnect | Self::BadAuthority => "bad_request",
+            Self::NotPodAddress(_) => "not_pod_address",
+        }
+    }
+}
+
+/// Checks a tunnel request: a CONNECT whose authority is one of the pod's
+/// own `ip:port`s — never an open relay. Public for the fuzz target.
+pub fn validate_connect<T>(request: &Request<T>, pod_ips: &[std::net::IpAddr]) -> Result<SocketAddr, BadRequest> {
+    if request.method() != Method::CONNECT {
+        return Err(BadRequest::NotConnect);
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or(BadRequest::BadAuthority)?;
+    if !pod_ips.contains(&authority.ip()) {
+        return Err(BadRequest::NotPodAddress(authority.ip()));
+    }
+    Ok(authority)
+}
+
+fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode, header: Option<(&'static str, &'static str)>) {
+    let mut builder = Response::builder().status(status);
+    if let Some((name, value)) = header {
+        builder = builder.header(name, value);
+    }
+    if let Ok(response) = builder.body(()) {
+        let _ = respond.send_response(response, true);
+    }
+}
+
+/// Why the application could not be reached.
+struct AppError {
+    status: StatusCode,
+    result: &'static str,
+    why: String,
+}
+
+impl Inbound {
+    pub(super) async fn stream(
+        &self,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        peer: &Peer,
+        pod: Arc<PodContext>,
+    ) {
+        let start = Instant::now();
+        let refuse = |respond: &mut SendResponse<Bytes>, status, result: &'static str, header, why: &str| {
+            reply(respond, status, header);
+            self.metrics.inbound(&pod.key, result).inc();
+            tracing::info!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, peer = %peer.addr,
+                peer_identity = %peer.identity, peer_serial = %peer.serial, authority = %request.uri(), result,
+                error = why, "tunnel stream refused");
+        };
+        let authority = match validate_connect(&request, &pod.ips) {
+            Ok(authority) => authority,
+            Err(r) => return refuse(&mut respond, r.status(), r.result(), None, &r.to_string()),
+        };
+        let (labels, decision) = {
+            let snapshot = self.mesh.load();
+            let source = snapshot.workload(peer.addr.ip());
+            let service = snapshot.service_of_endpoint(authority);
+            let labels = self.metrics.conns.inbound_labels(
+                &pod,
+                source.map(|w| &**w),
+                Some(&peer.identity),
+                service,
+                "mutual_tls",
+            );
+            let decision = match snapshot.workload_by_key(&pod.key) {
+                Some(me) => policy::check(
+                    snapshot.policies_for(&pod.key.namespace),
+                    &me.workload,
+                    Some(&peer.identity),
+                    authority.port(),
+                ),
+                // The pod is leaving: nothing may reach it any more.
+                None => Decision::Deny { policy: "the pod is no longer in the mesh".into() },
+            };
+            (labels, decision)
+        };
+        if let Decision::Deny { policy } = decision {
+            self.metrics.conns.failed(&labels, "denied");
+            let why = format!("denied by {policy}");
+            return refuse(&mut respond, StatusCode::FORBIDDEN, "denied", Some(("x-outrigger-denied", "policy")), &why);
+        }
+        let connect_start = Instant::now();
+        // Never dial the application for a stream the peer already reset.
+        let connected = tokio::select! {
+            app = self.connect_app(&pod, authority) => app,
+            reason = poll_fn(|cx| respond.poll_reset(cx)) => {
+                let reason = reason.map(|r| format!("{r:?}")).unwrap_or_else(|e| e.to_string());
+                self.metrics.inbound(&pod.key, "reset_by_peer").inc();
+                tracing::info!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, peer = %peer.addr,
+                    peer_identity = %peer.identity, authority = %authority, result = "reset_by_peer", reason,
+                    "tunnel stream reset before it was served");
+                return;
+            }
+        };
+        let mut app = match connected {
+            Ok(app) => app,
+            Err(e) => {
+                self.metrics.conns.failed(&labels, e.result);
+                return refuse(&mut respond, e.status, e.result, None, &e.why);
+            }
+        };
+        let record = self.metrics.conns.opened(&labels, connect_start.elapsed());
+        let Ok(response) = Response::builder().status(StatusCode::OK).body(()) else { return };
+        let send = match respond.send_response(response, false) {
+            Ok(send) => send,
+            Err(e) => {
+                // Reset between dialling and answering: counted, and the
+                // application sees a reset too.
+                crate::transport::Duplex::abort(&mut app);
+                self.metrics.inbound(&pod.key, "reset_by_peer").inc();
+                tracing::info!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, peer = %peer.addr,
+                    authority = %authority, result = "reset_by_peer", error = %e, "tunnel stream reset before it was served");
+                return;
+            }
+        };
+        let mut tunnel = H2Stream::new(send, request.into_body());
+        self.metrics.inbound(&pod.key, "ok").inc();
+        let relayed = relay(&mut app, &mut tunnel, self.settings.relay, |_| {}).await;
+        if let Some(record) = &record {
+            // Seen from the source: what it sent reached the app (`received`
+            // by the relay from the stream).
+            record.finish(relayed.received, relayed.sent, start.elapsed(), peer.rtt);
+        }
+        drop(record);
+        tracing::info!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, peer = %peer.addr,
+            peer_identity = %peer.identity, peer_serial = %peer.serial, authority = %authority,
+            sent_bytes = relayed.received, received_bytes = relayed.sent,
+            duration_ms = start.elapsed().as_secs_f64() * 1e3, result = relayed.outcome(), "tunnel stream closed");
+    }
+
+    /// The application, from a marked socket made inside the pod, dialling
+    /// the pod's own address: the kernel delivers it over the pod's
+    /// loopback interface, and an application bound to the wildcard
+    /// address or to the pod IP receives it alike (one bound to 127.0.0.1
+    /// only is not meant to be reached from other pods).
+    async fn connect_app(&self, pod: &PodContext, target: SocketAddr) -> Result<TcpStream, AppError> {
+        let unavailable =
+            |why: String| AppError { status: StatusCode::SERVICE_UNAVAILABLE, result: "upstream_error", why };
+        let socket = pod.upstream_socket(target.ip()).await.map_err(|e| unavailable(e.to_string()))?;
+        let socket = TcpSocket::from_std_stream(socket);
+        match tokio::time::timeout(self.settings.connect_timeout, socket.connect(target)).await {
+            Ok(Ok(tcp)) => Ok(tcp),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(AppError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                result: "connect_refused",
+                why: format!("nothing listens on {target} in the pod"),
+            }),
+            Ok(Err(e)) => Err(unavailable(format!("connecting to {target}: {e}"))),
+            Err(_) => Err(AppError {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                result: "connect_timeout",
+                why: format!("{target} did not answer"),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: Method, uri: &str) -> Request<()> {
+        Request::builder().method(method).uri(uri).body(()).expect("request")
+    }
+
+    #[test]
+    fn only_connects_to_the_pods_own_addresses_are_served() {
+        let ips = ["10.0.0.5".parse().expect("ip"), "fd00::5".parse().expect("ip")];
+        assert_eq!(
+            validate_connect(&request(Method::CONNECT, "10.0.0.5:8080"), &ips),
+            Ok("10.0.0.5:8080".parse().expect("addr"))
+        );
+        assert!(validate_connect(&request(Method::CONNECT, "[fd00::5]:443"), &ips).is_ok());
+        assert_eq!(validate_connect(&request(Method::GET, "10.0.0.5:8080"), &ips), Err(BadRequest::NotConnect));
+        assert_eq!(validate_connect(&request(Method::CONNECT, "example.com:80"), &ips), Err(BadRequest::BadAuthority));
+        assert!(matches!(
+            validate_connect(&request(Method::CONNECT, "10.0.0.6:8080"), &ips),
+            Err(BadRequest::NotPodAddress(_))
+        ));
+    }
+}

@@ -1,0 +1,130 @@
+//! Checks of one object on its own (names, addresses, ranges). Checks
+//! between objects (two pods claiming one address) are the store's.
+
+use std::net::IpAddr;
+
+use super::{AuthorizationPolicy, EndpointSlice, Object, Service, TargetPort, Workload};
+
+/// The largest endpoint weight: enough range for any traffic split.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// Kubernetes names: DNS-1123 (lower-case alphanumerics, '-' and '.') —
+/// also what keeps them safe as metric labels and in logs.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    if name.is_empty() || name.len() > 253 || !name.chars().all(ok_char) || name.starts_with('-') || name.ends_with('-')
+    {
+        return Err(format!("{what} {name:?} is not a valid Kubernetes name (lower-case letters, digits, '-', '.')"));
+    }
+    Ok(())
+}
+
+/// Addresses that can never be a pod's, a VIP or an endpoint.
+pub fn unusable_address(ip: &IpAddr) -> bool {
+    let ip = super::canonical_ip(*ip);
+    ip.is_loopback() || ip.is_unspecified() || ip.is_multicast()
+}
+
+pub fn object(object: &Object) -> Result<(), String> {
+    match object {
+        Object::Workload(w) => workload(w),
+        Object::Service(s) => service(s),
+        Object::Endpoints(e) => endpoints(e),
+        Object::Policy(p) => policy(p),
+    }
+}
+
+pub fn workload(w: &Workload) -> Result<(), String> {
+    check_name("pod name", &w.key.name)?;
+    check_name("namespace", &w.key.namespace)?;
+    check_name("serviceAccount", &w.service_account)?;
+    let key = &w.key;
+    match &w.netns {
+        Some(super::NetnsRef::Path(p)) if !p.is_absolute() => {
+            return Err(format!("pod {key}: netns {} must be an absolute path", p.display()));
+        }
+        Some(_) => {}
+        None if w.ips.is_empty() => {
+            return Err(format!("pod {key} has neither a netns (a pod of this node) nor ips (a pod elsewhere)"));
+        }
+        None => {}
+    }
+    for (i, ip) in w.ips.iter().enumerate() {
+        if unusable_address(ip) {
+            return Err(format!("pod {key}: {ip} cannot be a pod address"));
+        }
+        if w.ips[..i].contains(ip) {
+            return Err(format!("pod {key} lists {ip} twice"));
+        }
+    }
+    Ok(())
+}
+
+pub fn service(s: &Service) -> Result<(), String> {
+    check_name("service name", &s.key.name)?;
+    check_name("namespace", &s.key.namespace)?;
+    let key = &s.key;
+    for (i, vip) in s.vips.iter().enumerate() {
+        if unusable_address(vip) {
+            return Err(format!("service {key}: {vip} cannot be a virtual IP"));
+        }
+        if s.vips[..i].contains(vip) {
+            return Err(format!("service {key} lists virtual IP {vip} twice"));
+        }
+    }
+    if s.ports.is_empty() {
+        return Err(format!("service {key} has no ports"));
+    }
+    for (i, port) in s.ports.iter().enumerate() {
+        if port.port == 0 || port.target_port == TargetPort::Number(0) {
+            return Err(format!("service {key}: port 0 is not a port"));
+        }
+        if s.ports[..i].iter().any(|p| p.port == port.port) {
+            return Err(format!("service {key} lists port {} twice", port.port));
+        }
+        if s.ports[..i].iter().any(|p| p.name == port.name) {
+            let name = port.name.as_deref().unwrap_or("(unnamed)");
+            return Err(format!("service {key}: two ports are named {name}: name each port differently"));
+        }
+    }
+    Ok(())
+}
+
+pub fn endpoints(e: &EndpointSlice) -> Result<(), String> {
+    check_name("endpoint slice name", &e.key.name)?;
+    check_name("namespace", &e.key.namespace)?;
+    check_name("service name", &e.service)?;
+    for (j, ep) in e.endpoints.iter().enumerate() {
+        let what = format!("endpoint slice {} endpoints[{j}]", e.key);
+        if unusable_address(&ep.address) {
+            return Err(format!("{what}: {} cannot be an endpoint address", ep.address));
+        }
+        if ep.weight == 0 || ep.weight > MAX_WEIGHT {
+            return Err(format!("{what}: weight {} is outside 1..={MAX_WEIGHT}", ep.weight));
+        }
+    }
+    if e.ports.iter().any(|p| p.port == 0) {
+        return Err(format!("endpoint slice {}: port 0 is not a port", e.key));
+    }
+    Ok(())
+}
+
+pub fn policy(p: &AuthorizationPolicy) -> Result<(), String> {
+    check_name("policy name", &p.key.name)?;
+    check_name("namespace", &p.key.namespace)?;
+    for (j, rule) in p.rules.iter().enumerate() {
+        for principal in rule.principals.iter().chain(&rule.not_principals) {
+            let body = principal.trim_end_matches('*');
+            if principal != "*" && !body.starts_with("spiffe://") {
+                return Err(format!(
+                    "policy {} rules[{j}]: principal {principal:?} must be a spiffe:// ID, \"*\" or a prefix ending in \"*\"",
+                    p.key
+                ));
+            }
+        }
+        if rule.ports.contains(&0) {
+            return Err(format!("policy {} rules[{j}]: port 0 is not a port", p.key));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! Workloads: meshed pods, on this node or another.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc};
+
+use super::PodKey;
+
+/// How the proxy reaches a local pod's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetnsRef {
+    /// A namespace file: `/var/run/netns/NAME` or `/proc/PID/ns/net`.
+    Path(PathBuf),
+}
+
+impl std::fmt::Display for NetnsRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Path(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// A meshed pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// Unique across the pod's lifetimes (Kubernetes `metadata.uid`): a pod
+    /// recreated under the same name is a different workload.
+    pub uid: Arc<str>,
+    pub key: PodKey,
+    pub service_account: Arc<str>,
+    /// The node it runs on, when known.
+    pub node: Option<Arc<str>>,
+    /// Its own addresses.
+    pub ips: Vec<IpAddr>,
+    /// Labels, for policy selectors.
+    pub labels: BTreeMap<String, String>,
+    /// Set for pods of this node: the proxy captures and serves those.
+    pub netns: Option<NetnsRef>,
+}
+
+impl Workload {
+    /// A pod of this node (the proxy captures and serves it).
+    pub fn is_local(&self) -> bool {
+        self.netns.is_some()
+    }
+
+    /// The pod's address of the given family, if it has one.
+    pub fn ip_of_family(&self, v6: bool) -> Option<IpAddr> {
+        self.ips.iter().copied().find(|ip| ip.is_ipv6() == v6)
+    }
+}

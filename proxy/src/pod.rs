@@ -1,0 +1,158 @@
+//! One meshed pod of this node as the data path sees it: who it is (key,
+//! identity, addresses) and its network handle (the netns thread, spare
+//! upstream sockets, listener binding). Every connection holds an `Arc` of
+//! its pod's context; nothing here changes after the pod is started.
+#![forbid(unsafe_code)]
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
+
+use tokio::net::TcpListener;
+
+use crate::{
+    identity::Identity,
+    model::{NetnsRef, PodKey, Workload},
+    netns::{sockets::bind_listener, Netns, NetnsError, SpareSockets},
+    transport::SocketOptions,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("netns {0} is the proxy's own network namespace; meshing it would capture the proxy itself")]
+    OwnNetns(String),
+    #[error("pod {0} has no netns: it is not a pod of this node")]
+    NotLocal(String),
+    #[error("port {port} is already in use in the pod's netns ({addr}): the pod must not use the proxy's ports")]
+    PortInUse { addr: SocketAddr, port: u16 },
+    #[error("{ip} is not an address of the pod's netns: check the pod's ips (is {ip} configured on its interface?)")]
+    NotPodAddress { ip: IpAddr },
+    #[error("reading a listener's address: {0}")]
+    ListenerAddr(String),
+    #[error("binding {addr} in the pod's netns: {reason}")]
+    Bind { addr: SocketAddr, reason: String },
+    #[error("registering the pod with the kernel programs: {0}")]
+    Capture(#[from] crate::capture::CaptureError),
+    #[error("the pod's netns thread did not start: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+fn bind_error(addr: SocketAddr, e: io::Error) -> PodError {
+    match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => PodError::PortInUse { addr, port: addr.port() },
+        Some(libc::EADDRNOTAVAIL) => PodError::NotPodAddress { ip: addr.ip() },
+        _ => PodError::Bind { addr, reason: e.to_string() },
+    }
+}
+
+/// What a connection needs to know about the pod it came from (or goes to).
+#[derive(Debug)]
+pub struct PodContext {
+    /// The proxy's small number for the pod (kernel map value, logs).
+    pub id: u32,
+    pub key: PodKey,
+    pub uid: Arc<str>,
+    /// The pod's SPIFFE identity (its service account's).
+    pub identity: Identity,
+    pub ips: Vec<IpAddr>,
+    pub netns: Netns,
+    /// Upstream sockets made ahead of time in the pod's netns.
+    pub spares: Arc<SpareSockets>,
+}
+
+impl PodContext {
+    /// Opens the pod's netns (on a blocking thread: it starts the pod's
+    /// netns thread) and refuses the proxy's own.
+    pub async fn open(
+        id: u32,
+        workload: &Workload,
+        identity: Identity,
+        own_netns_cookie: u64,
+        sockets: SocketOptions,
+    ) -> Result<Self, PodError> {
+        let Some(NetnsRef::Path(path)) = workload.netns.clone() else {
+            return Err(PodError::NotLocal(workload.key.to_string()));
+        };
+        let thread = format!("ns-{}", workload.key.name);
+        let netns = tokio::task::spawn_blocking(move || Netns::open(&path, &thread)).await??;
+        if netns.cookie() == own_netns_cookie {
+            return Err(PodError::OwnNetns(netns.path().display().to_string()));
+        }
+        Ok(Self {
+            id,
+            key: workload.key.clone(),
+            uid: workload.uid.clone(),
+            identity,
+            ips: workload.ips.clone(),
+            netns,
+            spares: SpareSockets::new(sockets),
+        })
+    }
+
+    /// A pod context with no namespace behind it (unit tests of the data
+    /// path, which never make sockets through it).
+    #[cfg(test)]
+    pub fn for_test(name: &str, ips: &[IpAddr]) -> Self {
+        Self {
+            id: 1,
+            key: PodKey::new("default", name),
+            uid: name.into(),
+            identity: Identity::new("cluster.local", "default", name),
+            ips: ips.to_vec(),
+            netns: Netns::detached(std::path::Path::new("/test"), 42),
+            spares: SpareSockets::new(SocketOptions { mark: 1, keepalive: None, user_timeout: None }),
+        }
+    }
+
+    /// A marked socket in the pod's netns for a connection to `ip`.
+    pub async fn upstream_socket(&self, ip: IpAddr) -> Result<std::net::TcpStream, io::Error> {
+        match self.spares.take(&self.netns, ip).await {
+            Ok(result) => result,
+            Err(e) => Err(io::Error::other(e)),
+        }
+    }
+
+    /// Binds the tunnel listener on each of the pod's own addresses, inside
+    /// the pod (they must be configured in its netns).
+    pub async fn bind_inbound(&self, port: u16) -> Result<Vec<TcpListener>, PodError> {
+        let mut listeners = Vec::with_capacity(self.ips.len());
+        for ip in self.ips.clone() {
+            let addr = SocketAddr::new(ip, port);
+            let std_listener = self.netns.run(move || bind_listener(addr)).await?.map_err(|e| bind_error(addr, e))?;
+            listeners.push(TcpListener::from_std(std_listener).map_err(|e| bind_error(addr, e))?);
+        }
+        Ok(listeners)
+    }
+
+    /// Binds `127.0.0.1:port` and `[::1]:port` inside the pod. A pod
+    /// without IPv6 loopback gets the IPv4 listener only.
+    pub async fn bind_outbound(&self, port: u16) -> Result<Vec<TcpListener>, PodError> {
+        let mut listeners = Vec::with_capacity(2);
+        for v6 in [false, true] {
+            let addr = outbound_listener_addr(v6, port);
+            match self.netns.run(move || bind_listener(addr)).await? {
+                Ok(std_listener) => {
+                    listeners.push(TcpListener::from_std(std_listener).map_err(|e| bind_error(addr, e))?);
+                }
+                Err(e) if v6 && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                    tracing::warn!(pod = %self.key, "pod has no IPv6 loopback; only IPv4 connects are captured");
+                }
+                Err(e) => return Err(bind_error(addr, e)),
+            }
+        }
+        Ok(listeners)
+    }
+}
+
+/// The local address of a pod's outbound listener for the given family.
+pub fn outbound_listener_addr(v6: bool, port: u16) -> SocketAddr {
+    if v6 {
+        SocketAddr::from((Ipv6Addr::LOCALHOST, port))
+    } else {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    }
+}

@@ -1,0 +1,171 @@
+//! Service routes: each VIP:port of a service with a balancer over the
+//! endpoints that serve it. Rebuilt per service when the service or one of
+//! its endpoint slices changes; endpoint health carries over.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+
+use serde::Serialize;
+
+use super::Store;
+use crate::{
+    balance::{Balancer, Endpoint, Health, HealthStatus},
+    model::{canonical_ip, AppProtocol, ServiceKey, ServicePort},
+};
+
+/// One VIP:port of a service and the balancer over its endpoints.
+#[derive(Debug)]
+pub struct ServiceRoute {
+    pub service: ServiceKey,
+    /// Stable small number for kernel-side counters.
+    pub id: u32,
+    pub vip: SocketAddr,
+    /// What the port speaks, when declared.
+    pub app_protocol: Option<AppProtocol>,
+    pub balancer: Balancer,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RouteStatus {
+    pub service: String,
+    pub vip: SocketAddr,
+    pub algorithm: String,
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndpointStatus {
+    pub address: SocketAddr,
+    /// `pod NAME` or the address.
+    pub target: String,
+    pub weight: u32,
+    #[serde(flatten)]
+    pub health: HealthStatus,
+}
+
+impl ServiceRoute {
+    pub(super) fn status(&self, now: u64) -> RouteStatus {
+        RouteStatus {
+            service: self.service.to_string(),
+            vip: self.vip,
+            algorithm: format!("{:?}", self.balancer.settings().algorithm),
+            endpoints: self
+                .balancer
+                .endpoints()
+                .iter()
+                .map(|e| EndpointStatus {
+                    address: e.addr,
+                    target: match &e.pod {
+                        Some(name) => format!("pod {name}"),
+                        None => e.addr.ip().to_string(),
+                    },
+                    weight: e.weight,
+                    health: e.health.status(now),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A usable endpoint of one service port, before family selection.
+struct Candidate {
+    addr: SocketAddr,
+    weight: u32,
+    pod: Option<Arc<str>>,
+}
+
+impl Store {
+    /// Recomputes the routes of one service from its current definition
+    /// and slices (removing them when it is gone). Cost: its own endpoints.
+    pub(super) fn rebuild_routes(&mut self, key: &ServiceKey) {
+        // Health of the endpoints it had, per (service port, address).
+        let mut health: HashMap<(u16, SocketAddr), Arc<Health>> = HashMap::new();
+        if let Some(old) = self.state.indexed.remove(key) {
+            for vip in &old.routes {
+                if let Some(route) = self.state.routes.remove(vip) {
+                    for ep in route.balancer.endpoints() {
+                        health.insert((vip.port(), ep.addr), ep.health.clone());
+                    }
+                }
+                self.state.refused.remove(vip);
+            }
+            for addr in &old.endpoints {
+                self.state.endpoint_services.remove(&(*addr, key.clone()));
+            }
+        }
+        let Some(entry) = self.state.services.get(key).cloned() else { return };
+        let svc = &entry.service;
+        let slices: Vec<_> = self
+            .state
+            .slices_of
+            .get(key)
+            .map(|keys| keys.iter().filter_map(|k| self.state.slices.get(k).cloned()).collect())
+            .unwrap_or_default();
+        let mut indexed = Indexed::default();
+        for port in &svc.ports {
+            let candidates = candidates(port, &slices);
+            for c in &candidates {
+                if self.state.endpoint_services.insert((c.addr, key.clone())).is_none() {
+                    indexed.endpoints.push(c.addr);
+                }
+            }
+            for vip in &svc.vips {
+                let vip_addr = SocketAddr::new(canonical_ip(*vip), port.port);
+                let endpoints = for_family(&candidates, vip.is_ipv6())
+                    .map(|c| Endpoint {
+                        addr: c.addr,
+                        weight: c.weight,
+                        pod: c.pod.clone(),
+                        health: health
+                            .get(&(port.port, c.addr))
+                            .cloned()
+                            .unwrap_or_else(|| Arc::new(Health::new(self.settings.balance.ewma_default_rtt))),
+                    })
+                    .collect::<Vec<_>>();
+                if endpoints.is_empty() {
+                    self.state.refused.insert(vip_addr, entry.id);
+                }
+                let route = ServiceRoute {
+                    service: key.clone(),
+                    id: entry.id,
+                    vip: vip_addr,
+                    app_protocol: port.app_protocol.clone(),
+                    balancer: Balancer::new(endpoints, self.settings.balance.clone()),
+                };
+                self.state.routes.insert(vip_addr, Arc::new(route));
+                indexed.routes.push(vip_addr);
+            }
+        }
+        self.state.indexed.insert(key.clone(), Arc::new(indexed));
+    }
+}
+
+/// What one service put into the shared indices, so that rebuilding it
+/// removes exactly that without scanning them.
+#[derive(Debug, Default)]
+pub struct Indexed {
+    routes: Vec<SocketAddr>,
+    endpoints: Vec<SocketAddr>,
+}
+
+/// Usable endpoints of every slice for one service port.
+fn candidates(port: &ServicePort, slices: &[Arc<crate::model::EndpointSlice>]) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    for slice in slices {
+        let Some(target) = slice.target_of(port) else { continue };
+        for ep in slice.endpoints.iter().filter(|e| e.usable()) {
+            let addr = SocketAddr::new(canonical_ip(ep.address), target);
+            if out.iter().any(|c: &Candidate| c.addr == addr) {
+                continue;
+            }
+            out.push(Candidate { addr, weight: ep.weight, pod: ep.pod.as_ref().map(|p| p.name.clone()) });
+        }
+    }
+    out
+}
+
+/// Endpoints of the VIP's family; the other family only if there are none
+/// (a pod may be single-stack while the service is dual-stack).
+fn for_family(candidates: &[Candidate], v6: bool) -> impl Iterator<Item = &Candidate> {
+    let any = candidates.iter().any(|c| c.addr.is_ipv6() == v6);
+    candidates.iter().filter(move |c| !any || c.addr.is_ipv6() == v6)
+}

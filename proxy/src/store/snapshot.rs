@@ -1,0 +1,138 @@
+//! An immutable, cheaply cloned view of the mesh, with its indices.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use imbl::{HashMap, OrdMap, OrdSet};
+
+use super::routes::{RouteStatus, ServiceRoute};
+use crate::{
+    identity::Identity,
+    model::{
+        canonical, canonical_ip, AuthorizationPolicy, EndpointSlice, ObjectKey, PodKey, Service, ServiceKey, Workload,
+    },
+};
+
+/// A workload and the identity derived from it.
+#[derive(Debug)]
+pub struct WorkloadEntry {
+    pub workload: Workload,
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub identity: Identity,
+}
+
+/// A service and its stable small id (an index into kernel counters).
+#[derive(Debug)]
+pub struct ServiceEntry {
+    pub service: Service,
+    pub id: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Bumped on every publish.
+    pub version: u64,
+    pub(super) workloads: HashMap<PodKey, Arc<WorkloadEntry>>,
+    pub(super) by_ip: HashMap<IpAddr, Arc<WorkloadEntry>>,
+    pub(super) by_uid: HashMap<Arc<str>, PodKey>,
+    /// Pods of this node, in key order (what the reconciler runs).
+    pub(super) local: OrdMap<PodKey, Arc<WorkloadEntry>>,
+    pub(super) services: HashMap<ServiceKey, Arc<ServiceEntry>>,
+    pub(super) vip_owner: HashMap<IpAddr, ServiceKey>,
+    pub(super) by_hostname: HashMap<Arc<str>, ServiceKey>,
+    pub(super) slices: HashMap<ObjectKey, Arc<EndpointSlice>>,
+    pub(super) slices_of: HashMap<ServiceKey, OrdSet<ObjectKey>>,
+    /// VIP:port → the route serving it.
+    pub(super) routes: HashMap<SocketAddr, Arc<ServiceRoute>>,
+    /// What each service put into `routes`, `refused` and `endpoint_services`.
+    pub(super) indexed: HashMap<ServiceKey, Arc<super::routes::Indexed>>,
+    /// VIP:ports with no usable endpoint, to their service id.
+    pub(super) refused: OrdMap<SocketAddr, u32>,
+    /// (endpoint address, service): which services an endpoint serves.
+    pub(super) endpoint_services: OrdSet<(SocketAddr, ServiceKey)>,
+    pub(super) policies: OrdMap<ObjectKey, Arc<AuthorizationPolicy>>,
+    pub(super) policies_by_ns: HashMap<Arc<str>, Arc<[Arc<AuthorizationPolicy>]>>,
+    /// Objects refused (`ObjectRef` as text → why), for /config_dump.
+    pub(super) rejected: Arc<BTreeMap<String, String>>,
+}
+
+impl Snapshot {
+    /// The meshed pod owning `ip`, if any (IPv4-mapped addresses as IPv4).
+    pub fn workload(&self, ip: IpAddr) -> Option<&Arc<WorkloadEntry>> {
+        self.by_ip.get(&canonical_ip(ip))
+    }
+
+    pub fn workload_by_key(&self, key: &PodKey) -> Option<&Arc<WorkloadEntry>> {
+        self.workloads.get(key)
+    }
+
+    pub fn workload_count(&self) -> usize {
+        self.workloads.len()
+    }
+
+    /// Pods of this node.
+    pub fn local_workloads(&self) -> &OrdMap<PodKey, Arc<WorkloadEntry>> {
+        &self.local
+    }
+
+    pub fn service(&self, key: &ServiceKey) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(key)
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn service_by_hostname(&self, host: &str) -> Option<&ServiceKey> {
+        self.by_hostname.get(host)
+    }
+
+    /// Service keys and their ids, for per-service kernel counters.
+    pub fn service_ids(&self) -> impl Iterator<Item = (&ServiceKey, u32)> {
+        self.services.iter().map(|(k, e)| (k, e.id))
+    }
+
+    /// The route for a destination, if it is a service's VIP:port.
+    pub fn route(&self, dest: SocketAddr) -> Option<&Arc<ServiceRoute>> {
+        self.routes.get(&canonical(dest))
+    }
+
+    /// VIP:ports with no usable endpoint: the kernel refuses these at
+    /// connect time, as kube-proxy does for a Service without endpoints.
+    pub fn refused(&self) -> &OrdMap<SocketAddr, u32> {
+        &self.refused
+    }
+
+    /// A service an endpoint address serves (for labelling what arrives
+    /// at a pod: the sender resolved the VIP, the receiver sees the pod).
+    pub fn service_of_endpoint(&self, addr: SocketAddr) -> Option<&ServiceKey> {
+        let addr = canonical(addr);
+        let start = (addr, ObjectKey { namespace: "".into(), name: "".into() });
+        self.endpoint_services.range(start..).next().filter(|(a, _)| *a == addr).map(|(_, k)| k)
+    }
+
+    /// The authorization policies of a namespace, in name order.
+    pub fn policies_for(&self, namespace: &str) -> &[Arc<AuthorizationPolicy>] {
+        self.policies_by_ns.get(namespace).map(|l| &l[..]).unwrap_or(&[])
+    }
+
+    pub fn endpoint_slice_count(&self) -> usize {
+        self.slices.len()
+    }
+
+    /// Objects the store refused, and why.
+    pub fn rejected(&self) -> &BTreeMap<String, String> {
+        &self.rejected
+    }
+
+    /// Every route with its endpoints' health, sorted (for /config_dump).
+    pub fn dump_routes(&self) -> Vec<RouteStatus> {
+        let now = crate::clock::now_nanos();
+        let mut out: Vec<RouteStatus> = self.routes.values().map(|r| r.status(now)).collect();
+        out.sort_by(|a, b| (&a.service, a.vip).cmp(&(&b.service, b.vip)));
+        out
+    }
+}

@@ -1,0 +1,121 @@
+//! A connection whose first bytes can be inspected (protocol detection)
+//! and then relayed in full: what was peeked is served first.
+
+use std::{
+    future::poll_fn,
+    io,
+    task::{Context, Poll},
+};
+
+use bytes::{Bytes, BytesMut};
+
+use super::io::{ChunkRead, Duplex, ReadBuffer};
+
+pub struct Peekable<T> {
+    io: T,
+    prefix: BytesMut,
+    eof: bool,
+}
+
+impl<T: Duplex> Peekable<T> {
+    pub fn new(io: T) -> Self {
+        Self { io, prefix: BytesMut::new(), eof: false }
+    }
+
+    /// Reads until at least `want` bytes are buffered or the peer ends its
+    /// side, and returns what is buffered. Wrap it in a timeout: a peer
+    /// that speaks second sends nothing.
+    pub async fn peek(&mut self, want: usize) -> io::Result<&[u8]> {
+        let mut rb = ReadBuffer::new(want.max(1), want.max(1));
+        while self.prefix.len() < want && !self.eof {
+            let (mut read, _) = self.io.halves();
+            match poll_fn(|cx| read.poll_chunk(cx, &mut rb)).await? {
+                Some(chunk) => {
+                    self.prefix.extend_from_slice(&chunk);
+                    read.release(chunk.len());
+                }
+                None => self.eof = true,
+            }
+        }
+        Ok(&self.prefix)
+    }
+
+    /// What has been peeked so far.
+    pub fn buffered(&self) -> &[u8] {
+        &self.prefix
+    }
+
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.io
+    }
+}
+
+pub struct PeekRead<'a, R> {
+    prefix: &'a mut BytesMut,
+    eof: bool,
+    inner: R,
+}
+
+impl<R: ChunkRead> ChunkRead for PeekRead<'_, R> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>, rb: &mut ReadBuffer) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.prefix.is_empty() {
+            return Poll::Ready(Ok(Some(self.prefix.split().freeze())));
+        }
+        if self.eof {
+            return Poll::Ready(Ok(None));
+        }
+        self.inner.poll_chunk(cx, rb)
+    }
+
+    fn release(&mut self, n: usize) {
+        // The peeked prefix was already released when it was read.
+        self.inner.release(n);
+    }
+}
+
+impl<T: Duplex> Duplex for Peekable<T> {
+    type Read<'a>
+        = PeekRead<'a, T::Read<'a>>
+    where
+        T: 'a;
+    type Write<'a>
+        = T::Write<'a>
+    where
+        T: 'a;
+
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        let (inner, write) = self.io.halves();
+        (PeekRead { prefix: &mut self.prefix, eof: self.eof, inner }, write)
+    }
+
+    fn abort(&mut self) {
+        self.io.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::transport::{relay, RelayOptions, Stream};
+
+    #[tokio::test]
+    async fn peeked_bytes_are_relayed_first() {
+        let (mut client, proxy_a) = tokio::io::duplex(1024);
+        let (proxy_b, mut server) = tokio::io::duplex(1024);
+        client.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+        let mut a = Peekable::new(Stream::new(proxy_a));
+        let seen = a.peek(4).await.expect("peek").to_vec();
+        assert!(seen.starts_with(b"GET "), "{seen:?}");
+        client.write_all(b"\r\n").await.expect("write");
+        client.shutdown().await.expect("close");
+        let mut b = Stream::new(proxy_b);
+        let relay = tokio::spawn(async move { relay(&mut a, &mut b, RelayOptions::default(), |_| {}).await.sent });
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut server, &mut got).await.expect("read");
+        assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");
+        drop(server);
+        assert_eq!(relay.await.expect("relay"), 18);
+    }
+}
