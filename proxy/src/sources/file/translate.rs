@@ -135,9 +135,10 @@ fn service(svc: &ServiceSpec, pods: &BTreeMap<ObjectKey, PodSpec>) -> Result<(Se
                             format!("{what}: pod {pod_key} has no port named {name} (targetPort of port {})", port.port)
                         })?
                     }
-                    None => return Err(format!(
-                        "{what}: an address endpoint cannot resolve targetPort {name}: use a pod endpoint or a number"
-                    )),
+                    None => {
+                        let problem = "an address endpoint cannot resolve a named targetPort";
+                        return Err(format!("{what}: {problem} ({name}): use a pod endpoint or a number"));
+                    }
                 },
             };
             resolved.push(EndpointPort { name: port.name.clone(), port: number });
