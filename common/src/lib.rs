@@ -76,8 +76,8 @@ pub const POD_FLAG_V6_LISTENER: u32 = 1;
 pub struct Settings {
     /// `SO_MARK` value carried by the proxy's own sockets (the loop guard).
     pub mark: u32,
-    /// Process id (tgid) of the proxy: a second loop guard, for sockets
-    /// made before the mark is set.
+    /// Process id (tgid) of the proxy: the loop guard requires both this
+    /// and the mark (a pod can set a mark, not be the proxy).
     pub proxy_tgid: u32,
     /// The tunnel port: in strict pods, the only port that takes
     /// connections from outside the pod.
@@ -90,7 +90,7 @@ pub mod counter {
     pub const CAPTURED: u32 = 0;
     /// A connect from a netns that is not meshed.
     pub const BYPASS_UNMESHED: u32 = 1;
-    /// A connect carrying the proxy's mark or made by the proxy process.
+    /// A connect made by the proxy process on a socket carrying its mark.
     pub const BYPASS_PROXY: u32 = 2;
     /// A meshed pod's connect to loopback (never captured).
     pub const BYPASS_LOOPBACK: u32 = 3;

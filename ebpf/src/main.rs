@@ -117,16 +117,18 @@ fn should_steer(ctx: &SockAddrContext) -> Verdict {
     Verdict::Steer(pod)
 }
 
-/// The loop guard: the proxy's sockets carry its mark, and its process id
-/// is known even before a mark is set.
+/// The loop guard: a connect is the proxy's own only when it is made by the
+/// proxy's process *and* its socket carries the proxy's mark. The mark
+/// alone is not enough: a pod with CAP_NET_ADMIN can set any mark on its
+/// sockets, but it cannot be the proxy's process.
 #[inline(always)]
 fn is_proxy(sa: *mut bpf_sock_addr) -> bool {
     let Some(settings) = SETTINGS.get(0) else {
         return false;
     };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if settings.proxy_tgid != 0 && tgid == settings.proxy_tgid {
-        return true;
+    if settings.proxy_tgid == 0 || tgid != settings.proxy_tgid {
+        return false;
     }
     // SAFETY: `sk` of a sock_addr context is a PTR_TO_SOCKET the verifier
     // knows is valid; `mark` is a readable 4-byte field of bpf_sock.

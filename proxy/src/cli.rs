@@ -44,10 +44,24 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("outrigger: error: {e:#}");
+            eprintln!("outrigger: error: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each once: most messages already include
+/// their cause's text, and `{:#}` would print it a second time.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn stats_command(args: &StatsArgs) -> anyhow::Result<()> {
@@ -170,6 +184,30 @@ fn supervise(
     })
 }
 
+/// Like [`supervise`], for a task whose handle is awaited elsewhere: polls
+/// whether it ended before shutdown.
+fn watch_liveness(
+    name: &'static str,
+    task: tokio::task::AbortHandle,
+    status: Arc<RwLock<NodeStatus>>,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            if task.is_finished() {
+                tracing::error!(task = name, "a background task stopped; the proxy reports not ready");
+                status.write().unwrap_or_else(|e| e.into_inner()).failed_tasks.push(format!("{name} (ended)"));
+                return;
+            }
+        }
+    });
+}
+
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
     args.validate()?;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -183,21 +221,27 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
 
 /// Every connection is two sockets and every pod keeps a few listeners and
 /// spares: take the whole file-descriptor allowance the system grants.
-fn raise_fd_limit() {
+/// Returns the limit in force.
+fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
                 tracing::warn!(soft, hard, error = %e, "could not raise the open-file limit");
+                soft
             }
-        }
-        _ => {}
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
     }
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let log = telemetry::init(args.log_format, &args.log_level)?;
-    raise_fd_limit();
+    let open_files = raise_fd_limit();
+    let pod_limits = args.pod_limits(open_files);
+    tracing::info!(open_files, max_connections_per_pod = pod_limits.connections, "limits");
     let cgroup = capture::cgroup::resolve(args.cgroup2_path.as_deref())?;
     let own_netns_cookie =
         current_netns_cookie().context("reading the proxy's own netns cookie (needs Linux 5.14+)")?;
@@ -249,10 +293,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .tunnel_connections_per_peer
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         let pool = Pool::new(args.max_streams_per_connection as usize, per_peer, args.tunnel_idle_timeout);
-        Arc::new(TunnelClient::new(tls, pool, args.hbone_port, args.connect_timeout))
+        let keepalive = (!args.tunnel_keepalive_interval.is_zero()).then_some(args.tunnel_keepalive_interval);
+        Arc::new(TunnelClient::new(tls, pool, args.hbone_port, args.connect_timeout, keepalive))
     });
     let connections = TaskTracker::new();
     let shutdown = CancellationToken::new();
+    let drain_cut = CancellationToken::new();
     let relay = args.relay_options();
     let outbound = Arc::new(Outbound::new(
         Core {
@@ -265,6 +311,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 connect_attempts: args.connect_attempts,
                 relay,
             },
+            drain_cut: drain_cut.clone(),
         },
         connections.clone(),
     ));
@@ -275,11 +322,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics.clone(),
             InboundSettings {
                 connect_timeout: args.connect_timeout,
-                handshake_timeout: Duration::from_secs(10),
+                handshake_timeout: args.tunnel_handshake_timeout,
+                idle_timeout: args.tunnel_idle_timeout,
+                max_pending_handshakes: args.max_pending_handshakes as usize,
                 max_streams: args.max_streams_per_connection,
                 relay,
             },
             connections.clone(),
+            drain_cut.clone(),
         ))
     });
 
@@ -319,6 +369,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             identities: identities.clone(),
             metrics: metrics.clone(),
             sockets: args.socket_options(),
+            limits: pod_limits,
             outbound_port: args.outbound_port,
             hbone_port: args.hbone_port,
             strict,
@@ -334,6 +385,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let background = CancellationToken::new();
     let reconciler = tokio::spawn(node::run(node, snapshots, args.reload_interval, background.clone()));
+    watch_liveness("reconciler", reconciler.abort_handle(), status.clone(), background.clone());
     supervise(
         "mesh file watch",
         status.clone(),
@@ -363,7 +415,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     let textfile = args.textfile_dir.clone().map(|dir| {
         tracing::info!(dir = %dir.display(), interval = ?args.textfile_interval, "writing node-exporter textfile");
-        tokio::spawn(metrics::textfile::run(dir, args.textfile_interval, registry.clone(), background.clone()))
+        let task =
+            tokio::spawn(metrics::textfile::run(dir, args.textfile_interval, registry.clone(), background.clone()));
+        watch_liveness("textfile writer", task.abort_handle(), status.clone(), background.clone());
+        task
     });
 
     let signal = wait_for_signal().await?;
@@ -383,8 +438,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if tokio::time::timeout(args.drain_timeout, connections.wait()).await.is_err() {
         tracing::warn!(
             cut = connections.len(),
-            "drain deadline reached; closing the connections still open (raise --drain-timeout to wait longer)"
+            "drain deadline reached; resetting the connections still open (raise --drain-timeout to wait longer)"
         );
+        // Cut connections end with a reset (never a clean, short EOF) and
+        // their access-log lines (flag DC) are written before exit.
+        drain_cut.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
     } else {
         tracing::info!(drained = open, "all connections finished");
     }

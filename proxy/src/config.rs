@@ -286,6 +286,37 @@ pub struct RunArgs {
     #[arg(long, env = "OUTRIGGER_TUNNEL_CONNECTIONS_PER_PEER")]
     pub tunnel_connections_per_peer: Option<usize>,
 
+    /// Most connections the proxy holds for one pod at once (outbound from it and inbound to it;
+    /// each costs two file descriptors). Past it, the pod's new connections are reset at once and
+    /// counted in outrigger_limit_refused_total{limit="pod_connections"}, so one pod cannot take
+    /// the descriptors every other pod needs. Default: an eighth of the open-file limit.
+    #[arg(long, env = "OUTRIGGER_MAX_CONNECTIONS_PER_POD")]
+    pub max_connections_per_pod: Option<usize>,
+
+    /// Most tunnel connections to one pod still in their handshake (TLS, HTTP/2, first CONNECT).
+    /// Unauthenticated clients past it are reset at once.
+    #[arg(long, env = "OUTRIGGER_MAX_PENDING_HANDSHAKES_PER_POD", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_pending_handshakes_per_pod: u32,
+
+    /// Most tunnel connections to all pods of the node still in their handshake.
+    #[arg(long, env = "OUTRIGGER_MAX_PENDING_HANDSHAKES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_pending_handshakes: u32,
+
+    /// An arriving tunnel connection must finish TLS and HTTP/2 and send its first CONNECT within
+    /// this, or it is closed.
+    #[arg(long, env = "OUTRIGGER_TUNNEL_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tunnel_handshake_timeout: Duration,
+
+    /// HTTP/2 PING on every pooled tunnel connection this often; a peer that does not answer
+    /// within the same time is considered dead and its connection closed (0s: no pings).
+    #[arg(long, env = "OUTRIGGER_TUNNEL_KEEPALIVE_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub tunnel_keepalive_interval: Duration,
+
+    /// A relayed connection that moves no byte either way for this long is cut (both sides see a
+    /// reset; access-log flag SI). 0s: never (the default, as without the mesh).
+    #[arg(long, env = "OUTRIGGER_IDLE_TIMEOUT", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
     /// Tunnel connections with no stream for this long are closed.
     #[arg(long, env = "OUTRIGGER_TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub tunnel_idle_timeout: Duration,
@@ -423,6 +454,15 @@ impl RunArgs {
                 return Err(bad("tunnel-connections-per-peer", format!("{n} is outside 1..=64")));
             }
         }
+        if self.max_connections_per_pod == Some(0) {
+            return Err(bad("max-connections-per-pod", "0 would refuse every connection"));
+        }
+        within("tunnel-handshake-timeout", self.tunnel_handshake_timeout, ms(10), Duration::from_secs(600))?;
+        within("tunnel-keepalive-interval", self.tunnel_keepalive_interval, Duration::ZERO, DAY)?;
+        if !self.tunnel_keepalive_interval.is_zero() && self.tunnel_keepalive_interval < ms(100) {
+            return Err(bad("tunnel-keepalive-interval", "below 100ms it would flood peers with pings"));
+        }
+        within("idle-timeout", self.idle_timeout, Duration::ZERO, 30 * DAY)?;
         if self.mtls == MtlsMode::Strict && self.cert_dir.is_none() && self.ca_dir.is_none() {
             return Err(bad("mtls", "strict needs certificates: pass --cert-dir or --ca-dir"));
         }
@@ -447,6 +487,16 @@ impl RunArgs {
         crate::transport::RelayOptions {
             initial_buffer: self.initial_buffer_size as usize,
             max_buffer: self.buffer_size as usize,
+            idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+        }
+    }
+
+    /// Per-pod limits; the connection limit defaults to an eighth of the
+    /// open-file limit (each connection costs two descriptors).
+    pub fn pod_limits(&self, open_files: u64) -> crate::pod::PodLimits {
+        crate::pod::PodLimits {
+            connections: self.max_connections_per_pod.unwrap_or_else(|| (open_files / 8).max(64) as usize),
+            pending_handshakes: self.max_pending_handshakes_per_pod as usize,
         }
     }
 

@@ -3,7 +3,7 @@
 //! Modules, from the bottom of the dependency order up (a module only uses
 //! modules listed before it; `cargo xtask test` checks there are no cycles):
 //!
-//! - leaves: `sys`, `clock`, `model` (the mesh model), `transport`
+//! - leaves: `sys`, `clock`, `throttle`, `model` (the mesh model), `transport`
 //!   (sockets, relay, h2 streams), `balance`, `identity`, `capture`,
 //!   `telemetry`, `stats`;
 //! - `netns`, `tls`, `policy`, `store` (indexed snapshots of the model),
@@ -33,6 +33,7 @@ pub mod stats;
 pub mod store;
 pub mod sys;
 pub mod telemetry;
+pub mod throttle;
 pub mod tls;
 pub mod transport;
 pub mod tunnel;

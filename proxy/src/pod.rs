@@ -49,6 +49,20 @@ fn bind_error(addr: SocketAddr, e: io::Error) -> PodError {
     }
 }
 
+/// Per-pod limits: one pod's connections or half-open tunnels cannot take
+/// the descriptors every other pod needs.
+#[derive(Debug, Clone, Copy)]
+pub struct PodLimits {
+    /// Connections the proxy holds for the pod at once (each costs two
+    /// descriptors): outbound from it and inbound to it.
+    pub connections: usize,
+    /// Tunnel connections to the pod still in their handshake.
+    pub pending_handshakes: usize,
+}
+
+/// A slot held for the life of one connection (or one handshake).
+pub type Slot = tokio::sync::OwnedSemaphorePermit;
+
 /// What a connection needs to know about the pod it came from (or goes to).
 #[derive(Debug)]
 pub struct PodContext {
@@ -62,6 +76,8 @@ pub struct PodContext {
     pub netns: Netns,
     /// Upstream sockets made ahead of time in the pod's netns.
     pub spares: Arc<SpareSockets>,
+    connections: Arc<tokio::sync::Semaphore>,
+    handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 impl PodContext {
@@ -73,6 +89,7 @@ impl PodContext {
         identity: Identity,
         own_netns_cookie: u64,
         sockets: SocketOptions,
+        limits: PodLimits,
     ) -> Result<Self, PodError> {
         let Some(NetnsRef::Path(path)) = workload.netns.clone() else {
             return Err(PodError::NotLocal(workload.key.to_string()));
@@ -90,7 +107,20 @@ impl PodContext {
             ips: workload.ips.clone(),
             netns,
             spares: SpareSockets::new(sockets),
+            connections: Arc::new(tokio::sync::Semaphore::new(limits.connections)),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(limits.pending_handshakes)),
         })
+    }
+
+    /// A connection slot, or `None` when the pod is at its limit (the
+    /// caller refuses the connection at once).
+    pub fn connection_slot(&self) -> Option<Slot> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
+
+    /// A slot for one pending tunnel handshake to this pod.
+    pub fn handshake_slot(&self) -> Option<Slot> {
+        self.handshakes.clone().try_acquire_owned().ok()
     }
 
     /// A pod context with no namespace behind it (unit tests of the data
@@ -105,6 +135,8 @@ impl PodContext {
             ips: ips.to_vec(),
             netns: Netns::detached(std::path::Path::new("/test"), 42),
             spares: SpareSockets::new(SocketOptions { mark: 1, keepalive: None, user_timeout: None }),
+            connections: Arc::new(tokio::sync::Semaphore::new(1024)),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(16)),
         }
     }
 

@@ -57,6 +57,8 @@ pub enum CaptureError {
     },
     #[error("loading the eBPF object failed: {0} (is the proxy running as root with CAP_BPF and CAP_NET_ADMIN?)")]
     Load(#[source] Box<EbpfError>),
+    #[error("{what} is not a usable eBPF object: {reason} (build it with `cargo xtask build-ebpf`, or drop --ebpf-object to use the built-in programs)")]
+    BadObject { what: String, reason: String },
     #[error("eBPF program {name} is missing from the object: rebuild with `cargo xtask build-ebpf`")]
     MissingProgram { name: &'static str },
     #[error("eBPF map {name} is missing from the object: rebuild with `cargo xtask build-ebpf`")]
@@ -137,7 +139,15 @@ impl Capture {
             None if EMBEDDED_OBJECT.is_empty() => return Err(CaptureError::NotBuilt),
             None => EMBEDDED_OBJECT.to_vec(),
         };
-        let mut ebpf = EbpfLoader::new().load(&bytes).map_err(|e| CaptureError::Load(Box::new(e)))?;
+        let what = opts.object.map(|p| p.display().to_string()).unwrap_or_else(|| "the built-in object".into());
+        let mut ebpf = EbpfLoader::new().load(&bytes).map_err(|e| match e {
+            // The file itself is wrong: saying "run as root" would mislead.
+            EbpfError::ParseError(_)
+            | EbpfError::BtfError(_)
+            | EbpfError::RelocationError(_)
+            | EbpfError::BtfRelocationError(_) => CaptureError::BadObject { what, reason: e.to_string() },
+            e => CaptureError::Load(Box::new(e)),
+        })?;
         logger::spawn(&mut ebpf);
 
         let mut settings: Array<MapData, Settings> = take_map(&mut ebpf, "SETTINGS")?;

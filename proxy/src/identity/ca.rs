@@ -35,6 +35,8 @@ pub enum CaError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the system's random number generator failed: cannot make a certificate serial")]
+    Random,
     #[error("{0} already holds a CA; remove it first (every node trusts it) or pick another directory")]
     Exists(PathBuf),
     #[error("generating a certificate: {0}")]
@@ -141,7 +143,7 @@ impl CertificateAuthority {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
-        let serial: [u8; 16] = rand_bytes();
+        let serial: [u8; 16] = rand_bytes()?;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         // A minute of slack for clocks that disagree a little.
         let start = SystemTime::now() - backdate - Duration::from_secs(60);
@@ -152,13 +154,14 @@ impl CertificateAuthority {
     }
 }
 
-fn rand_bytes() -> [u8; 16] {
+/// Serial numbers must be unpredictable (CA/B Forum: at least 64 bits
+/// from a CSPRNG): the system's cryptographic RNG, through ring.
+fn rand_bytes() -> Result<[u8; 16], CaError> {
+    use ring::rand::SecureRandom;
     let mut out = [0u8; 16];
-    for b in &mut out {
-        *b = fastrand::u8(..);
-    }
+    ring::rand::SystemRandom::new().fill(&mut out).map_err(|_| CaError::Random)?;
     // A positive serial: the top bit clear.
     out[0] &= 0x7f;
     out[0] |= 0x01;
-    out
+    Ok(out)
 }

@@ -117,7 +117,9 @@ pub fn load_workload_cert(
     if now < info.not_before {
         return Err(CertError::NotYetValid(unix(info.not_before)));
     }
-    verify_chain(&leaf, &chain[1..], bundle, now)?;
+    // A workload certificate serves both ends of a tunnel.
+    verify_chain(&leaf, &chain[1..], bundle, now, Usage::Client)?;
+    verify_chain(&leaf, &chain[1..], bundle, now, Usage::Server)?;
     Ok(WorkloadCert {
         key: Arc::new(certified),
         not_after: info.not_after,
@@ -154,19 +156,31 @@ pub fn describe(der: &CertificateDer<'_>) -> Result<CertInfo, CertError> {
     })
 }
 
-/// Chain validation against the bundle, for a certificate used as both TLS
-/// client and server (workload certificates are).
+/// Which end of a TLS connection a certificate is checked for (its
+/// extended key usage must allow it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    Client,
+    Server,
+}
+
+/// Chain validation against the bundle, for the given usage.
 pub fn verify_chain(
     leaf: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     bundle: &TrustBundle,
     now: SystemTime,
+    usage: Usage,
 ) -> Result<(), CertError> {
-    let end_entity = webpki::EndEntityCert::try_from(leaf).map_err(|e| CertError::Parse(format!("{e:?}")))?;
+    let end_entity = webpki::EndEntityCert::try_from(leaf).map_err(|e| CertError::Parse(e.to_string()))?;
     let time = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
     let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms.all;
+    let key_usage = match usage {
+        Usage::Client => webpki::KeyUsage::client_auth(),
+        Usage::Server => webpki::KeyUsage::server_auth(),
+    };
     end_entity
-        .verify_for_usage(algs, bundle.anchors(), intermediates, time, webpki::KeyUsage::client_auth(), None, None)
-        .map_err(|e| CertError::Untrusted(format!("{e:?}")))?;
+        .verify_for_usage(algs, bundle.anchors(), intermediates, time, key_usage, None, None)
+        .map_err(|e| CertError::Untrusted(format!("{e} (as a TLS {usage:?} certificate)").to_lowercase()))?;
     Ok(())
 }

@@ -12,7 +12,14 @@
 
 mod stream;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
@@ -22,7 +29,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 pub use stream::{validate_connect, BadRequest};
 
 use crate::{
-    metrics::Metrics, pod::PodContext, store::MeshReader, tls::peer_identity, tls::TlsConfigs, transport::RelayOptions,
+    clock::now_nanos,
+    metrics::Metrics,
+    pod::{PodContext, Slot},
+    store::MeshReader,
+    tls::{peer_identity, TlsConfigs},
+    transport::RelayOptions,
 };
 
 /// Knobs of the inbound path.
@@ -30,9 +42,14 @@ use crate::{
 pub struct InboundSettings {
     /// Connecting to the application inside the pod.
     pub connect_timeout: Duration,
-    /// A TLS handshake not finished by then is dropped (slow or hostile
-    /// clients must not hold sockets).
+    /// The whole pre-stream phase — TLS handshake, HTTP/2 handshake, first
+    /// CONNECT — must finish within this, or the connection is dropped
+    /// (slow or hostile clients must not hold sockets).
     pub handshake_timeout: Duration,
+    /// A tunnel connection with no stream for this long is closed (GOAWAY).
+    pub idle_timeout: Duration,
+    /// Connections to one pod still in the pre-stream phase, at most.
+    pub max_pending_handshakes: usize,
     /// Streams one tunnel connection may carry at once.
     pub max_streams: u32,
     pub relay: RelayOptions,
@@ -44,6 +61,9 @@ pub struct Inbound {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) settings: InboundSettings,
     tasks: TaskTracker,
+    /// Node-wide pending handshakes (per pod: the pod's own limit).
+    handshakes: Arc<tokio::sync::Semaphore>,
+    pub(crate) drain_cut: CancellationToken,
 }
 
 impl Inbound {
@@ -53,22 +73,38 @@ impl Inbound {
         metrics: Arc<Metrics>,
         settings: InboundSettings,
         tasks: TaskTracker,
+        drain_cut: CancellationToken,
     ) -> Self {
-        Self { mesh, tls, metrics, settings, tasks }
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(settings.max_pending_handshakes));
+        Self { mesh, tls, metrics, settings, tasks, handshakes, drain_cut }
     }
 
     /// Serves one pod's tunnel listener until `stop` is cancelled.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, pod: Arc<PodContext>, stop: CancellationToken) {
-        crate::transport::accept_until(&listener, &stop, &pod.key, |tcp, peer| {
+        crate::transport::accept_until(&listener, &stop, &pod.key, |mut tcp, peer| {
+            // Unauthenticated connections are capped per pod and per node,
+            // so a flood of them cannot take the descriptors others need.
+            let slots = match (pod.handshake_slot(), self.handshakes.clone().try_acquire_owned()) {
+                (Some(pod_slot), Ok(node_slot)) => (pod_slot, node_slot),
+                (pod_slot, _) => {
+                    let limit = if pod_slot.is_none() { "pod_handshakes" } else { "node_handshakes" };
+                    crate::transport::Duplex::abort(&mut tcp);
+                    self.metrics.limit_refused(&pod.key, limit);
+                    crate::warn_throttled!(pod = %pod.key, limit, peer = %peer,
+                        "too many tunnel handshakes in progress: new connections are reset");
+                    return;
+                }
+            };
             let (this, pod, stop) = (self.clone(), pod.clone(), stop.clone());
-            self.tasks.spawn(async move { this.connection(tcp, peer, pod, stop).await });
+            self.tasks.spawn(async move { this.connection(tcp, peer, pod, stop, slots).await });
         })
         .await;
     }
 
     fn refused_handshake(&self, pod: &PodContext, peer: SocketAddr, error: &str) {
         self.metrics.inbound(&pod.key, "tls_failure").inc();
-        tracing::info!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, peer = %peer,
+        // Unauthenticated: a flood of these must not flood the log.
+        crate::info_throttled!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, peer = %peer,
             result = "tls_failure", error, "tunnel refused");
     }
 
@@ -78,60 +114,71 @@ impl Inbound {
         peer: SocketAddr,
         pod: Arc<PodContext>,
         stop: CancellationToken,
+        slots: (Slot, Slot),
     ) {
         let _ = tcp.set_nodelay(true);
         let config = match self.tls.server(&pod.identity) {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(pod = %pod.key, error = %e, "cannot accept tunnels for this pod");
+                crate::warn_throttled!(pod = %pod.key, error = %e, "cannot accept tunnels for this pod");
                 return;
             }
         };
-        let accept = TlsAcceptor::from(config).accept(tcp);
-        let tls = match tokio::time::timeout(self.settings.handshake_timeout, accept).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return self.refused_handshake(&pod, peer, &e.to_string()),
-            Err(_) => return self.refused_handshake(&pod, peer, "handshake timed out"),
+        // The pre-stream phase, under one deadline: TLS, HTTP/2, first CONNECT.
+        let setup = async {
+            let tls = TlsAcceptor::from(config).accept(tcp).await.map_err(|e| Setup::Tls(e.to_string()))?;
+            // The verifier already required exactly one SPIFFE ID of our domain.
+            let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
+            let identity = cert.as_ref().and_then(peer_identity).ok_or(Setup::Tls("no SPIFFE ID".into()))?;
+            // Which certificate the peer presented: rotation shows in the logs.
+            let serial: Arc<str> = cert
+                .as_ref()
+                .and_then(|c| crate::identity::cert::describe(c).ok())
+                .map(|i| i.serial)
+                .unwrap_or_default()
+                .into();
+            // The network side's RTT, read once now rather than holding a
+            // second descriptor of the socket for the connection's lifetime.
+            let rtt = crate::sys::tcp_rtt(std::os::fd::AsFd::as_fd(tls.get_ref().0));
+            let mut h2 = crate::tunnel::server_builder(self.settings.max_streams)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|e| Setup::H2(e.to_string()))?;
+            let first = h2.accept().await;
+            Ok::<_, Setup>((h2, first, stream::Peer { addr: peer, identity, serial, rtt }))
         };
-        // The verifier already required exactly one SPIFFE ID of our domain.
-        let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
-        let Some(peer_id) = peer_cert.as_ref().and_then(peer_identity) else {
-            return;
-        };
-        // Which certificate the peer presented: rotation shows in the logs.
-        let serial: Arc<str> = peer_cert
-            .as_ref()
-            .and_then(|c| crate::identity::cert::describe(c).ok())
-            .map(|i| i.serial)
-            .unwrap_or_default()
-            .into();
-        // The network side's RTT, read once now rather than holding a
-        // second descriptor of the socket for the connection's lifetime.
-        let rtt = crate::sys::tcp_rtt(std::os::fd::AsFd::as_fd(tls.get_ref().0));
-        let mut h2 = match crate::tunnel::server_builder(self.settings.max_streams).handshake::<_, Bytes>(tls).await {
-            Ok(h2) => h2,
-            Err(e) => {
+        let (mut h2, first, peer) = match tokio::time::timeout(self.settings.handshake_timeout, setup).await {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(Setup::Tls(e))) => return self.refused_handshake(&pod, peer, &e),
+            Ok(Err(Setup::H2(e))) => {
+                self.metrics.inbound(&pod.key, "h2_failure").inc();
                 tracing::debug!(pod = %pod.key, peer = %peer, error = %e, "HTTP/2 handshake failed");
                 return;
             }
+            Err(_) => {
+                self.metrics.inbound(&pod.key, "handshake_timeout").inc();
+                crate::warn_throttled!(pod = %pod.key, peer = %peer, timeout = ?self.settings.handshake_timeout,
+                    "tunnel connection closed: no CONNECT within the handshake deadline");
+                return;
+            }
         };
-        let peer = Arc::new(stream::Peer { addr: peer, identity: peer_id, serial, rtt });
+        // Authenticated and in use: the handshake slots are free again.
+        drop(slots);
+        let peer = Arc::new(peer);
+        let active = Arc::new(Activity::default());
+        let mut next = first;
+        let mut idle_check = tokio::time::interval(
+            self.settings.idle_timeout.min(Duration::from_secs(1)).max(Duration::from_millis(10)),
+        );
         loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => {
-                    h2.graceful_shutdown();
-                    // Keep driving the connection so open streams can finish.
-                    while let Some(Ok((req, respond))) = h2.accept().await {
-                        drop((req, respond));
-                    }
-                    return;
-                }
-                next = h2.accept() => next,
-            };
             match next {
                 Some(Ok((request, respond))) => {
-                    let (this, pod, peer) = (self.clone(), pod.clone(), peer.clone());
-                    self.tasks.spawn(async move { this.stream(request, respond, &peer, pod).await });
+                    let (this, pod, peer, activity) = (self.clone(), pod.clone(), peer.clone(), active.clone());
+                    activity.start();
+                    self.tasks.spawn(async move {
+                        this.stream(request, respond, &peer, pod).await;
+                        activity.end();
+                    });
                 }
                 Some(Err(e)) => {
                     tracing::debug!(pod = %pod.key, peer = %peer.addr, error = %e, "tunnel connection error");
@@ -139,6 +186,64 @@ impl Inbound {
                 }
                 None => return,
             }
+            next = loop {
+                tokio::select! {
+                    _ = stop.cancelled() => {
+                        h2.graceful_shutdown();
+                        // Keep driving the connection so open streams can finish.
+                        while let Some(Ok((req, respond))) = h2.accept().await {
+                            drop((req, respond));
+                        }
+                        return;
+                    }
+                    next = h2.accept() => break next,
+                    _ = idle_check.tick() => {
+                        if active.idle_for() >= self.settings.idle_timeout {
+                            tracing::debug!(pod = %pod.key, peer = %peer.addr, "closing an idle tunnel connection");
+                            h2.graceful_shutdown();
+                        }
+                    }
+                }
+            };
         }
+    }
+}
+
+/// How the pre-stream phase failed.
+enum Setup {
+    Tls(String),
+    H2(String),
+}
+
+/// Streams open on one tunnel connection, and since when it has had none.
+#[derive(Debug)]
+struct Activity {
+    open: AtomicUsize,
+    /// `now_nanos()` when the last stream ended.
+    idle_since: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self { open: AtomicUsize::new(0), idle_since: AtomicU64::new(now_nanos()) }
+    }
+}
+
+impl Activity {
+    fn start(&self) {
+        self.open.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn end(&self) {
+        self.idle_since.store(now_nanos(), Ordering::Relaxed);
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Zero while a stream is open.
+    fn idle_for(&self) -> Duration {
+        if self.open.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(now_nanos().saturating_sub(self.idle_since.load(Ordering::Relaxed)))
     }
 }

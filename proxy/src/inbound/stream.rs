@@ -140,6 +140,16 @@ impl Inbound {
             let why = format!("denied by {policy}");
             return refuse(&mut respond, StatusCode::FORBIDDEN, "denied", Some(("x-outrigger-denied", "policy")), &why);
         }
+        let Some(_slot) = pod.connection_slot() else {
+            self.metrics.limit_refused(&pod.key, "pod_connections");
+            return refuse(
+                &mut respond,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "pod_limit",
+                None,
+                "the pod is at --max-connections-per-pod",
+            );
+        };
         let connect_start = Instant::now();
         // Never dial the application for a stream the peer already reset.
         let connected = tokio::select! {
@@ -176,7 +186,7 @@ impl Inbound {
         };
         let mut tunnel = H2Stream::new(send, request.into_body());
         self.metrics.inbound(&pod.key, "ok").inc();
-        let relayed = relay(&mut app, &mut tunnel, self.settings.relay, |_| {}).await;
+        let relayed = relay(&mut app, &mut tunnel, self.settings.relay, &self.drain_cut, |_| {}).await;
         if let Some(record) = &record {
             // Seen from the source: what it sent reached the app (`received`
             // by the relay from the stream).
@@ -186,7 +196,8 @@ impl Inbound {
         tracing::info!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, peer = %peer.addr,
             peer_identity = %peer.identity, peer_serial = %peer.serial, authority = %authority,
             sent_bytes = relayed.received, received_bytes = relayed.sent,
-            duration_ms = start.elapsed().as_secs_f64() * 1e3, result = relayed.outcome(), "tunnel stream closed");
+            duration_ms = start.elapsed().as_secs_f64() * 1e3, result = relayed.outcome(), flags = relayed.end.flag(),
+            "tunnel stream closed");
     }
 
     /// The application, from a marked socket made inside the pod, dialling

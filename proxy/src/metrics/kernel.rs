@@ -31,7 +31,13 @@ impl Collector for KernelCounters {
                 None,
                 MetricType::Counter,
             )?;
-            for (key, id) in snapshot.service_ids() {
+            // Only services refused now: one map read each, never one per
+            // service of the cluster.
+            let mut ids: Vec<u32> = snapshot.refused().values().copied().collect();
+            ids.sort_unstable();
+            ids.dedup();
+            for id in ids {
+                let Some(key) = snapshot.service_key_of_id(id) else { continue };
                 let labels = ServiceLabels::of(key);
                 ConstCounter::new(capture.service_refused(id)).encode(family.encode_family(&labels)?)?;
             }
@@ -55,21 +61,16 @@ impl Collector for KernelCounters {
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
         }
-        let entries = capture.map_entries();
-        let mut family = encoder.encode_descriptor(
-            "outrigger_ebpf_map_entries",
-            "Entries in the kernel capture maps",
+        // Sockets the kernel programs track now, from their counters —
+        // not by walking the maps, whose size a pod controls.
+        let tracked = counts[counter::CAPTURED as usize].saturating_sub(counts[counter::CLOSED as usize]);
+        let family = encoder.encode_descriptor(
+            "outrigger_ebpf_tracked_sockets",
+            "Captured sockets not yet closed (captured minus closed events; the maps are walked only by /config_dump)",
             None,
             MetricType::Gauge,
         )?;
-        for (name, value) in [
-            ("orig_dst", entries.orig_dst),
-            ("orig_dst_by_cookie", entries.orig_dst_by_cookie),
-            ("meshed_netns", entries.meshed_netns),
-        ] {
-            let labels = [("map", name)];
-            ConstGauge::new(value as i64).encode(family.encode_family(&labels)?)?;
-        }
+        ConstGauge::new(tracked as i64).encode(family)?;
         Ok(())
     }
 }

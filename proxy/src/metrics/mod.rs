@@ -49,6 +49,15 @@ pub struct InboundLabels {
     pub result: &'static str,
 }
 
+/// Connections or handshakes refused because a limit was reached.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub pod: String,
+    pub namespace: String,
+    /// pod_connections, pod_handshakes, node_handshakes.
+    pub limit: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -63,6 +72,7 @@ pub struct Metrics {
     pub pods_meshed: Gauge,
     pub ejections: Family<ServiceLabels, Counter>,
     pub inbound_streams: Family<InboundLabels, Counter>,
+    pub limit_refused: Family<LimitLabels, Counter>,
 }
 
 impl Metrics {
@@ -76,6 +86,7 @@ impl Metrics {
             pods_meshed: Gauge::default(),
             ejections: Family::default(),
             inbound_streams: Family::default(),
+            limit_refused: Family::default(),
         }
     }
 
@@ -95,10 +106,22 @@ impl Metrics {
             self.inbound_streams.clone(),
         );
         r.register(
+            "limit_refused",
+            "Connections and tunnel handshakes refused at once because a per-pod or per-node limit was reached",
+            self.limit_refused.clone(),
+        );
+        r.register(
             "endpoint_ejections",
             "Endpoints ejected from a service after consecutive connect failures",
             self.ejections.clone(),
         );
+    }
+
+    /// Counts a refusal by `limit` on behalf of `pod`.
+    pub fn limit_refused(&self, pod: &crate::model::PodKey, limit: &'static str) {
+        self.limit_refused
+            .get_or_create(&LimitLabels { pod: pod.name.to_string(), namespace: pod.namespace.to_string(), limit })
+            .inc();
     }
 
     /// The counter of tunnel streams arriving at `pod` with `result`.

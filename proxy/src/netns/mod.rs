@@ -13,7 +13,6 @@ mod spare;
 pub use spare::SpareSockets;
 
 use std::{
-    fs::File,
     path::{Path, PathBuf},
     sync::mpsc as std_mpsc,
 };
@@ -87,7 +86,20 @@ impl Netns {
     /// Opens the netns file, starts its thread and reads its cookie.
     pub fn open(path: &Path, thread_name: &str) -> Result<Self, NetnsError> {
         let open_err = |source| NetnsError::Open { path: path.to_path_buf(), source };
-        let file = File::open(path).map_err(open_err)?;
+        // A FIFO or device at the path must not hang the reconciler: check
+        // the type first, and open without blocking in any case.
+        let kind = std::fs::metadata(path).map_err(open_err)?.file_type();
+        if !kind.is_file() {
+            return Err(NetnsError::NotANetns { path: path.to_path_buf() });
+        }
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(path)
+                .map_err(open_err)?
+        };
         let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| open_err(e.into()))?;
         if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
             return Err(NetnsError::NotANetns { path: path.to_path_buf() });

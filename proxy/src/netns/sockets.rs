@@ -19,6 +19,9 @@ pub fn current_netns_cookie() -> io::Result<u64> {
 pub fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    // A pod whose definition changed gets new listeners while the old ones
+    // drain their backlog: both must hold the port for that moment.
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         // The IPv4 listener serves IPv4-mapped connects; this one is v6 only.
         socket.set_only_v6(true)?;

@@ -31,7 +31,7 @@ use crate::{
     metrics::Metrics,
     model::{NetnsRef, PodKey},
     outbound::Outbound,
-    pod::{PodContext, PodError},
+    pod::{PodContext, PodError, PodLimits},
     store::{Snapshot, WorkloadEntry},
     transport::SocketOptions,
 };
@@ -46,6 +46,7 @@ pub struct NodeDeps {
     pub identities: Option<Arc<Identities>>,
     pub metrics: Arc<Metrics>,
     pub sockets: SocketOptions,
+    pub limits: PodLimits,
     pub outbound_port: u16,
     pub hbone_port: u16,
     /// `--mtls strict`: attach the plaintext-refusing program to each pod.
@@ -104,8 +105,17 @@ impl Node {
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
-            if let Some(pod) = self.running.remove(&key) {
-                self.stop_pod(&key, pod);
+            let Some(old) = self.running.remove(&key) else { continue };
+            match local.get(&key) {
+                // Changed: the new definition takes over before the old one
+                // stops, so the pod is never left uncaptured in between.
+                Some(entry) => {
+                    self.start_or_record(key.clone(), entry.clone()).await;
+                    let replaced =
+                        self.running.get(&key).is_some_and(|new| new.ctx.netns.cookie() == old.ctx.netns.cookie());
+                    self.stop(&key, old, !replaced);
+                }
+                None => self.stop(&key, old, true),
             }
         }
         self.failed.retain(|key, (entry, _)| local.get(key).is_some_and(|e| same(e, entry)));
@@ -178,16 +188,21 @@ impl Node {
                 tracing::warn!(pod = %key, netns = %pod.ctx.netns.path().display(),
                     "the pod's network namespace was replaced (or removed); re-meshing it");
                 let entry = pod.entry.clone();
-                self.stop_pod(&key, pod);
+                self.stop(&key, pod, true);
                 self.failed.insert(key, (entry, "network namespace replaced".into()));
             }
         }
         if self.failed.is_empty() {
             return;
         }
-        let failed = std::mem::take(&mut self.failed);
-        for (key, (entry, _)) in failed {
-            self.start_or_record(key, entry).await;
+        let keys: Vec<PodKey> = self.failed.keys().cloned().collect();
+        for key in keys {
+            // Stays in `failed` while retried, so an unchanged reason is
+            // not logged again on every tick.
+            if let Some((entry, _)) = self.failed.get(&key) {
+                let entry = entry.clone();
+                self.start_or_record(key, entry).await;
+            }
         }
         self.publish();
     }
@@ -205,7 +220,7 @@ impl Node {
                         pod.ctx.netns.cookie(),
                         other.ctx.netns.path().display()
                     );
-                    self.stop_pod(&key, pod);
+                    self.stop(&key, pod, false);
                     Err(message)
                 }
                 None => Ok(pod),
@@ -234,7 +249,8 @@ impl Node {
     async fn start_pod(&self, id: u32, entry: &Arc<WorkloadEntry>) -> Result<RunningPod, PodError> {
         let d = &self.deps;
         let ctx = Arc::new(
-            PodContext::open(id, &entry.workload, entry.identity.clone(), d.own_netns_cookie, d.sockets).await?,
+            PodContext::open(id, &entry.workload, entry.identity.clone(), d.own_netns_cookie, d.sockets, d.limits)
+                .await?,
         );
         let stop = d.shutdown.child_token();
         let mut addrs = Vec::new();
@@ -284,11 +300,14 @@ impl Node {
         }
     }
 
-    fn stop_pod(&self, key: &PodKey, pod: RunningPod) {
-        // Un-mesh first so new connects go direct, then close the listeners;
-        // connections already accepted run to completion.
-        if let Err(e) = self.deps.capture.unmesh(pod.ctx.netns.cookie()) {
-            tracing::error!(pod = %key, error = %e, "un-meshing pod failed");
+    /// Stops a pod's listeners (after draining their backlog); with
+    /// `unmesh`, first removes its capture entry so new connects go direct.
+    /// Connections already accepted run to completion.
+    fn stop(&self, key: &PodKey, pod: RunningPod, unmesh: bool) {
+        if unmesh {
+            if let Err(e) = self.deps.capture.unmesh(pod.ctx.netns.cookie()) {
+                tracing::error!(pod = %key, error = %e, "un-meshing pod failed");
+            }
         }
         pod.stop.cancel();
         if let Some(link) = pod.strict {
@@ -296,7 +315,9 @@ impl Node {
                 tracing::error!(pod = %key, error = %e, "detaching the strict-mode program failed");
             }
         }
-        tracing::info!(pod = %key, "pod un-meshed");
+        if unmesh {
+            tracing::info!(pod = %key, "pod un-meshed");
+        }
     }
 
     /// Shutdown: stop capturing every pod so new connects go direct, give

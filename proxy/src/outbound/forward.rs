@@ -118,7 +118,7 @@ pub async fn run<I: Duplex, C: Connect>(mut client: I, conn: Accepted, core: &Co
             route.balancer.observe(*i, latency);
         }
     };
-    let relayed = relay(&mut client, &mut link, core.settings.relay, first_response).await;
+    let relayed = relay(&mut client, &mut link, core.settings.relay, &core.drain_cut, first_response).await;
     let rtt = link.rtt();
     drop(link);
     drop(endpoint);
@@ -127,11 +127,9 @@ pub async fn run<I: Duplex, C: Connect>(mut client: I, conn: Accepted, core: &Co
         record.finish(relayed.sent, relayed.received, duration, rtt);
     }
     drop(record);
-    let flags = match (relayed.outcome(), attempts > 1) {
-        ("ok", false) => "-",
-        ("ok", true) => "RT",
-        ("reset", _) => "UR",
-        _ => "UE",
+    let flags = match relayed.end {
+        crate::transport::End::Completed if attempts > 1 => "RT",
+        end => end.flag(),
     };
     tracing::info!(
         target: "outrigger::access",
@@ -148,6 +146,6 @@ pub async fn run<I: Duplex, C: Connect>(mut client: I, conn: Accepted, core: &Co
 /// A connection the proxy cannot place: reset, counted, logged.
 fn refuse<I: Duplex, C: Connect>(client: &mut I, conn: &Accepted, core: &Core<C>, e: Failure) {
     core.metrics.orig_dst_misses.inc();
-    tracing::warn!(pod = %conn.pod.key, client = %conn.peer, error = %e, "closing the connection (reset)");
+    crate::warn_throttled!(pod = %conn.pod.key, client = %conn.peer, error = %e, "closing the connection (reset)");
     client.abort();
 }

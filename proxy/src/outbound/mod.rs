@@ -77,6 +77,9 @@ pub struct Core<C> {
     pub connector: C,
     pub metrics: Arc<Metrics>,
     pub settings: OutboundSettings,
+    /// Cancelled when the drain deadline passes: open connections are cut
+    /// (reset, logged with flag `DC`).
+    pub drain_cut: CancellationToken,
 }
 
 /// The outbound side of the proxy: the core plus the tasks it runs.
@@ -100,11 +103,22 @@ impl Outbound {
                 return;
             }
         };
-        crate::transport::accept_until(&listener, &stop, &pod.key, |stream, peer| {
+        crate::transport::accept_until(&listener, &stop, &pod.key, |mut stream, peer| {
+            // One pod cannot take every descriptor: past its limit, its new
+            // connections are reset at once.
+            let Some(slot) = pod.connection_slot() else {
+                crate::transport::Duplex::abort(&mut stream);
+                self.core.metrics.limit_refused(&pod.key, "pod_connections");
+                crate::warn_throttled!(pod = %pod.key, "the pod is at --max-connections-per-pod: new connections are reset");
+                return;
+            };
             let _ = stream.set_nodelay(true);
             let conn = Accepted { pod: pod.clone(), peer, local };
             let this = self.clone();
-            self.tasks.spawn(async move { forward::run(stream, conn, &this.core).await });
+            self.tasks.spawn(async move {
+                let _slot = slot;
+                forward::run(stream, conn, &this.core).await
+            });
         })
         .await;
     }

@@ -165,6 +165,7 @@ fn harness(dest: &str, behaviour: &[(&str, Behaviour)], endpoints: &[&str]) -> H
             connect_attempts: 3,
             relay: crate::transport::RelayOptions::default(),
         },
+        drain_cut: tokio_util::sync::CancellationToken::new(),
     };
     let pod = Arc::new(PodContext::for_test("client", &["10.0.0.1".parse().expect("ip")]));
     Harness { core, registry, pod }

@@ -171,6 +171,7 @@ impl Store {
             ObjectRef::Service(key) => {
                 if let Some(old) = self.state.services.remove(key) {
                     self.unindex_service(&old.service);
+                    self.state.service_ids.remove(&old.id);
                     self.free_ids.insert(old.id);
                     self.rebuild_routes(key);
                 }
@@ -333,6 +334,7 @@ impl Store {
         for host in &svc.hostnames {
             s.by_hostname.insert(host.clone(), key.clone());
         }
+        s.service_ids.insert(id, key.clone());
         s.services.insert(key.clone(), Arc::new(ServiceEntry { service: svc, id }));
         self.rebuild_routes(&key);
     }

@@ -41,6 +41,7 @@ pub struct Snapshot {
     /// Pods of this node, in key order (what the reconciler runs).
     pub(super) local: OrdMap<PodKey, Arc<WorkloadEntry>>,
     pub(super) services: HashMap<ServiceKey, Arc<ServiceEntry>>,
+    pub(super) service_ids: HashMap<u32, ServiceKey>,
     pub(super) vip_owner: HashMap<IpAddr, ServiceKey>,
     pub(super) by_hostname: HashMap<Arc<str>, ServiceKey>,
     pub(super) slices: HashMap<ObjectKey, Arc<EndpointSlice>>,
@@ -93,6 +94,11 @@ impl Snapshot {
     /// Service keys and their ids, for per-service kernel counters.
     pub fn service_ids(&self) -> impl Iterator<Item = (&ServiceKey, u32)> {
         self.services.iter().map(|(k, e)| (k, e.id))
+    }
+
+    /// The service with this id (ids index kernel counters).
+    pub fn service_key_of_id(&self, id: u32) -> Option<&ServiceKey> {
+        self.service_ids.get(&id)
     }
 
     /// The route for a destination, if it is a service's VIP:port.

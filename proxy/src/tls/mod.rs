@@ -59,7 +59,7 @@ impl CurrentCertOf {
         match self.identities.current(&self.id) {
             Ok(c) => Some(c.cert.key.clone()),
             Err(e) => {
-                tracing::warn!(identity = %self.id, error = %e, "no certificate to present");
+                crate::warn_throttled!(identity = %self.id, error = %e, "no certificate to present");
                 None
             }
         }

@@ -109,7 +109,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         let now = UNIX_EPOCH + std::time::Duration::from_secs(now.as_secs());
-        cert::verify_chain(end_entity, intermediates, &self.bundle, now)
+        cert::verify_chain(end_entity, intermediates, &self.bundle, now, cert::Usage::Server)
             .map_err(|e| identity_error(format!("server certificate: {e}")))?;
         match peer_identity(end_entity) {
             Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
@@ -124,7 +124,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+        // Tunnels are TLS 1.3 only; the config never offers 1.2.
+        Err(Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
     }
 
     fn verify_tls13_signature(

@@ -5,6 +5,9 @@ use std::{fmt::Display, net::SocketAddr, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+/// After a stop, the backlog is drained until it stays empty this long.
+const DRAIN_QUIET: Duration = Duration::from_millis(50);
+
 /// Accepts until `stop` is cancelled, handing each connection to
 /// `on_accept` (which spawns its task). `owner` names the listener's pod in
 /// logs.
@@ -20,7 +23,15 @@ pub async fn accept_until(
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                // Connects that reached the backlog before the stop (the pod
+                // was un-meshed first, so no new ones arrive) are served, not
+                // reset when the listener closes.
+                while let Ok(Ok((stream, peer))) = tokio::time::timeout(DRAIN_QUIET, listener.accept()).await {
+                    on_accept(stream, peer);
+                }
+                return;
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted {

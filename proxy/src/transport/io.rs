@@ -97,6 +97,10 @@ pub trait Duplex {
     /// Makes the end of this connection a failure the peer sees (TCP reset,
     /// h2 RST_STREAM), not a clean end of stream.
     fn abort(&mut self);
+    /// While set, the connection ends with a reset if this process dies
+    /// (SO_LINGER 0 on a socket): a crash must never look like a clean end
+    /// to the peer. Cleared before an orderly close.
+    fn reset_on_exit(&mut self, _on: bool) {}
 }
 
 /// A borrowed connection is a connection: the caller keeps it afterwards.
@@ -116,6 +120,10 @@ impl<T: Duplex> Duplex for &mut T {
 
     fn abort(&mut self) {
         (**self).abort();
+    }
+
+    fn reset_on_exit(&mut self, on: bool) {
+        (**self).reset_on_exit(on);
     }
 }
 
@@ -173,6 +181,12 @@ impl Duplex for TcpStream {
     fn abort(&mut self) {
         // SO_LINGER 0: closing sends a reset instead of a FIN.
         let _ = socket2::SockRef::from(&*self).set_linger(Some(std::time::Duration::ZERO));
+    }
+
+    fn reset_on_exit(&mut self, on: bool) {
+        // The kernel closes a dead process's sockets; with SO_LINGER 0 that
+        // close is a reset.
+        let _ = socket2::SockRef::from(&*self).set_linger(on.then_some(std::time::Duration::ZERO));
     }
 }
 
@@ -316,6 +330,13 @@ impl<L: Duplex, R: Duplex> Duplex for Either<L, R> {
         match self {
             Self::Left(l) => l.abort(),
             Self::Right(r) => r.abort(),
+        }
+    }
+
+    fn reset_on_exit(&mut self, on: bool) {
+        match self {
+            Self::Left(l) => l.reset_on_exit(on),
+            Self::Right(r) => r.reset_on_exit(on),
         }
     }
 }

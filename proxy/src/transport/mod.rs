@@ -28,5 +28,5 @@ pub use self::h2::{h2_io, H2Recv, H2Send, H2Stream};
 pub use accept::accept_until;
 pub use io::{ChunkRead, ChunkWrite, Duplex, Either, ReadBuffer, Stream};
 pub use peek::Peekable;
-pub use relay::{relay, RelayOptions, Relayed};
+pub use relay::{relay, End, RelayOptions, Relayed};
 pub use socket::{Keepalive, SocketOptions};

@@ -91,6 +91,10 @@ impl<T: Duplex> Duplex for Peekable<T> {
     fn abort(&mut self) {
         self.io.abort();
     }
+
+    fn reset_on_exit(&mut self, on: bool) {
+        self.io.reset_on_exit(on);
+    }
 }
 
 #[cfg(test)]
@@ -111,7 +115,9 @@ mod tests {
         client.write_all(b"\r\n").await.expect("write");
         client.shutdown().await.expect("close");
         let mut b = Stream::new(proxy_b);
-        let relay = tokio::spawn(async move { relay(&mut a, &mut b, RelayOptions::default(), |_| {}).await.sent });
+        let cut = tokio_util::sync::CancellationToken::new();
+        let relay =
+            tokio::spawn(async move { relay(&mut a, &mut b, RelayOptions::default(), &cut, |_| {}).await.sent });
         let mut got = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut server, &mut got).await.expect("read");
         assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");

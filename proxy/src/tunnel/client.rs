@@ -73,11 +73,19 @@ pub struct TunnelClient {
     pool: Pool,
     hbone_port: u16,
     connect_timeout: Duration,
+    /// HTTP/2 PING period (and answer deadline) on pooled connections.
+    keepalive: Option<Duration>,
 }
 
 impl TunnelClient {
-    pub fn new(tls: Arc<TlsConfigs>, pool: Pool, hbone_port: u16, connect_timeout: Duration) -> Self {
-        Self { tls, pool, hbone_port, connect_timeout }
+    pub fn new(
+        tls: Arc<TlsConfigs>,
+        pool: Pool,
+        hbone_port: u16,
+        connect_timeout: Duration,
+        keepalive: Option<Duration>,
+    ) -> Self {
+        Self { tls, pool, hbone_port, connect_timeout, keepalive }
     }
 
     pub fn hbone_port(&self) -> u16 {
@@ -159,14 +167,35 @@ impl TunnelClient {
                 .map_err(|source| TunnelError::H2 { peer, source })?;
             Ok::<_, TunnelError>((h2, rtt_fd))
         };
-        let ((sender, connection), rtt_fd) = tokio::time::timeout(self.connect_timeout, handshake)
+        let ((sender, mut connection), rtt_fd) = tokio::time::timeout(self.connect_timeout, handshake)
             .await
             .map_err(|_| TunnelError::Timeout { peer })??;
         let closed = Arc::new(AtomicBool::new(false));
         let driver_closed = closed.clone();
+        let pings = connection.ping_pong().zip(self.keepalive);
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(peer = %peer, error = %e, "tunnel connection ended");
+            // A peer that stops answering (a stopped process, a cut link)
+            // is found by PING rather than by the next stream hanging.
+            let keepalive = async {
+                let Some((mut pings, period)) = pings else { return std::future::pending().await };
+                loop {
+                    tokio::time::sleep(period).await;
+                    match tokio::time::timeout(period, pings.ping(h2::Ping::opaque())).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return e.to_string(),
+                        Err(_) => return format!("no PING answer within {period:?}"),
+                    }
+                }
+            };
+            tokio::select! {
+                ended = &mut connection => {
+                    if let Err(e) = ended {
+                        tracing::debug!(peer = %peer, error = %e, "tunnel connection ended");
+                    }
+                }
+                why = keepalive => {
+                    crate::warn_throttled!(peer = %peer, error = %why, "tunnel peer unresponsive: connection closed");
+                }
             }
             driver_closed.store(true, Ordering::Relaxed);
         });

@@ -58,6 +58,11 @@ pub enum TunnelError {
     Status { peer: SocketAddr, authority: SocketAddr, status: u16 },
     #[error("making a socket in the pod's netns: {0}")]
     Netns(#[from] crate::netns::NetnsError),
+    /// The outcome of a dial another stream made for the same peer.
+    #[error(transparent)]
+    Shared(std::sync::Arc<TunnelError>),
+    #[error("no tunnel connection to {peer} could take a stream (connections closed as they opened)")]
+    Unavailable { peer: SocketAddr },
 }
 
 fn upstream_hint(status: u16) -> &'static str {
@@ -73,11 +78,16 @@ impl TunnelError {
     /// Whether the failure is the peer's (it counts against the endpoint
     /// and may eject it) rather than this node's (no certificate, netns).
     pub fn is_peer_fault(&self) -> bool {
-        !matches!(self, Self::Config(_) | Self::Netns(_) | Self::Denied { .. })
+        match self {
+            Self::Shared(e) => e.is_peer_fault(),
+            e => !matches!(e, Self::Config(_) | Self::Netns(_) | Self::Denied { .. }),
+        }
     }
 
     pub fn reason(&self) -> &'static str {
         match self {
+            Self::Shared(e) => e.reason(),
+            Self::Unavailable { .. } => "tunnel_error",
             Self::Refused { .. } => "connect_refused",
             Self::Timeout { .. } => "connect_timeout",
             Self::Connect { .. } | Self::Netns(_) => "connect_error",

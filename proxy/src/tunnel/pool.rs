@@ -8,8 +8,10 @@
 //! (one per CPU by default, so TLS work spreads over cores), and past
 //! `--max-streams-per-connection` a new one is opened regardless. Once the
 //! source certificate rotated, new streams take a new connection and the
-//! old ones finish theirs. Dialling is serialised per key so a burst of new
-//! streams opens one connection, not one each.
+//! old ones finish theirs. Dialling is single-flight per key: a burst of
+//! new streams opens one connection, not one each, and when the peer is
+//! dead every waiter gets the one dial's error — 20 waiters behind a dead
+//! peer fail after one connect timeout, not twenty.
 
 use std::{
     collections::HashMap,
@@ -83,10 +85,20 @@ pub struct PoolStats {
     pub dialled_total: u64,
 }
 
+/// One dial in flight for a key; every waiter shares its outcome.
+#[derive(Debug, Default)]
+struct Flight {
+    outcome: tokio::sync::OnceCell<Result<(), Arc<TunnelError>>>,
+}
+
+/// Rounds of "dial, then take a place" before giving up: each round adds a
+/// connection, so only connections that die at once can exhaust it.
+const MAX_DIAL_ROUNDS: usize = 4;
+
 #[derive(Debug)]
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
-    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    dialing: Mutex<HashMap<PoolKey, Arc<Flight>>>,
     max_streams: usize,
     /// Connections per key before streams share them.
     max_conns: usize,
@@ -120,12 +132,14 @@ impl Pool {
         if busy >= self.max_streams || (busy > 0 && current < self.max_conns) {
             return None;
         }
+        // The caller holds the pool lock: no other taker can slip in.
         least.streams.fetch_add(1, Ordering::AcqRel);
         Some((least.sender.clone(), StreamGuard(least.clone())))
     }
 
     /// A place for one stream to the peer of `key`, dialling with `dial` if
-    /// no pooled connection has room.
+    /// no pooled connection has room. Concurrent callers for one key share
+    /// one dial and its result.
     pub async fn stream<D, Fut>(
         &self,
         key: &PoolKey,
@@ -133,34 +147,49 @@ impl Pool {
         dial: D,
     ) -> Result<(SendRequest<Bytes>, StreamGuard), TunnelError>
     where
-        D: FnOnce() -> Fut,
+        D: Fn() -> Fut,
         Fut: Future<Output = Result<Dialled, TunnelError>>,
     {
-        if let Some(place) = self.take_place(key, generation) {
-            return Ok(place);
+        for _ in 0..MAX_DIAL_ROUNDS {
+            if let Some(place) = self.take_place(key, generation) {
+                return Ok(place);
+            }
+            let flight = {
+                let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
+                dialing.entry(key.clone()).or_default().clone()
+            };
+            let outcome = flight
+                .outcome
+                .get_or_init(|| async {
+                    let dialled = dial().await.map_err(Arc::new)?;
+                    self.add(key, generation, dialled);
+                    Ok(())
+                })
+                .await
+                .clone();
+            // The next burst after this one dials afresh.
+            {
+                let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
+                if dialing.get(key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                    dialing.remove(key);
+                }
+            }
+            outcome.map_err(TunnelError::Shared)?;
         }
-        let lock = {
-            let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
-            dialing.entry(key.clone()).or_default().clone()
-        };
-        let _dialing = lock.lock().await;
-        // Someone else may have dialled while we waited.
-        if let Some(place) = self.take_place(key, generation) {
-            return Ok(place);
-        }
-        let dialled = dial().await?;
+        Err(TunnelError::Unavailable { peer: key.peer })
+    }
+
+    fn add(&self, key: &PoolKey, generation: u64, dialled: Dialled) {
         self.dialled.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(PooledConn {
             sender: dialled.sender,
-            streams: AtomicUsize::new(1),
+            streams: AtomicUsize::new(0),
             generation,
             closed: dialled.closed,
             last_used: AtomicU64::new(now_nanos()),
             socket: dialled.socket,
         });
-        let place = (conn.sender.clone(), StreamGuard(conn.clone()));
         self.conns.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().push(conn);
-        Ok(place)
     }
 
     /// Drops connections that are closed, or idle past the idle timeout.
@@ -178,7 +207,7 @@ impl Pool {
         }
         conns.retain(|_, list| !list.is_empty());
         let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
-        dialing.retain(|k, lock| conns.contains_key(k) || Arc::strong_count(lock) > 1);
+        dialing.retain(|_, flight| Arc::strong_count(flight) > 1);
     }
 
     pub fn stats(&self) -> PoolStats {
