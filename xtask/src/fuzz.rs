@@ -1,4 +1,4 @@
-//! `cargo xtask fuzz`: the inbound tunnel port's parsing under libFuzzer
+//! `cargo xtask fuzz`: the inbound tunnel port's parsing and the mesh-file parser under libFuzzer
 //! (cargo fuzz, nightly, AddressSanitizer), for a bounded time per target.
 
 use std::process::Command;
@@ -8,7 +8,7 @@ use anyhow::Result;
 use crate::util::{exec, have, workspace_root};
 
 /// The fuzz targets in fuzz/fuzz_targets.
-const TARGETS: &[&str] = &["hbone_connect", "tls_handshake"];
+const TARGETS: &[&str] = &["hbone_connect", "tls_handshake", "mesh_file"];
 
 #[derive(clap::Args, Debug)]
 pub struct FuzzArgs {

@@ -39,7 +39,7 @@ enum Task {
     },
     /// Measure latency and throughput: direct vs Outrigger vs HAProxy, on one topology, in one run.
     Bench(bench::BenchArgs),
-    /// Fuzz the inbound tunnel port's TLS and HTTP/2 CONNECT parsing for a bounded time (cargo fuzz, nightly).
+    /// Fuzz the tunnel port (TLS handshake, HTTP/2 CONNECT) and the mesh-file parser for a bounded time (cargo fuzz, nightly).
     Fuzz(fuzz::FuzzArgs),
 }
 

@@ -140,24 +140,36 @@ impl FileSource {
 
     /// Parses, translates and validates the whole file.
     fn parse(&self, bytes: &[u8]) -> Result<Vec<Object>, FileError> {
-        let path = || self.path.clone();
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| FileError::Invalid { path: path(), problem: format!("not UTF-8: {e}") })?;
-        let objects = parse_text(text, self.limits.max_depth)
-            .map_err(|reason| FileError::Parse { path: path(), reason })
-            .and_then(|file| {
-                translate::objects(file).map_err(|problem| FileError::Invalid { path: path(), problem })
-            })?;
-        // The store's own rules decide validity: a scratch store must take
-        // every object.
-        let mut scratch = Store::new(self.settings.clone());
-        for object in &objects {
-            scratch
-                .upsert(object.clone())
-                .map_err(|r| FileError::Invalid { path: path(), problem: format!("{}: {}", r.object, r.reason) })?;
-        }
-        Ok(objects)
+        parse_bytes(&self.path, bytes, self.limits, &self.settings)
     }
+}
+
+/// A mesh file's bytes to model objects, validated as a whole (the path is
+/// only for messages). Public for the fuzz target.
+pub fn parse_bytes(
+    path: &Path,
+    bytes: &[u8],
+    limits: FileLimits,
+    settings: &StoreSettings,
+) -> Result<Vec<Object>, FileError> {
+    let path = || path.to_path_buf();
+    if bytes.len() as u64 > limits.max_bytes {
+        return Err(FileError::TooLarge { path: path(), limit: limits.max_bytes });
+    }
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| FileError::Invalid { path: path(), problem: format!("not UTF-8: {e}") })?;
+    let objects = parse_text(text, limits.max_depth)
+        .map_err(|reason| FileError::Parse { path: path(), reason })
+        .and_then(|file| translate::objects(file).map_err(|problem| FileError::Invalid { path: path(), problem }))?;
+    // The store's own rules decide validity: a scratch store must take
+    // every object.
+    let mut scratch = Store::new(settings.clone());
+    for object in &objects {
+        scratch
+            .upsert(object.clone())
+            .map_err(|r| FileError::Invalid { path: path(), problem: format!("{}: {}", r.object, r.reason) })?;
+    }
+    Ok(objects)
 }
 
 /// YAML → the file's shape, with the parser's budget on depth and size.
