@@ -7,7 +7,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicU32, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
     },
     time::{Duration, Instant},
 };
@@ -172,13 +172,36 @@ pub struct HealthStatus {
 }
 
 /// An endpoint as a balancer sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub weight: u32,
     /// The pod it is, when it is one (its name).
     pub pod: Option<Arc<str>>,
-    pub health: Arc<Health>,
+    /// Made on first use: a node balances to few of the cluster's services,
+    /// and health for the others would be most of the store's memory.
+    health: OnceLock<Arc<Health>>,
+}
+
+impl Endpoint {
+    /// `health`: carried over from the previous version of the route.
+    pub fn new(addr: SocketAddr, weight: u32, pod: Option<Arc<str>>, health: Option<Arc<Health>>) -> Self {
+        let cell = OnceLock::new();
+        if let Some(h) = health {
+            let _ = cell.set(h);
+        }
+        Self { addr, weight, pod, health: cell }
+    }
+
+    /// The endpoint's health, made now if it was never used.
+    pub fn health(&self, default_rtt: Duration) -> &Arc<Health> {
+        self.health.get_or_init(|| Arc::new(Health::new(default_rtt)))
+    }
+
+    /// The endpoint's health if it has been used.
+    pub fn health_if_used(&self) -> Option<&Arc<Health>> {
+        self.health.get()
+    }
 }
 
 #[cfg(test)]

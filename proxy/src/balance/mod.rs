@@ -13,7 +13,10 @@
 
 mod endpoint;
 
-use std::{sync::Mutex, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use serde::Serialize;
 
@@ -97,7 +100,7 @@ impl Balancer {
             return Err(NoEndpoint::None);
         }
         let now = now_nanos();
-        let available = |i: usize| !tried.contains(&i) && !self.endpoints[i].health.is_ejected(now);
+        let available = |i: usize| !tried.contains(&i) && !self.is_ejected(i, now);
         let picked = match self.settings.algorithm {
             Algorithm::P2cEwma => self.pick_p2c(&available),
             Algorithm::RoundRobin => self.pick_round_robin(&available),
@@ -119,7 +122,12 @@ impl Balancer {
                 }
                 let cost = |i: usize| {
                     let ep = &self.endpoints[i];
-                    ep.health.load(self.settings.ewma_decay) / f64::from(ep.weight)
+                    let load = match ep.health_if_used() {
+                        Some(h) => h.load(self.settings.ewma_decay),
+                        // Never used: the default estimate, nothing in flight.
+                        None => self.settings.ewma_default_rtt.as_nanos() as f64,
+                    };
+                    load / f64::from(ep.weight)
                 };
                 let (a, b) = (candidates[a], candidates[b]);
                 Some(if cost(b) < cost(a) { b } else { a })
@@ -172,25 +180,39 @@ impl Balancer {
     /// if it was ejected.
     pub fn failed(&self, i: usize) -> Option<Duration> {
         let now = now_nanos();
-        let ejected = self.endpoints.iter().filter(|e| e.health.is_ejected(now)).count() as u64;
+        let ejected = (0..self.endpoints.len()).filter(|&e| self.is_ejected(e, now)).count() as u64;
         let total = self.endpoints.len() as u64;
         let may_eject = (ejected + 1) * 100 <= u64::from(self.settings.ejection_max_percent) * total;
-        self.endpoints[i].health.failed(&self.settings, may_eject)
+        self.health(i).failed(&self.settings, may_eject)
     }
 
     pub fn succeeded(&self, i: usize) {
-        self.endpoints[i].health.succeeded(&self.settings);
+        self.health(i).succeeded(&self.settings);
     }
 
     /// A latency sample for endpoint `i` (connect time, first-byte time).
     pub fn observe(&self, i: usize, sample: Duration) {
-        self.endpoints[i].health.observe(sample, self.settings.ewma_decay);
+        self.health(i).observe(sample, self.settings.ewma_decay);
+    }
+
+    /// Endpoint `i`'s health (made on first use).
+    pub fn health(&self, i: usize) -> &Arc<Health> {
+        self.endpoints[i].health(self.settings.ewma_default_rtt)
+    }
+
+    /// Counts a connection in flight to endpoint `i` until the guard drops.
+    pub fn start(&self, i: usize) -> InFlight {
+        self.health(i).start()
+    }
+
+    fn is_ejected(&self, i: usize, now: u64) -> bool {
+        self.endpoints[i].health_if_used().is_some_and(|h| h.is_ejected(now))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{net::SocketAddr, sync::Arc};
+    use std::net::SocketAddr;
 
     use super::*;
 
@@ -199,11 +221,8 @@ mod tests {
         let endpoints = weights
             .iter()
             .enumerate()
-            .map(|(i, w)| Endpoint {
-                addr: SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)),
-                weight: *w,
-                pod: Some(format!("ep{i}").into()),
-                health: Arc::new(Health::new(settings.ewma_default_rtt)),
+            .map(|(i, w)| {
+                Endpoint::new(SocketAddr::from(([10, 0, 0, i as u8 + 1], 80)), *w, Some(format!("ep{i}").into()), None)
             })
             .collect();
         Balancer::new(endpoints, settings)

@@ -39,7 +39,7 @@ impl DirSource {
 
     /// Where the certificate of `id` is expected.
     pub fn identity_dir(dir: &Path, id: &Identity) -> PathBuf {
-        dir.join(&id.namespace).join(&id.service_account)
+        dir.join(&*id.namespace).join(&*id.service_account)
     }
 }
 

@@ -1,24 +1,27 @@
 //! SPIFFE IDs of Kubernetes workloads: `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, sync::Arc};
 
 use serde::{Serialize, Serializer};
 
-/// A workload identity. Every pod of a service account shares one.
+/// A workload identity. Every pod of a service account shares one. The
+/// parts are shared strings: every remote pod of the mesh has one, and the
+/// store builds them from strings it already holds.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
+    pub trust_domain: Arc<str>,
+    pub namespace: Arc<str>,
+    pub service_account: Arc<str>,
 }
 
 impl Identity {
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
-        Self {
-            trust_domain: trust_domain.to_string(),
-            namespace: namespace.to_string(),
-            service_account: service_account.to_string(),
-        }
+        Self { trust_domain: trust_domain.into(), namespace: namespace.into(), service_account: service_account.into() }
+    }
+
+    /// From strings already shared elsewhere (no allocation).
+    pub fn from_parts(trust_domain: Arc<str>, namespace: Arc<str>, service_account: Arc<str>) -> Self {
+        Self { trust_domain, namespace, service_account }
     }
 }
 

@@ -107,7 +107,7 @@ impl super::ConnectionMetrics {
         ConnLabels {
             reporter: "inbound",
             source_pod: source.map(|w| w.workload.key.name.to_string()).unwrap_or_default(),
-            source_workload_namespace: peer_id.map(|id| id.namespace.clone()).unwrap_or_default(),
+            source_workload_namespace: peer_id.map(|id| id.namespace.to_string()).unwrap_or_default(),
             source_principal: peer_id.map(ToString::to_string).unwrap_or_default(),
             destination_service: service.map(service_label).unwrap_or_else(|| UNKNOWN_SERVICE.into()),
             destination_pod: pod.key.name.to_string(),

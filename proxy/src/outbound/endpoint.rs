@@ -211,7 +211,7 @@ pub async fn connect_route<C: Connect>(
         tried.push(i);
         let endpoint = &route.balancer.endpoints()[i];
         let target = target_for(cx.snapshot, cx.pod, endpoint.addr, c.strict())?;
-        let in_flight = endpoint.health.start();
+        let in_flight = route.balancer.start(i);
         let started = Instant::now();
         match attempt(c, cx, &target).await {
             Ok(io) => {

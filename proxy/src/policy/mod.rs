@@ -35,7 +35,7 @@ fn rule_matches(rule: &Rule, source: Option<&Identity>, port: u16) -> bool {
         || id.as_deref().is_some_and(|id| rule.principals.iter().any(|p| principal_matches(p, id)));
     let not_principal_ok = rule.not_principals.is_empty()
         || id.as_deref().is_some_and(|id| !rule.not_principals.iter().any(|p| principal_matches(p, id)));
-    let ns = source.map(|s| s.namespace.as_str());
+    let ns = source.map(|s| &*s.namespace);
     let namespace_ok = rule.namespaces.is_empty() || ns.is_some_and(|ns| rule.namespaces.iter().any(|n| n == ns));
     let not_namespace_ok =
         rule.not_namespaces.is_empty() || ns.is_some_and(|ns| !rule.not_namespaces.iter().any(|n| n == ns));

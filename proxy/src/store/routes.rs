@@ -59,7 +59,11 @@ impl ServiceRoute {
                         None => e.addr.ip().to_string(),
                     },
                     weight: e.weight,
-                    health: e.health.status(now),
+                    // Never used: what a fresh endpoint looks like.
+                    health: match e.health_if_used() {
+                        Some(h) => h.status(now),
+                        None => Health::new(self.balancer.settings().ewma_default_rtt).status(now),
+                    },
                 })
                 .collect(),
         }
@@ -83,13 +87,16 @@ impl Store {
             for vip in &old.routes {
                 if let Some(route) = self.state.routes.remove(vip) {
                     for ep in route.balancer.endpoints() {
-                        health.insert((vip.port(), ep.addr), ep.health.clone());
+                        self.state.endpoint_services.remove(&(ep.addr, old.id));
+                        if let Some(h) = ep.health_if_used() {
+                            health.insert((vip.port(), ep.addr), h.clone());
+                        }
                     }
                 }
                 self.state.refused.remove(vip);
             }
             for addr in &old.endpoints {
-                self.state.endpoint_services.remove(&(*addr, key.clone()));
+                self.state.endpoint_services.remove(&(*addr, old.id));
             }
         }
         let Some(entry) = self.state.services.get(key).cloned() else { return };
@@ -100,29 +107,29 @@ impl Store {
             .get(key)
             .map(|keys| keys.iter().filter_map(|k| self.state.slices.get(k).cloned()).collect())
             .unwrap_or_default();
-        let mut indexed = Indexed::default();
+        let mut indexed = Indexed { id: entry.id, ..Indexed::default() };
+        let headless = svc.vips.is_empty();
         for port in &svc.ports {
             let candidates = candidates(port, &slices);
-            for c in &candidates {
-                if self.state.endpoint_services.insert((c.addr, key.clone())).is_none() {
-                    indexed.endpoints.push(c.addr);
+            // A headless service has no routes to find its endpoints in
+            // later: it remembers them (few services are headless).
+            if headless {
+                for c in &candidates {
+                    if self.state.endpoint_services.insert((c.addr, entry.id)).is_none() {
+                        indexed.endpoints.push(c.addr);
+                    }
                 }
             }
             for vip in &svc.vips {
                 let vip_addr = SocketAddr::new(canonical_ip(*vip), port.port);
                 let endpoints = for_family(&candidates, vip.is_ipv6())
-                    .map(|c| Endpoint {
-                        addr: c.addr,
-                        weight: c.weight,
-                        pod: c.pod.clone(),
-                        health: health
-                            .get(&(port.port, c.addr))
-                            .cloned()
-                            .unwrap_or_else(|| Arc::new(Health::new(self.settings.balance.ewma_default_rtt))),
-                    })
+                    .map(|c| Endpoint::new(c.addr, c.weight, c.pod.clone(), health.get(&(port.port, c.addr)).cloned()))
                     .collect::<Vec<_>>();
                 if endpoints.is_empty() {
                     self.state.refused.insert(vip_addr, entry.id);
+                }
+                for ep in &endpoints {
+                    self.state.endpoint_services.insert((ep.addr, entry.id));
                 }
                 let route = ServiceRoute {
                     service: key.clone(),
@@ -140,9 +147,13 @@ impl Store {
 }
 
 /// What one service put into the shared indices, so that rebuilding it
-/// removes exactly that without scanning them.
+/// removes exactly that without scanning them: its routes (whose endpoints
+/// are its entries in `endpoint_services`), and for a headless service the
+/// endpoints themselves.
 #[derive(Debug, Default)]
 pub struct Indexed {
+    /// The service id the entries were made under.
+    id: u32,
     routes: Vec<SocketAddr>,
     endpoints: Vec<SocketAddr>,
 }

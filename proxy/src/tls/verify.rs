@@ -51,7 +51,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, Error> {
         self.inner.verify_client_cert(end_entity, intermediates, now)?;
         match peer_identity(end_entity) {
-            Some(id) if id.trust_domain == self.trust_domain => Ok(ClientCertVerified::assertion()),
+            Some(id) if *id.trust_domain == *self.trust_domain => Ok(ClientCertVerified::assertion()),
             Some(id) => Err(identity_error(format!("client {id} is not in trust domain {}", self.trust_domain))),
             None => Err(identity_error("client certificate names no single SPIFFE ID".into())),
         }
