@@ -119,6 +119,17 @@ fn services_become_a_service_and_endpoint_slices() {
 }
 
 #[test]
+fn unnamed_ports_of_a_multi_port_service_are_named_by_number() {
+    let text = with_services(
+        "  - name: web\n    namespace: shop\n    vips: [10.96.0.10]\n    ports: [{port: 80, targetPort: 8080}, {port: 81, targetPort: 8081}]\n    endpoints: [{pod: web-0}]\n",
+    );
+    let objects = parse(&text).expect("valid, as before names were required");
+    let ports: Vec<(String, u16)> =
+        slices(&objects)[0].ports.iter().map(|p| (p.name.as_deref().unwrap_or("").to_string(), p.port)).collect();
+    assert_eq!(ports, [("80".to_string(), 8080), ("81".to_string(), 8081)]);
+}
+
+#[test]
 fn named_target_ports_resolve_per_pod() {
     let text = with_services(
         "  - name: web\n    namespace: shop\n    vips: [10.96.0.10]\n    ports: [{name: web, port: 80, targetPort: http}]\n    endpoints: [{pod: web-0}]\n",

@@ -90,11 +90,19 @@ fn workload(pod: &PodSpec) -> Workload {
 
 fn service(svc: &ServiceSpec, pods: &BTreeMap<ObjectKey, PodSpec>) -> Result<(Service, Vec<EndpointSlice>), String> {
     let key = ObjectKey::new(&svc.namespace, &svc.name);
+    // Kubernetes requires names on the ports of a multi-port service (slices
+    // resolve target ports by name); the file does not, so an unnamed port
+    // of such a service is named by its number.
+    let several = svc.ports.len() > 1;
     let ports: Vec<ServicePort> = svc
         .ports
         .iter()
         .map(|p| ServicePort {
-            name: p.name.as_deref().map(Into::into),
+            name: match &p.name {
+                Some(name) => Some(name.as_str().into()),
+                None if several => Some(p.port.to_string().into()),
+                None => None,
+            },
             port: p.port,
             app_protocol: p.protocol.as_deref().map(AppProtocol::parse),
             target_port: match &p.target_port {
