@@ -226,28 +226,20 @@ fn pods_file_changes_apply_at_run_time_and_bad_files_change_nothing() -> Result<
     Ok(())
 }
 
-fn attached_programs(cgroup: &std::path::Path) -> Result<usize> {
-    let out = std::process::Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(cgroup).output()?;
-    ensure!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
-    Ok(v.as_array().map(|a| a.len()).unwrap_or(0))
-}
-
 #[test]
 fn sigkill_fails_open_and_a_restarted_proxy_captures_again() -> Result<()> {
     let (sb, pods, pods_file) = setup(&["a", "b"], &["a", "b"])?;
     let (a, b) = (&pods[0], &pods[1]);
     let server = sb.echo_server(b, &[8080], &[])?;
     let target = SocketAddr::new(b.ip4.into(), 8080);
-    let cgroup = sb.node_cgroup(0);
     let mut proxy = ProxyProcess::start(&sb, 0, pods_file.clone(), &[])?;
-    ensure!(attached_programs(&cgroup)? == 5, "expected 5 programs attached");
+    ensure!(sb.attached_programs(0)? == 5, "expected 5 programs attached");
     ensure!(ok_count(&sb.client(a, target, &["--bytes", "1000"])?) == 1);
     ensure!(opened(&proxy, "a") == 1.0);
 
     proxy.signal(Signal::SIGKILL)?;
     proxy.wait_exit(Duration::from_secs(5)).context("proxy survived SIGKILL")?;
-    let detached = wait_for(Duration::from_secs(5), || (attached_programs(&cgroup).ok()? == 0).then_some(()));
+    let detached = wait_for(Duration::from_secs(5), || (sb.attached_programs(0).ok()? == 0).then_some(()));
     ensure!(detached.is_some(), "programs still attached after the proxy died");
     // Fail open: the pod's connection now goes direct and works.
     let peers_before = server.stdout().matches(&a.ip4.to_string()).count();
@@ -286,7 +278,7 @@ fn sigterm_drains_open_connections_and_exits_cleanly() -> Result<()> {
     ensure!(ok_count(&summary) == 1, "open connection broken by shutdown: {summary}");
     let status = proxy.wait_exit(Duration::from_secs(10)).context("proxy did not exit after draining")?;
     ensure!(status.success(), "proxy exited with {status}; log:\n{}", proxy.log_text());
-    ensure!(attached_programs(&sb.node_cgroup(0))? == 0);
+    ensure!(sb.attached_programs(0)? == 0);
     ensure!(proxy.log_text().contains("all connections finished"));
     Ok(())
 }

@@ -60,6 +60,14 @@ pub struct PodLimits {
     pub pending_handshakes: usize,
 }
 
+/// A pod's listening sockets, shared with its accept loops and kept by
+/// its owner so that a new definition of the pod in the same netns listens
+/// on the very same sockets. Binding new ones beside them (SO_REUSEPORT)
+/// and closing the old would reset the connects the kernel queued on an
+/// old socket between its last accept and its close — a few on every
+/// change.
+pub type ListenSockets = Vec<Arc<TcpListener>>;
+
 /// A slot held for the life of one connection (or one handshake).
 pub type Slot = tokio::sync::OwnedSemaphorePermit;
 
@@ -78,6 +86,10 @@ pub struct PodContext {
     pub spares: Arc<SpareSockets>,
     connections: Arc<tokio::sync::Semaphore>,
     handshakes: Arc<tokio::sync::Semaphore>,
+    /// Cancelled when the pod's listening sockets pass to its next
+    /// definition: the accept loops then end at once — the sockets stay
+    /// open and the next definition serves what is queued on them.
+    pub handed_over: tokio_util::sync::CancellationToken,
 }
 
 impl PodContext {
@@ -109,6 +121,7 @@ impl PodContext {
             spares: SpareSockets::new(sockets),
             connections: Arc::new(tokio::sync::Semaphore::new(limits.connections)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(limits.pending_handshakes)),
+            handed_over: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -137,6 +150,7 @@ impl PodContext {
             spares: SpareSockets::new(SocketOptions { mark: 1, keepalive: None, user_timeout: None }),
             connections: Arc::new(tokio::sync::Semaphore::new(1024)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(16)),
+            handed_over: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -148,28 +162,54 @@ impl PodContext {
         }
     }
 
-    /// Binds the tunnel listener on each of the pod's own addresses, inside
-    /// the pod (they must be configured in its netns).
-    pub async fn bind_inbound(&self, port: u16) -> Result<Vec<TcpListener>, PodError> {
+    /// A listener on `addr` inside the pod: the socket `previous` has on
+    /// that address if any (see [`ListenSockets`]), else a newly bound one.
+    /// It is also added to `kept`.
+    async fn listen_on(
+        &self,
+        addr: SocketAddr,
+        previous: &[Arc<TcpListener>],
+        kept: &mut ListenSockets,
+    ) -> Result<io::Result<Arc<TcpListener>>, PodError> {
+        let listener = match previous.iter().find(|l| l.local_addr().ok() == Some(addr)) {
+            Some(listening) => Ok(listening.clone()),
+            None => self.netns.run(move || bind_listener(addr)).await?.and_then(TcpListener::from_std).map(Arc::new),
+        };
+        if let Ok(listener) = &listener {
+            kept.push(listener.clone());
+        }
+        Ok(listener)
+    }
+
+    /// Listens on each of the pod's own addresses (they must be configured
+    /// in its netns) for tunnels.
+    pub async fn bind_inbound(
+        &self,
+        port: u16,
+        previous: &[Arc<TcpListener>],
+        kept: &mut ListenSockets,
+    ) -> Result<Vec<Arc<TcpListener>>, PodError> {
         let mut listeners = Vec::with_capacity(self.ips.len());
         for ip in self.ips.clone() {
             let addr = SocketAddr::new(ip, port);
-            let std_listener = self.netns.run(move || bind_listener(addr)).await?.map_err(|e| bind_error(addr, e))?;
-            listeners.push(TcpListener::from_std(std_listener).map_err(|e| bind_error(addr, e))?);
+            listeners.push(self.listen_on(addr, previous, kept).await?.map_err(|e| bind_error(addr, e))?);
         }
         Ok(listeners)
     }
 
-    /// Binds `127.0.0.1:port` and `[::1]:port` inside the pod. A pod
+    /// Listens on `127.0.0.1:port` and `[::1]:port` inside the pod. A pod
     /// without IPv6 loopback gets the IPv4 listener only.
-    pub async fn bind_outbound(&self, port: u16) -> Result<Vec<TcpListener>, PodError> {
+    pub async fn bind_outbound(
+        &self,
+        port: u16,
+        previous: &[Arc<TcpListener>],
+        kept: &mut ListenSockets,
+    ) -> Result<Vec<Arc<TcpListener>>, PodError> {
         let mut listeners = Vec::with_capacity(2);
         for v6 in [false, true] {
             let addr = outbound_listener_addr(v6, port);
-            match self.netns.run(move || bind_listener(addr)).await? {
-                Ok(std_listener) => {
-                    listeners.push(TcpListener::from_std(std_listener).map_err(|e| bind_error(addr, e))?);
-                }
+            match self.listen_on(addr, previous, kept).await? {
+                Ok(listener) => listeners.push(listener),
                 Err(e) if v6 && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
                     tracing::warn!(pod = %self.key, "pod has no IPv6 loopback; only IPv4 connects are captured");
                 }

@@ -9,7 +9,9 @@
 //! a killed run is removed by the next run.
 #![forbid(unsafe_code)]
 
+pub mod hbone;
 pub mod http;
+pub mod mesh;
 pub mod metrics;
 pub mod proxy;
 pub mod sandbox;
@@ -61,6 +63,27 @@ pub fn outrigger_bin() -> PathBuf {
 /// The in-pod test application (`OUTRIGGER_PODTOOL`).
 pub fn podtool_bin() -> PathBuf {
     workspace_binary("OUTRIGGER_PODTOOL", "outrigger-podtool")
+}
+
+/// The hostile-client tool of the hardening tests (`OUTRIGGER_HOSTILE`).
+pub fn hostile_bin() -> PathBuf {
+    workspace_binary("OUTRIGGER_HOSTILE", "outrigger-hostile")
+}
+
+/// Makes the calling process a pod process: joins `cgroup` (so the kernel
+/// programs attached there see it) and then the network namespace at
+/// `netns` (the calling thread's; call it before starting others).
+pub fn enter_pod(cgroup: Option<&str>, netns: Option<&str>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(dir) = cgroup {
+        let procs = std::path::Path::new(dir).join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string()).with_context(|| format!("joining {dir}"))?;
+    }
+    if let Some(path) = netns {
+        let ns = std::fs::File::open(path).with_context(|| format!("opening {path}"))?;
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {path}"))?;
+    }
+    Ok(())
 }
 
 /// Fails with a clear message when not root: these tests need the kernel.

@@ -3,7 +3,7 @@
 use std::{
     fs,
     net::{SocketAddr, TcpListener},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::Duration,
 };
@@ -44,9 +44,9 @@ impl ProxyProcess {
         Ok(proxy)
     }
 
-    /// Starts the proxy without waiting for readiness.
-    pub fn spawn(sandbox: &Sandbox, node: usize, pods_file: PathBuf, extra: &[&str]) -> Result<Self> {
-        let log = sandbox.dir.join(format!("outrigger-n{node}-{}.log", free_port()?));
+    /// `outrigger run` for `node` as [`ProxyProcess::spawn`] runs it: in
+    /// the node's cgroup, attaching there, its output going to `log`.
+    pub fn command(sandbox: &Sandbox, node: usize, pods_file: &Path, extra: &[&str], log: &Path) -> Result<Command> {
         let cgroup = sandbox.node_cgroup(node);
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
@@ -55,23 +55,30 @@ impl ProxyProcess {
             .arg(outrigger_bin())
             .arg("run")
             .arg("--pods-file")
-            .arg(&pods_file)
+            .arg(pods_file)
             .arg("--cgroup2-path")
-            .arg(&cgroup)
-            // Port 0: the proxy binds a free port and logs it; picking one
-            // here would race with parallel tests.
-            .arg("--admin-addr")
-            .arg("127.0.0.1:0")
-            .arg("--reload-interval")
-            .arg("100ms")
-            .arg("--drain-timeout")
-            .arg("5s")
-            .args(extra)
+            .arg(&cgroup);
+        // Port 0: the proxy binds a free port and logs it; picking one
+        // here would race with parallel tests. `extra` overrides these.
+        for (flag, value) in
+            [("--admin-addr", "127.0.0.1:0"), ("--reload-interval", "100ms"), ("--drain-timeout", "5s")]
+        {
+            if !extra.contains(&flag) {
+                cmd.arg(flag).arg(value);
+            }
+        }
+        cmd.args(extra)
             .stdin(Stdio::null())
-            .stdout(fs::File::create(&log)?)
-            .stderr(fs::OpenOptions::new().append(true).open(&log)?)
+            .stdout(fs::File::create(log)?)
+            .stderr(fs::OpenOptions::new().append(true).open(log)?)
             .env("NO_COLOR", "1");
-        let mut child = cmd.spawn().context("starting outrigger")?;
+        Ok(cmd)
+    }
+
+    /// Starts the proxy without waiting for readiness.
+    pub fn spawn(sandbox: &Sandbox, node: usize, pods_file: PathBuf, extra: &[&str]) -> Result<Self> {
+        let log = sandbox.dir.join(format!("outrigger-n{node}-{}.log", free_port()?));
+        let mut child = Self::command(sandbox, node, &pods_file, extra, &log)?.spawn().context("starting outrigger")?;
         let admin = wait_for(Duration::from_secs(30), || {
             if let Ok(Some(_)) = child.try_wait() {
                 return Some(None);
@@ -90,12 +97,59 @@ impl ProxyProcess {
         Ok(Self { child, admin, log, pods_file, node })
     }
 
+    /// Runs the proxy for `node` expecting it to stop by itself (a refused
+    /// flag or file): its exit code (`None`: killed by a signal), its log,
+    /// and how long it ran. Killed after `timeout` (the error says so).
+    pub fn run_to_exit(
+        sandbox: &Sandbox,
+        pods_file: &Path,
+        extra: &[&str],
+        timeout: Duration,
+    ) -> Result<(Option<i32>, String, Duration)> {
+        let log = sandbox.dir.join(format!("outrigger-exit-{}.log", free_port()?));
+        let started = std::time::Instant::now();
+        let mut child = Self::command(sandbox, 0, pods_file, extra, &log)?.spawn().context("starting outrigger")?;
+        let status = wait_for(timeout, || child.try_wait().ok().flatten());
+        let elapsed = started.elapsed();
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("outrigger {extra:?} still ran after {timeout:?}; its log:\n{text}");
+        };
+        Ok((status.code(), text, elapsed))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Where the log ends now: [`ProxyProcess::log_since`] reads what
+    /// comes after.
+    pub fn log_mark(&self) -> u64 {
+        fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// The log written after `mark`.
+    pub fn log_since(&self, mark: u64) -> String {
+        let text = fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(text.get(mark as usize..).unwrap_or_default()).into_owned()
+    }
+
+    /// Open file descriptors of the process (`/proc/PID/fd`).
+    pub fn fds(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+    }
+
+    /// Resident memory of the process, KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap_or_default();
+        line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0)
     }
 
     pub fn wait_ready(&self, timeout: Duration) -> Result<()> {

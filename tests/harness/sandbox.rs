@@ -64,6 +64,21 @@ impl Spawned {
     pub fn stderr(&self) -> String {
         fs::read_to_string(&self.stderr).unwrap_or_default()
     }
+
+    /// The first JSON line of its output with `"event": event`, waiting up
+    /// to `timeout` (failing early if the tool reported an error).
+    pub fn event(&self, event: &str, timeout: Duration) -> Result<serde_json::Value> {
+        let found = wait_for(timeout, || {
+            // The test tools print `outrigger-<tool>: <error>` when they fail.
+            if self.stderr().contains("outrigger-") {
+                return Some(None);
+            }
+            let stdout = self.stdout();
+            let mut reports = stdout.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+            reports.find(|v| v["event"] == event).map(Some)
+        });
+        found.flatten().with_context(|| format!("no {event:?} report within {timeout:?}: {}", self.stderr()))
+    }
 }
 
 pub struct Sandbox {
@@ -231,8 +246,6 @@ impl Sandbox {
     pub fn add_pod(&mut self, node: usize, name: &str) -> Result<Pod> {
         let index = self.pods.iter().filter(|p| p.node == node).count() + 1;
         let ns = format!("{}-{name}", self.id);
-        let node_ns = self.nodes[node].clone();
-        ip(&["netns", "add", &ns])?;
         let pod = Pod {
             name: name.to_string(),
             node,
@@ -241,17 +254,44 @@ impl Sandbox {
             ip4: format!("10.77.{node}.{index}").parse()?,
             ip6: format!("fd77:0:{node}::{index}").parse()?,
         };
+        ip(&["netns", "add", &ns])?;
         self.pods.push(pod.clone());
-        let host_end = format!("p{index}");
-        ip(&["-n", &node_ns, "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-        ip(&["-n", &node_ns, "link", "set", &host_end, "master", "br0", "up"])?;
-        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{}/24", pod.ip4), "dev", "eth0"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{}/64", pod.ip6), "dev", "eth0", "nodad"])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &ns, "route", "add", "default", "via", &format!("10.77.{node}.254")])?;
-        ip(&["-n", &ns, "-6", "route", "add", "default", "via", &format!("fd77:0:{node}::fe")])?;
+        self.wire_pod(&pod)?;
         Ok(pod)
+    }
+
+    /// The pod's veth end on its node's bridge (`p<I>`, I from its address).
+    fn host_end(pod: &Pod) -> String {
+        format!("p{}", pod.ip4.octets()[3])
+    }
+
+    /// Joins a pod's (empty) netns to its node's bridge with its addresses.
+    fn wire_pod(&self, pod: &Pod) -> Result<()> {
+        let (ns, node_ns, node) = (&pod.netns, &self.nodes[pod.node], pod.node);
+        let host_end = Self::host_end(pod);
+        ip(&["-n", node_ns, "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        ip(&["-n", node_ns, "link", "set", &host_end, "master", "br0", "up"])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", ns, "addr", "add", &format!("{}/24", pod.ip4), "dev", "eth0"])?;
+        ip(&["-n", ns, "addr", "add", &format!("{}/64", pod.ip6), "dev", "eth0", "nodad"])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", ns, "route", "add", "default", "via", &format!("10.77.{node}.254")])?;
+        ip(&["-n", ns, "-6", "route", "add", "default", "via", &format!("fd77:0:{node}::fe")])
+    }
+
+    /// Deletes a pod's netns as a container runtime tearing down a pod
+    /// sandbox does: its link goes (even while a process still holds the
+    /// namespace) and its path disappears.
+    pub fn remove_pod_netns(&self, pod: &Pod) -> Result<()> {
+        ip(&["-n", &self.nodes[pod.node], "link", "del", &Self::host_end(pod)])?;
+        ip(&["netns", "delete", &pod.netns])
+    }
+
+    /// A new netns at the pod's path with the pod's addresses (after
+    /// [`Sandbox::remove_pod_netns`]): the same pod, recreated.
+    pub fn recreate_pod_netns(&self, pod: &Pod) -> Result<()> {
+        ip(&["netns", "add", &pod.netns])?;
+        self.wire_pod(pod)
     }
 
     /// Lets a client pod open connections at benchmark rates: reuse ports in
@@ -262,13 +302,47 @@ impl Sandbox {
         sh(&["ip", "netns", "exec", &pod.netns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"])
     }
 
+    /// How many eBPF programs are attached to `node`'s cgroup (bpftool).
+    pub fn attached_programs(&self, node: usize) -> Result<usize> {
+        let out = Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(self.node_cgroup(node)).output()?;
+        if !out.status.success() {
+            bail!("bpftool: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Array(vec![]));
+        Ok(v.as_array().map(Vec::len).unwrap_or(0))
+    }
+
     pub fn pods(&self) -> &[Pod] {
         &self.pods
     }
 
     /// `outrigger-podtool` inside `pod`, in its node's cgroup.
     pub fn podtool(&self, pod: &Pod) -> Command {
-        let mut cmd = Command::new(podtool_bin());
+        self.tool_in_pod(podtool_bin(), pod)
+    }
+
+    /// Runs `outrigger-hostile MODE ...` in `pod` to completion: its
+    /// report (the last JSON line it printed).
+    pub fn hostile_report(&self, pod: &Pod, args: &[&str]) -> Result<serde_json::Value> {
+        let mut cmd = self.hostile(pod);
+        cmd.args(args);
+        let out = self.run(cmd)?;
+        if !out.status.success() {
+            bail!("outrigger-hostile {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(serde_json::from_str(text.lines().last().unwrap_or_default())?)
+    }
+
+    /// `outrigger-hostile` (the hardening tests' clients) inside `pod`.
+    pub fn hostile(&self, pod: &Pod) -> Command {
+        self.tool_in_pod(crate::hostile_bin(), pod)
+    }
+
+    /// A tool of this workspace that joins a cgroup and netns itself
+    /// (`--cgroup DIR --netns FILE`), for `pod`.
+    fn tool_in_pod(&self, bin: PathBuf, pod: &Pod) -> Command {
+        let mut cmd = Command::new(bin);
         cmd.arg("--cgroup").arg(self.node_cgroup(pod.node)).arg("--netns").arg(&pod.netns_path);
         cmd
     }

@@ -3,52 +3,11 @@
 //! whatever certificate the test gives it (or none), and reports each step.
 //! It does not verify the server: it plays a client that may be anyone.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use rustls::{
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    DigitallySignedStruct, SignatureScheme,
-};
-use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::Serialize;
-use tokio::net::TcpStream;
-
-#[derive(Debug)]
-struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
 
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
@@ -77,25 +36,10 @@ pub fn run(opts: Options) -> Result<Report> {
 }
 
 async fn attempt(opts: &Options, report: &mut Report) -> Result<()> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)));
-    let mut config = match &opts.cert_dir {
-        Some(dir) => {
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_file_iter(format!("{dir}/tls.crt"))?.collect::<Result<_, _>>()?;
-            let key = PrivateKeyDer::from_pem_file(format!("{dir}/tls.key"))?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = TcpStream::connect(opts.target).await.context("TCP connect")?;
+    let config = outrigger_e2e::hbone::client_config(opts.cert_dir.as_deref().map(std::path::Path::new))?;
+    let tcp = tokio::net::TcpStream::connect(opts.target).await.context("TCP connect")?;
     report.tcp_connected = true;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tls = connector.connect(ServerName::IpAddress(opts.target.ip().into()), tcp).await.context("TLS handshake")?;
+    let tls = outrigger_e2e::hbone::tls_handshake(tcp, config).await?;
     // With TLS 1.3 the server checks the client certificate after the
     // client considers the handshake done: the h2 handshake tells.
     let (sender, connection) = h2::client::handshake(tls).await.context("HTTP/2 handshake (after TLS)")?;

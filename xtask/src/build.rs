@@ -25,7 +25,7 @@ pub fn ebpf() -> Result<()> {
     exec(&mut ebpf_cargo("build"))
 }
 
-/// The eBPF object, the release proxy and the in-pod test tool.
+/// The eBPF object, the release proxy and the in-pod test tools.
 pub fn all() -> Result<()> {
     ebpf()?;
     exec(cargo().args(["build", "--release", "-p", "outrigger"]))?;
@@ -38,4 +38,5 @@ pub fn export_binaries() {
     // Single-threaded here: nothing else reads the environment concurrently.
     std::env::set_var("OUTRIGGER_BIN", target.join("release/outrigger"));
     std::env::set_var("OUTRIGGER_PODTOOL", target.join("debug/outrigger-podtool"));
+    std::env::set_var("OUTRIGGER_HOSTILE", target.join("debug/outrigger-hostile"));
 }

@@ -80,8 +80,8 @@ impl Inbound {
     }
 
     /// Serves one pod's tunnel listener until `stop` is cancelled.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, pod: Arc<PodContext>, stop: CancellationToken) {
-        crate::transport::accept_until(&listener, &stop, &pod.key, |mut tcp, peer| {
+    pub async fn serve(self: Arc<Self>, listener: Arc<TcpListener>, pod: Arc<PodContext>, stop: CancellationToken) {
+        crate::transport::accept_until(&listener, &stop, &pod.handed_over, &pod.key, |mut tcp, peer| {
             // Unauthenticated connections are capped per pod and per node,
             // so a flood of them cannot take the descriptors others need.
             let slots = match (pod.handshake_slot(), self.handshakes.clone().try_acquire_owned()) {
@@ -179,6 +179,16 @@ impl Inbound {
                         this.stream(request, respond, &peer, pod).await;
                         activity.end();
                     });
+                }
+                // This side's HTTP/2 layer closed the connection for the
+                // peer's behaviour (a GOAWAY of its own, e.g. too many
+                // streams reset before they were accepted: rapid reset).
+                // Streams it dropped never reach here; the close is counted.
+                Some(Err(e)) if e.is_go_away() && e.is_library() => {
+                    self.metrics.inbound(&pod.key, "h2_failure").inc();
+                    crate::warn_throttled!(pod = %pod.key, peer = %peer.addr, peer_identity = %peer.identity,
+                        error = %e, "tunnel connection closed: the peer broke HTTP/2 limits");
+                    return;
                 }
                 Some(Err(e)) => {
                     tracing::debug!(pod = %pod.key, peer = %peer.addr, error = %e, "tunnel connection error");

@@ -5,6 +5,7 @@ use std::{
     future::poll_fn,
     net::SocketAddr,
     sync::Arc,
+    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -151,17 +152,28 @@ impl Inbound {
             );
         };
         let connect_start = Instant::now();
-        // Never dial the application for a stream the peer already reset.
+        let reset_before_service = |reason: Result<h2::Reason, h2::Error>, dialling: bool| {
+            let reason = reason.map(|r| format!("{r:?}")).unwrap_or_else(|e| e.to_string());
+            self.metrics.inbound(&pod.key, "reset_by_peer").inc();
+            tracing::info!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, peer = %peer.addr,
+                peer_identity = %peer.identity, authority = %authority, result = "reset_by_peer", reason, dialling,
+                "tunnel stream reset before it was served");
+        };
+        // Never dial the application for a stream the peer already reset:
+        // checked before the dial starts (racing the two would start the
+        // dial half the time, whichever future is polled first).
+        if let Poll::Ready(reason) = poll_fn(|cx| Poll::Ready(respond.poll_reset(cx))).await {
+            return reset_before_service(reason, false);
+        }
+        // A reset during the dial abandons it; the application then sees a
+        // reset (the dial's socket has SO_LINGER 0), never an empty clean
+        // connection. A dial that completed wins over a reset seen at the
+        // same time: the stream is then answered, and a reset found there
+        // reaches the application as a reset too.
         let connected = tokio::select! {
+            biased;
             app = self.connect_app(&pod, authority) => app,
-            reason = poll_fn(|cx| respond.poll_reset(cx)) => {
-                let reason = reason.map(|r| format!("{r:?}")).unwrap_or_else(|e| e.to_string());
-                self.metrics.inbound(&pod.key, "reset_by_peer").inc();
-                tracing::info!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, peer = %peer.addr,
-                    peer_identity = %peer.identity, authority = %authority, result = "reset_by_peer", reason,
-                    "tunnel stream reset before it was served");
-                return;
-            }
+            reason = poll_fn(|cx| respond.poll_reset(cx)) => return reset_before_service(reason, true),
         };
         let mut app = match connected {
             Ok(app) => app,
@@ -210,6 +222,11 @@ impl Inbound {
             |why: String| AppError { status: StatusCode::SERVICE_UNAVAILABLE, result: "upstream_error", why };
         let socket = pod.upstream_socket(target.ip()).await.map_err(|e| unavailable(e.to_string()))?;
         let socket = TcpSocket::from_std_stream(socket);
+        // Until the relay clears it at an orderly end, dropping this socket
+        // resets the application's side (an abandoned dial included).
+        socket2::SockRef::from(&socket)
+            .set_linger(Some(Duration::ZERO))
+            .map_err(|e| unavailable(format!("SO_LINGER: {e}")))?;
         match tokio::time::timeout(self.settings.connect_timeout, socket.connect(target)).await {
             Ok(Ok(tcp)) => Ok(tcp),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(AppError {

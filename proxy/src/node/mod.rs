@@ -31,7 +31,7 @@ use crate::{
     metrics::Metrics,
     model::{NetnsRef, PodKey},
     outbound::Outbound,
-    pod::{PodContext, PodError, PodLimits},
+    pod::{ListenSockets, PodContext, PodError, PodLimits},
     store::{Snapshot, WorkloadEntry},
     transport::SocketOptions,
 };
@@ -60,6 +60,8 @@ struct RunningPod {
     entry: Arc<WorkloadEntry>,
     ctx: Arc<PodContext>,
     listeners: Vec<SocketAddr>,
+    /// The listening sockets themselves, for the pod's next definition.
+    sockets: ListenSockets,
     stop: CancellationToken,
     /// The strict-mode program's link in the pod's netns.
     strict: Option<SkLookupLinkId>,
@@ -108,11 +110,17 @@ impl Node {
             let Some(old) = self.running.remove(&key) else { continue };
             match local.get(&key) {
                 // Changed: the new definition takes over before the old one
-                // stops, so the pod is never left uncaptured in between.
+                // stops, so the pod is never left uncaptured in between,
+                // and on the old one's sockets if its netns is the same.
                 Some(entry) => {
-                    self.start_or_record(key.clone(), entry.clone()).await;
+                    self.start_or_record(key.clone(), entry.clone(), Some(&old)).await;
                     let replaced =
                         self.running.get(&key).is_some_and(|new| new.ctx.netns.cookie() == old.ctx.netns.cookie());
+                    if replaced {
+                        // Same netns: the new definition listens on the old
+                        // one's sockets (nothing queued on them is lost).
+                        old.ctx.handed_over.cancel();
+                    }
                     self.stop(&key, old, !replaced);
                 }
                 None => self.stop(&key, old, true),
@@ -121,7 +129,7 @@ impl Node {
         self.failed.retain(|key, (entry, _)| local.get(key).is_some_and(|e| same(e, entry)));
         for (key, entry) in local.iter() {
             if !self.running.contains_key(key) && !self.failed.contains_key(key) {
-                self.start_or_record(key.clone(), entry.clone()).await;
+                self.start_or_record(key.clone(), entry.clone(), None).await;
             }
         }
         self.sync_refused(snapshot);
@@ -201,16 +209,18 @@ impl Node {
             // not logged again on every tick.
             if let Some((entry, _)) = self.failed.get(&key) {
                 let entry = entry.clone();
-                self.start_or_record(key, entry).await;
+                self.start_or_record(key, entry, None).await;
             }
         }
         self.publish();
     }
 
-    async fn start_or_record(&mut self, key: PodKey, entry: Arc<WorkloadEntry>) {
+    /// Starts a pod — on the sockets of `previous`, its running definition,
+    /// where the netns is the same — or records why it cannot start.
+    async fn start_or_record(&mut self, key: PodKey, entry: Arc<WorkloadEntry>, previous: Option<&RunningPod>) {
         let id = self.next_pod_id;
         self.next_pod_id = self.next_pod_id.wrapping_add(1).max(1);
-        let result = match self.start_pod(id, &entry).await {
+        let result = match self.start_pod(id, &entry, previous).await {
             Ok(pod) => match self.running.values().find(|p| p.ctx.netns.cookie() == pod.ctx.netns.cookie()) {
                 // Two paths can name one namespace: refuse the second.
                 Some(other) => {
@@ -246,17 +256,24 @@ impl Node {
         }
     }
 
-    async fn start_pod(&self, id: u32, entry: &Arc<WorkloadEntry>) -> Result<RunningPod, PodError> {
+    async fn start_pod(
+        &self,
+        id: u32,
+        entry: &Arc<WorkloadEntry>,
+        previous: Option<&RunningPod>,
+    ) -> Result<RunningPod, PodError> {
         let d = &self.deps;
         let ctx = Arc::new(
             PodContext::open(id, &entry.workload, entry.identity.clone(), d.own_netns_cookie, d.sockets, d.limits)
                 .await?,
         );
+        let previous = previous.filter(|p| p.ctx.netns.cookie() == ctx.netns.cookie()).map_or(&[][..], |p| &p.sockets);
         let stop = d.shutdown.child_token();
         let mut addrs = Vec::new();
+        let mut sockets = ListenSockets::new();
         let mut flags = 0;
         let result = async {
-            for listener in ctx.bind_outbound(d.outbound_port).await? {
+            for listener in ctx.bind_outbound(d.outbound_port, previous, &mut sockets).await? {
                 let addr = listener.local_addr().map_err(|e| PodError::ListenerAddr(e.to_string()))?;
                 if addr.is_ipv6() {
                     flags |= POD_FLAG_V6_LISTENER;
@@ -265,7 +282,7 @@ impl Node {
                 tokio::spawn(d.outbound.clone().serve(listener, ctx.clone(), stop.clone()));
             }
             if let Some(inbound) = &d.inbound {
-                for listener in ctx.bind_inbound(d.hbone_port).await? {
+                for listener in ctx.bind_inbound(d.hbone_port, previous, &mut sockets).await? {
                     if let Ok(addr) = listener.local_addr() {
                         addrs.push(addr);
                     }
@@ -292,7 +309,7 @@ impl Node {
         }
         .await;
         match result {
-            Ok(strict) => Ok(RunningPod { entry: entry.clone(), ctx, listeners: addrs, stop, strict }),
+            Ok(strict) => Ok(RunningPod { entry: entry.clone(), ctx, listeners: addrs, sockets, stop, strict }),
             Err(e) => {
                 stop.cancel();
                 Err(e)

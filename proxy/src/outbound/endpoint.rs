@@ -164,7 +164,16 @@ pub struct ConnectContext<'a> {
 
 async fn attempt<C: Connect>(c: &C, cx: &ConnectContext<'_>, target: &Target) -> Result<C::Io, Failure> {
     let dest = target.addr();
-    match tokio::time::timeout(cx.timeout, c.connect(cx.pod, target)).await {
+    // A tunnel bounds its own steps, each by the timeout: the dial it may
+    // share with other streams to the peer, then its CONNECT. Cutting it
+    // here at the same moment would cancel a shared dial under the feet of
+    // the streams waiting on it (each would dial again); this bound only
+    // catches what those miss.
+    let bound = match target {
+        Target::Hbone { .. } => cx.timeout * 2,
+        Target::Direct(_) => cx.timeout,
+    };
+    match tokio::time::timeout(bound, c.connect(cx.pod, target)).await {
         Ok(Err(Failure::Timeout { dest, .. })) => Err(Failure::Timeout { dest, after: cx.timeout }),
         Ok(result) => result,
         Err(_) => Err(Failure::Timeout { dest, after: cx.timeout }),

@@ -95,7 +95,7 @@ impl Outbound {
     }
 
     /// Serves one pod-local listener until `stop` is cancelled.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, pod: Arc<PodContext>, stop: CancellationToken) {
+    pub async fn serve(self: Arc<Self>, listener: Arc<TcpListener>, pod: Arc<PodContext>, stop: CancellationToken) {
         let local = match listener.local_addr() {
             Ok(addr) => addr,
             Err(e) => {
@@ -103,7 +103,7 @@ impl Outbound {
                 return;
             }
         };
-        crate::transport::accept_until(&listener, &stop, &pod.key, |mut stream, peer| {
+        crate::transport::accept_until(&listener, &stop, &pod.handed_over, &pod.key, |mut stream, peer| {
             // One pod cannot take every descriptor: past its limit, its new
             // connections are reset at once.
             let Some(slot) = pod.connection_slot() else {

@@ -46,8 +46,17 @@ impl LogControl {
     }
 }
 
+/// The HTTP/2 library warns once per connection it closes for a peer's
+/// misbehaviour (e.g. resetting streams faster than they are accepted): a
+/// hostile peer that reconnects would flood the log with it. The proxy
+/// reports those closes itself, throttled and counted; the library's own
+/// lines are kept to errors unless the filter names `h2`.
+const QUIET_LIBRARIES: &str = "h2=error";
+
 fn parse_filter(filter: &str) -> Result<EnvFilter, LoggingError> {
-    EnvFilter::builder().parse(filter).map_err(|source| LoggingError::Filter { filter: filter.to_string(), source })
+    let names_h2 = filter.split(',').any(|d| d.trim().starts_with("h2"));
+    let full = if names_h2 { filter.to_string() } else { format!("{filter},{QUIET_LIBRARIES}") };
+    EnvFilter::builder().parse(&full).map_err(|source| LoggingError::Filter { filter: filter.to_string(), source })
 }
 
 pub fn init(format: LogFormat, filter: &str) -> Result<LogControl, LoggingError> {
@@ -61,4 +70,17 @@ pub fn init(format: LogFormat, filter: &str) -> Result<LogControl, LoggingError>
     };
     result.map_err(|_| LoggingError::AlreadyInstalled)?;
     Ok(LogControl { handle, current: std::sync::Arc::new(std::sync::Mutex::new(filter.to_string())) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_http2_library_logs_errors_only_unless_the_filter_names_it() {
+        let directives = |f: &str| parse_filter(f).expect("a valid filter").to_string();
+        assert!(directives("info").contains("h2=error"));
+        assert!(directives("outrigger=debug,warn").contains("h2=error"));
+        assert!(!directives("info,h2=debug").contains("h2=error"));
+    }
 }

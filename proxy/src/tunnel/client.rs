@@ -122,17 +122,24 @@ impl TunnelClient {
             destination: target.identity.clone(),
             peer: target.peer,
         };
-        let (mut sender, place) = self.pool.stream(&key, generation, || self.dial(pod, &target)).await?;
+        // Bounded by the dial's own timeout when a dial is needed.
+        let (sender, place) = self.pool.stream(&key, generation, || self.dial(pod, &target)).await?;
         let peer = target.peer;
         let h2_err = |source| TunnelError::H2 { peer, source };
-        sender = sender.ready().await.map_err(h2_err)?;
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.authority.to_string())
             .body(())
             .map_err(|e| TunnelError::Connect { peer, source: io::Error::other(e) })?;
-        let (response, send) = sender.send_request(request, false).map_err(h2_err)?;
-        let response = response.await.map_err(h2_err)?;
+        // A pooled connection to a peer that stopped answering takes the
+        // stream and never replies: the CONNECT has its own deadline.
+        let exchange = async {
+            let mut sender = sender.ready().await.map_err(h2_err)?;
+            let (response, send) = sender.send_request(request, false).map_err(h2_err)?;
+            Ok::<_, TunnelError>((response.await.map_err(h2_err)?, send))
+        };
+        let (response, send) =
+            tokio::time::timeout(self.connect_timeout, exchange).await.map_err(|_| TunnelError::Timeout { peer })??;
         match response.status() {
             StatusCode::OK => {}
             StatusCode::FORBIDDEN if response.headers().contains_key("x-outrigger-denied") => {

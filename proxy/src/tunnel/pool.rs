@@ -82,6 +82,8 @@ pub struct Dialled {
 pub struct PoolStats {
     pub connections: usize,
     pub streams: usize,
+    /// Dials started, whether they connected or failed: a burst of streams
+    /// to a dead peer shows here as one dial, not one per stream.
     pub dialled_total: u64,
 }
 
@@ -161,6 +163,7 @@ impl Pool {
             let outcome = flight
                 .outcome
                 .get_or_init(|| async {
+                    self.dialled.fetch_add(1, Ordering::Relaxed);
                     let dialled = dial().await.map_err(Arc::new)?;
                     self.add(key, generation, dialled);
                     Ok(())
@@ -180,7 +183,6 @@ impl Pool {
     }
 
     fn add(&self, key: &PoolKey, generation: u64, dialled: Dialled) {
-        self.dialled.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(PooledConn {
             sender: dialled.sender,
             streams: AtomicUsize::new(0),
