@@ -89,11 +89,13 @@ fn run() -> Result<()> {
         "serve" => serve(args),
         "client" => client(args),
         "hbone" => hbone_client(args),
+        "idle" => idle::run(args),
         _ => bail!("usage: outrigger-podtool [--cgroup DIR] [--netns FILE] serve|client|hbone ..."),
     }
 }
 
 mod hbone;
+mod idle;
 
 fn hbone_client(mut args: Args) -> Result<()> {
     let target: SocketAddr = args.take("--connect").context("hbone needs --connect ADDR")?.parse()?;

@@ -1,14 +1,21 @@
 //! `cargo xtask bench`: one topology, one run, paths side by side.
 //!
-//! Two tables. *Single hop*: a client pod to a server pod directly, through
-//! Outrigger, and through HAProxy (TCP mode). *Service VIP*: a client to a
-//! service with three endpoint pods — directly to one endpoint, through
-//! Outrigger's VIP balancing, and through HAProxy `balance leastconn`.
-//! Paths are measured interleaved, so drift on a noisy machine hits all of
-//! them alike; the tables and the Outrigger/direct and Outrigger/HAProxy
-//! ratios are printed and written to target/bench/.
+//! Traffic tables. *Single hop*: a client pod to a server pod directly,
+//! through Outrigger, and through HAProxy (TCP mode). *Service VIP*: a
+//! client to a service with three endpoint pods — directly to one endpoint,
+//! through Outrigger's VIP balancing, and through HAProxy `balance
+//! leastconn`. *Cross-node mTLS* and *cost of metrics* likewise. Paths are
+//! measured interleaved, so drift on a noisy machine hits all of them
+//! alike; the tables and the Outrigger/direct and Outrigger/HAProxy ratios
+//! are printed and written to target/bench/.
+//!
+//! Tables held to goals (issue #8) instead of compared: the store at
+//! cluster scale (`store`, no namespaces needed) and the proxy's memory per
+//! idle connection (`idle_memory`); each figure is printed with PASS/FAIL.
 
+mod idle;
 mod measure;
+mod store;
 mod topology;
 
 use std::{
@@ -37,7 +44,7 @@ pub struct BenchArgs {
     /// Extra flags for `outrigger run` (for experiments), e.g. --proxy-arg=--worker-threads=1.
     #[arg(long = "proxy-arg")]
     pub proxy_args: Vec<String>,
-    /// Only these tables (single_hop, service_vip, cross_node_mtls, metrics_cost); default all.
+    /// Only these tables (single_hop, service_vip, cross_node_mtls, metrics_cost, store, idle_memory); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -50,14 +57,29 @@ impl BenchArgs {
 
 const PATHS: [&str; 3] = ["direct", "outrigger", "haproxy"];
 
-/// A metric of a table: name, and whether larger is better.
+/// Tables that need the simulated nodes (all but `store`).
+const TOPOLOGY_TABLES: [&str; 5] = ["single_hop", "service_vip", "cross_node_mtls", "metrics_cost", "idle_memory"];
+
+/// A metric of a table: name, whether larger is better, and the bound a
+/// goal sets for it (at most, or at least when larger is better).
 struct Metric {
     name: &'static str,
     higher_is_better: bool,
+    goal: Option<f64>,
+}
+
+impl Metric {
+    /// Whether `v` meets the goal; `None` without a goal or a figure.
+    fn verdict(&self, v: f64) -> Option<bool> {
+        let goal = self.goal?;
+        (!v.is_nan()).then_some(if self.higher_is_better { v >= goal } else { v <= goal })
+    }
 }
 
 struct Table {
     key: &'static str,
+    /// What `--only` selects it by: tables filled by one measurement share it.
+    group: &'static str,
     title: &'static str,
     paths: Vec<&'static str>,
     metrics: Vec<Metric>,
@@ -82,14 +104,40 @@ impl Table {
     ) -> Self {
         Self {
             key,
+            group: key,
             title,
             paths: paths.to_vec(),
             metrics: metrics
                 .iter()
-                .map(|(name, higher_is_better)| Metric { name, higher_is_better: *higher_is_better })
+                .map(|(name, higher_is_better)| Metric { name, higher_is_better: *higher_is_better, goal: None })
                 .collect(),
             ratios,
             samples: vec![vec![Vec::new(); metrics.len()]; paths.len()],
+        }
+    }
+
+    /// Holds `metric` to `bound` (at most; at least if higher is better).
+    fn goal(mut self, metric: &str, bound: f64) -> Self {
+        if let Some(m) = self.metrics.iter_mut().find(|m| m.name == metric) {
+            m.goal = Some(bound);
+        }
+        self
+    }
+
+    fn in_group(mut self, group: &'static str) -> Self {
+        self.group = group;
+        self
+    }
+
+    fn has_goals(&self) -> bool {
+        self.metrics.iter().any(|m| m.goal.is_some())
+    }
+
+    /// One sample of every metric of `path`, from the fields of `values`
+    /// named like the metrics (missing ones count as no figure).
+    fn record(&mut self, path: usize, values: &Value) {
+        for (i, m) in self.metrics.iter().enumerate() {
+            self.samples[path][i].push(values[m.name].as_f64().unwrap_or(f64::NAN));
         }
     }
 
@@ -127,9 +175,18 @@ fn vip_target(topo: &Topology, path: usize, port: u16, haproxy_port: u16) -> (&o
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    crate::build::all()?;
-    crate::build::export_binaries();
-    let mut topo = Topology::new(&args.proxy_args)?;
+    let storebench = if args.wants(store::GROUP) { Some(store::build()?) } else { None };
+    let mut topo = if TOPOLOGY_TABLES.iter().any(|t| args.wants(t)) {
+        if args.wants("idle_memory") {
+            // Before anything is started: every process inherits it.
+            idle::raise_fd_limit();
+        }
+        crate::build::all()?;
+        crate::build::export_binaries();
+        Some(Topology::new(&args.proxy_args)?)
+    } else {
+        None
+    };
     let secs = args.duration;
     let mut hop = Table::new(
         "single_hop",
@@ -153,11 +210,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         &[("p50_us", false), ("p99_us", false), ("gbps_1_conn", true), ("conns_per_s", true)],
         vec![(1, 0, "off / on"), (2, 0, "scraped / on")],
     );
+    let mut store_tables = store::tables();
+    let mut idle_table = idle::table();
     for round in 1..=args.rounds.max(1) {
-        if args.wants("metrics_cost") {
-            measure_metrics_cost(&mut topo, &mut cost, secs, round)?;
+        if let Some(bin) = &storebench {
+            store::measure(bin, &mut store_tables, round)?;
         }
-        let (sb, t) = (&topo.sb, &topo);
+        let Some(topo) = topo.as_mut() else { continue };
+        if args.wants("metrics_cost") {
+            measure_metrics_cost(topo, &mut cost, secs, round)?;
+        }
+        let (sb, t) = (&topo.sb, &*topo);
         if args.wants("single_hop") {
             each_path(round, &mut hop, "single hop latency", 0, |p| {
                 let (from, to) = single_hop_target(t, p, SOCKPERF_PORT, HAPROXY_SOCKPERF);
@@ -203,8 +266,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 Ok(vec![measure::connection_rate(sb, from, to, secs)?])
             })?;
         }
+        // Last: it restarts the proxies.
+        if args.wants("idle_memory") {
+            idle::measure(topo, &mut idle_table, round)?;
+        }
     }
-    let tables: Vec<Table> = [hop, svc, cross, cost].into_iter().filter(|t| args.wants(t.key)).collect();
+    let tables: Vec<Table> = [hop, svc, cross, cost]
+        .into_iter()
+        .chain(store_tables)
+        .chain([idle_table])
+        .filter(|t| args.wants(t.group))
+        .collect();
     report(&tables, args)
 }
 
@@ -243,10 +315,10 @@ fn measure_metrics_cost(topo: &mut Topology, cost: &mut Table, secs: u64, round:
         Ok(())
     };
     measure(topo, cost, 0)?;
-    topo.restart_local_proxy(&["--connection-metrics", "false"])?;
+    topo.restart_proxy(0, &["--connection-metrics", "false"])?;
     measure(topo, cost, 1)?;
-    topo.restart_local_proxy(&[])?;
-    let admin = topo.local_proxy().admin;
+    topo.restart_proxy(0, &[])?;
+    let admin = topo.proxy(0).admin;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let scraper = {
         let stop = stop.clone();
@@ -268,35 +340,68 @@ fn measure_metrics_cost(topo: &mut Topology, cost: &mut Table, secs: u64, round:
     result
 }
 
+/// A figure as printed: "-" for none, with PASS/FAIL when it has a goal.
+fn cell(m: &Metric, v: f64) -> String {
+    let figure = if v.is_nan() { "-".to_string() } else { format!("{v:.2}") };
+    match m.verdict(v) {
+        Some(true) => format!("{figure} PASS"),
+        Some(false) => format!("{figure} FAIL"),
+        None => figure,
+    }
+}
+
 fn report(tables: &[Table], args: &BenchArgs) -> Result<()> {
-    println!(
-        "\nlatency: sockperf ping-pong, 1 KiB messages, full round trip; bulk: iperf3 (single hop) or 8 echo \
-         connections (service); {} s per measurement, median of {} round(s)",
-        args.duration, args.rounds
-    );
+    if tables.iter().any(|t| !t.has_goals()) {
+        println!(
+            "\nlatency: sockperf ping-pong, 1 KiB messages, full round trip; bulk: iperf3 (single hop) or 8 echo \
+             connections (service); {} s per measurement, median of {} round(s)",
+            args.duration, args.rounds
+        );
+    }
     let mut out = Map::new();
     for t in tables {
         println!("\n{}\n", t.title);
-        print!("{:<22}", "path");
+        let width = t.paths.iter().chain(t.ratios.iter().map(|r| &r.2)).map(|p| p.chars().count()).max().unwrap_or(0);
+        let width = width.max(22);
+        print!("{:<width$}", "path");
         for m in &t.metrics {
             print!(" {:>18}", m.name);
         }
         println!();
         let mut paths = Map::new();
+        let mut verdicts = Map::new();
         for (p, name) in t.paths.iter().enumerate() {
-            print!("{name:<22}");
-            let mut row = Map::new();
+            print!("{name:<width$}");
+            let (mut row, mut passed) = (Map::new(), Map::new());
             for (i, m) in t.metrics.iter().enumerate() {
                 let v = t.median(p, i);
-                print!(" {v:>18.2}");
+                print!(" {:>18}", cell(m, v));
                 row.insert(m.name.to_string(), json!(v));
+                if let Some(ok) = m.verdict(v) {
+                    passed.insert(m.name.to_string(), json!(ok));
+                }
             }
             println!();
             paths.insert(name.to_string(), Value::Object(row));
+            if !passed.is_empty() {
+                verdicts.insert(name.to_string(), Value::Object(passed));
+            }
+        }
+        let mut goals = Map::new();
+        if t.has_goals() {
+            print!("{:<width$}", "goal");
+            for m in &t.metrics {
+                let bound = m.goal.map(|g| format!("{} {g}", if m.higher_is_better { "≥" } else { "≤" }));
+                print!(" {:>18}", bound.as_deref().unwrap_or(""));
+                if let Some(g) = m.goal {
+                    goals.insert(m.name.to_string(), json!(g));
+                }
+            }
+            println!();
         }
         let mut ratios = Map::new();
         for &(num, base, label) in &t.ratios {
-            print!("{label:<22}");
+            print!("{label:<width$}");
             let mut row = Map::new();
             for (i, m) in t.metrics.iter().enumerate() {
                 let r = t.median(num, i) / t.median(base, i);
@@ -310,7 +415,12 @@ fn report(tables: &[Table], args: &BenchArgs) -> Result<()> {
             let added = |p: usize| t.median(p, 0) - t.median(0, 0);
             println!("added p50 latency over direct: outrigger {:.1} µs, haproxy {:.1} µs", added(1), added(2));
         }
-        out.insert(t.key.to_string(), json!({ "title": t.title, "paths": paths, "ratios": ratios }));
+        let mut table = json!({ "title": t.title, "paths": paths, "ratios": ratios });
+        if t.has_goals() {
+            table["goals"] = Value::Object(goals);
+            table["pass"] = Value::Object(verdicts);
+        }
+        out.insert(t.key.to_string(), table);
     }
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let json = json!({

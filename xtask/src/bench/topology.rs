@@ -4,19 +4,23 @@
 //! (sockperf + echo) behind the service VIP; `meshed`, a client captured by
 //! Outrigger; `plain`, a client that is not, which reaches servers directly
 //! or through HAProxy running in its own netns on loopback — the same one
-//! extra hop a sidecar adds.
+//! extra hop a sidecar adds. `server` and `remote` also run an echo server
+//! built for tens of thousands of idle connections (the idle-memory table).
 
 use std::{net::SocketAddr, time::Duration};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use outrigger_e2e::{
     proxy::{ca_init, ca_issue, node_pods_yaml},
-    Pod, ProxyProcess, Sandbox,
+    sandbox::Spawned,
+    wait_for, Pod, ProxyProcess, Sandbox,
 };
 
 pub const SOCKPERF_PORT: u16 = 11111;
 pub const IPERF_PORT: u16 = 5201;
 pub const ECHO_PORT: u16 = 8080;
+/// `podtool idle serve`, in `server` and `remote`.
+pub const IDLE_PORT: u16 = 9090;
 /// HAProxy frontends on the plain pod's loopback.
 pub const HAPROXY_SOCKPERF: u16 = 21111;
 pub const HAPROXY_IPERF: u16 = 25201;
@@ -40,10 +44,11 @@ pub struct Topology {
     pub plain: Pod,
     /// On node 1: the far end of the cross-node paths.
     pub remote: Pod,
+    /// Node k's proxy is `proxies[k]`.
     proxies: Vec<ProxyProcess>,
-    /// How node 0's proxy was started, to restart it with other flags.
+    /// How the proxies were started, to restart them with other flags.
     base_args: Vec<String>,
-    pods_file: std::path::PathBuf,
+    pods_files: Vec<std::path::PathBuf>,
 }
 
 pub fn loopback(port: u16) -> SocketAddr {
@@ -86,13 +91,16 @@ impl Topology {
         iperf.args(["-s", "-B", &remote.ip4.to_string(), "-p", &IPERF_PORT.to_string()]);
         sb.spawn("iperf3-remote", iperf)?;
         sb.echo_server(&remote, &[ECHO_PORT], &[])?;
+        for pod in [&server, &remote] {
+            idle_server(&sb, pod)?;
+        }
 
         let mut pods: Vec<&Pod> = vec![&meshed, &server];
         pods.extend(endpoints.iter());
         pods.push(&remote);
         let mut mesh = node_pods_yaml(0, &pods);
         mesh.push_str(&format!(
-            "services:\n  - name: bench\n    vips: [{}]\n    ports: [{{port: {SOCKPERF_PORT}}}, {{port: {ECHO_PORT}}}]\n    endpoints: [{{pod: e1}}, {{pod: e2}}, {{pod: e3}}]\n",
+            "services:\n  - name: bench\n    vips: [{}]\n    ports: [{{name: sockperf, port: {SOCKPERF_PORT}}}, {{name: echo, port: {ECHO_PORT}}}]\n    endpoints: [{{pod: e1}}, {{pod: e2}}, {{pod: e3}}]\n",
             std::net::Ipv4Addr::from(VIP)
         ));
         let pods_file = sb.dir.join("mesh.yaml");
@@ -128,7 +136,7 @@ impl Topology {
         let mut args = vec!["--log-level", "warn,outrigger::cli=info", "--ca-dir", ca_arg.as_str()];
         args.extend(proxy_args.iter().map(String::as_str));
         let proxy = ProxyProcess::start(&sb, 0, pods_file.clone(), &args)?;
-        let remote_proxy = ProxyProcess::start(&sb, 1, remote_file, &args)?;
+        let remote_proxy = ProxyProcess::start(&sb, 1, remote_file.clone(), &args)?;
         // Let the servers settle before the first measurement.
         std::thread::sleep(Duration::from_millis(500));
         for h in std::iter::once(&haproxy).chain(&haproxy_tls) {
@@ -146,23 +154,23 @@ impl Topology {
             remote,
             proxies: vec![proxy, remote_proxy],
             base_args,
-            pods_file,
+            pods_files: vec![pods_file, remote_file],
         })
     }
 
-    /// Node 0's proxy, e.g. for its admin address.
-    pub fn local_proxy(&self) -> &ProxyProcess {
-        &self.proxies[0]
+    /// Node `node`'s proxy (0: the clients' node, 1: `remote`'s).
+    pub fn proxy(&self, node: usize) -> &ProxyProcess {
+        &self.proxies[node]
     }
 
-    /// Restarts node 0's proxy with `extra` flags added to its usual ones.
-    pub fn restart_local_proxy(&mut self, extra: &[&str]) -> Result<()> {
+    /// Restarts node `node`'s proxy with `extra` flags added to its usual ones.
+    pub fn restart_proxy(&mut self, node: usize, extra: &[&str]) -> Result<()> {
         let mut args: Vec<&str> = self.base_args.iter().map(String::as_str).collect();
         args.extend_from_slice(extra);
         // The old one must be gone first: both would attach to the same cgroup.
-        drop(self.proxies.remove(0));
-        let replacement = ProxyProcess::start(&self.sb, 0, self.pods_file.clone(), &args)?;
-        self.proxies.insert(0, replacement);
+        drop(self.proxies.remove(node));
+        let replacement = ProxyProcess::start(&self.sb, node, self.pods_files[node].clone(), &args)?;
+        self.proxies.insert(node, replacement);
         std::thread::sleep(Duration::from_millis(300));
         Ok(())
     }
@@ -180,15 +188,20 @@ impl Topology {
     }
 }
 
+/// `podtool idle serve` on `pod`'s IPv4 address, once it listens.
+fn idle_server(sb: &Sandbox, pod: &Pod) -> Result<Spawned> {
+    let mut cmd = sb.podtool(pod);
+    cmd.args(["idle", "serve", "--listen", &SocketAddr::new(pod.ip4.into(), IDLE_PORT).to_string()]);
+    let spawned = sb.spawn(&format!("idle-server-{}", pod.name), cmd)?;
+    wait_for(Duration::from_secs(10), || spawned.stdout().contains("\"listening\"").then_some(()))
+        .with_context(|| format!("idle server in {} did not start: {}", pod.name, spawned.stderr()))?;
+    Ok(spawned)
+}
+
 /// HAProxy doing TLS on both ends of the cross-node hop: one in the client
 /// pod (TCP in, mutual TLS 1.3 out), one in the remote pod (mutual TLS 1.3
 /// in, TCP to the application), with certificates from the mesh's CA.
-fn haproxy_tls_pair(
-    sb: &Sandbox,
-    client: &Pod,
-    remote: &Pod,
-    ca: &std::path::Path,
-) -> Result<Vec<outrigger_e2e::sandbox::Spawned>> {
+fn haproxy_tls_pair(sb: &Sandbox, client: &Pod, remote: &Pod, ca: &std::path::Path) -> Result<Vec<Spawned>> {
     let pem = |name: &str| -> Result<std::path::PathBuf> {
         let dir = sb.dir.join(name);
         ca_issue(ca, name, &dir, &[])?;
