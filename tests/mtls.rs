@@ -438,7 +438,7 @@ fn the_admin_server_reports_state_without_secrets() -> Result<()> {
         "listeners: {}",
         dump["node"]["pods"]
     );
-    ensure!(dump["programs"].as_array().map(Vec::len) == Some(5), "programs: {}", dump["programs"]);
+    ensure!(dump["programs"].as_array().map(Vec::len) == Some(7), "programs: {}", dump["programs"]);
     ensure!(dump["mtls"]["identities"]["certificates"][0]["identity"] == spiffe_id("a"));
     ensure!(dump["mtls"]["identities"]["certificates"][0]["serial"].is_string());
 

@@ -76,6 +76,9 @@ pub struct PodContext {
     pub netns: Netns,
     /// Upstream sockets made ahead of time in the pod's netns.
     pub spares: Arc<SpareSockets>,
+    /// Transparent sockets for delivering to the application with the
+    /// client's address (`None`: deliveries come from the pod's address).
+    delivery: Option<Arc<SpareSockets>>,
     connections: Arc<tokio::sync::Semaphore>,
     handshakes: Arc<tokio::sync::Semaphore>,
 }
@@ -89,6 +92,7 @@ impl PodContext {
         identity: Identity,
         own_netns_cookie: u64,
         sockets: SocketOptions,
+        delivery: Option<SocketOptions>,
         limits: PodLimits,
     ) -> Result<Self, PodError> {
         let Some(NetnsRef::Path(path)) = workload.netns.clone() else {
@@ -107,6 +111,7 @@ impl PodContext {
             ips: workload.ips.clone(),
             netns,
             spares: SpareSockets::new(sockets),
+            delivery: delivery.map(SpareSockets::new),
             connections: Arc::new(tokio::sync::Semaphore::new(limits.connections)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(limits.pending_handshakes)),
         })
@@ -134,7 +139,13 @@ impl PodContext {
             identity: Identity::new("cluster.local", "default", name),
             ips: ips.to_vec(),
             netns: Netns::detached(std::path::Path::new("/test"), 42),
-            spares: SpareSockets::new(SocketOptions { mark: 1, keepalive: None, user_timeout: None }),
+            spares: SpareSockets::new(SocketOptions {
+                mark: 1,
+                keepalive: None,
+                user_timeout: None,
+                transparent: false,
+            }),
+            delivery: None,
             connections: Arc::new(tokio::sync::Semaphore::new(1024)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(16)),
         }
@@ -148,6 +159,45 @@ impl PodContext {
         }
     }
 
+    /// A socket in the pod's netns for delivering a connection to the
+    /// application at `app`, from `source` when original-source delivery is
+    /// on (the port is kept when it can be; 0 asks for any).
+    pub async fn delivery_socket(
+        &self,
+        app: IpAddr,
+        source: Option<SocketAddr>,
+    ) -> Result<std::net::TcpStream, io::Error> {
+        let (Some(delivery), Some(source)) = (&self.delivery, source) else {
+            return self.upstream_socket(app).await;
+        };
+        // A source of the other family than the application cannot be
+        // bound: fall back to the pod's own address.
+        if source.is_ipv4() != app.is_ipv4() {
+            return self.upstream_socket(app).await;
+        }
+        let socket = match delivery.take(&self.netns, app).await {
+            Ok(result) => result?,
+            Err(e) => return Err(io::Error::other(e)),
+        };
+        let sock = socket2::SockRef::from(&socket);
+        if sock.bind(&source.into()).is_err() {
+            // That port is taken here (the client's own connection shares
+            // the pod's netns): any port, same address.
+            sock.bind(&SocketAddr::new(source.ip(), 0).into())?;
+        }
+        Ok(socket)
+    }
+
+    /// Sets the pod's netns up for original-source delivery (see
+    /// `netns::delivery`); a no-op when that is off.
+    pub async fn prepare_delivery(&self, mark: u32) -> Result<(), PodError> {
+        if self.delivery.is_some() {
+            // The mark doubles as the routing table's number: one knob.
+            self.netns.enable_original_source(mark, mark).await?;
+        }
+        Ok(())
+    }
+
     /// Binds the tunnel listener on each of the pod's own addresses, inside
     /// the pod (they must be configured in its netns).
     pub async fn bind_inbound(&self, port: u16) -> Result<Vec<TcpListener>, PodError> {
@@ -158,6 +208,23 @@ impl PodContext {
             listeners.push(TcpListener::from_std(std_listener).map_err(|e| bind_error(addr, e))?);
         }
         Ok(listeners)
+    }
+
+    /// Binds the plaintext inbound listener, `0.0.0.0:port` and `[::]:port`,
+    /// inside the pod: the inbound program hands it connections for any of
+    /// the pod's addresses. Returns (IPv4 listener, IPv6 listener if the pod
+    /// has IPv6).
+    pub async fn bind_plaintext(&self, port: u16) -> Result<(TcpListener, Option<TcpListener>), PodError> {
+        let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        let listener = self.netns.run(move || bind_listener(v4)).await?.map_err(|e| bind_error(v4, e))?;
+        let listener = TcpListener::from_std(listener).map_err(|e| bind_error(v4, e))?;
+        let listener6 = match self.netns.run(move || bind_listener(v6)).await? {
+            Ok(l) => Some(TcpListener::from_std(l).map_err(|e| bind_error(v6, e))?),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)) => None,
+            Err(e) => return Err(bind_error(v6, e)),
+        };
+        Ok((listener, listener6))
     }
 
     /// Binds `127.0.0.1:port` and `[::1]:port` inside the pod. A pod

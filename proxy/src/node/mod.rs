@@ -20,7 +20,7 @@ use std::{
 };
 
 use aya::programs::sk_lookup::SkLookupLinkId;
-use outrigger_common::{MeshedPod, POD_FLAG_V6_LISTENER};
+use outrigger_common::{MeshedPod, INBOUND_FLAG_CAPTURE, INBOUND_FLAG_STRICT, POD_FLAG_V6_LISTENER};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -41,16 +41,27 @@ use status::{KeyStatus, NodeStatus, PodStatus};
 pub struct NodeDeps {
     pub capture: Arc<Capture>,
     pub outbound: Arc<Outbound>,
-    /// Set when mutual TLS is configured.
-    pub inbound: Option<Arc<Inbound>>,
+    pub inbound: Arc<Inbound>,
+    /// Mutual TLS is configured: pods get a tunnel listener.
+    pub mtls: bool,
     pub identities: Option<Arc<Identities>>,
     pub metrics: Arc<Metrics>,
     pub sockets: SocketOptions,
     pub limits: PodLimits,
     pub outbound_port: u16,
     pub hbone_port: u16,
-    /// `--mtls strict`: attach the plaintext-refusing program to each pod.
+    /// `--mtls strict`: plaintext from outside a pod is refused (but for
+    /// the allowed sources).
     pub strict: bool,
+    /// Permissive mode: plaintext from outside the mesh goes through the
+    /// proxy (`--inbound-capture`).
+    pub inbound_capture: bool,
+    pub inbound_port: u16,
+    /// `--inbound-original-source`: the delivery mark, which also names
+    /// the routing table in each pod.
+    pub delivery_mark: Option<u32>,
+    /// How delivery sockets are made (original source); `None`: off.
+    pub delivery_sockets: Option<SocketOptions>,
     pub own_netns_cookie: u64,
     /// Parent of every pod's stop token.
     pub shutdown: CancellationToken,
@@ -61,8 +72,8 @@ struct RunningPod {
     ctx: Arc<PodContext>,
     listeners: Vec<SocketAddr>,
     stop: CancellationToken,
-    /// The strict-mode program's link in the pod's netns.
-    strict: Option<SkLookupLinkId>,
+    /// The inbound program's link in the pod's netns (strict or captured).
+    inbound_link: Option<SkLookupLinkId>,
 }
 
 /// Owns the running pods. Only the reconcile loop touches it.
@@ -111,9 +122,20 @@ impl Node {
                 // stops, so the pod is never left uncaptured in between.
                 Some(entry) => {
                     self.start_or_record(key.clone(), entry.clone()).await;
-                    let replaced =
-                        self.running.get(&key).is_some_and(|new| new.ctx.netns.cookie() == old.ctx.netns.cookie());
+                    let successor =
+                        self.running.get(&key).filter(|new| new.ctx.netns.cookie() == old.ctx.netns.cookie());
+                    // Addresses the pod no longer has are forgotten.
+                    let dropped: Vec<std::net::IpAddr> = match successor {
+                        Some(new) => old.ctx.ips.iter().filter(|ip| !new.ctx.ips.contains(ip)).copied().collect(),
+                        None => Vec::new(),
+                    };
+                    let replaced = successor.is_some();
                     self.stop(&key, old, !replaced);
+                    for ip in dropped {
+                        if let Err(e) = self.deps.capture.forget_inbound_pod(ip) {
+                            tracing::error!(pod = %key, error = %e, "removing an old address's inbound entries failed");
+                        }
+                    }
                 }
                 None => self.stop(&key, old, true),
             }
@@ -249,8 +271,16 @@ impl Node {
     async fn start_pod(&self, id: u32, entry: &Arc<WorkloadEntry>) -> Result<RunningPod, PodError> {
         let d = &self.deps;
         let ctx = Arc::new(
-            PodContext::open(id, &entry.workload, entry.identity.clone(), d.own_netns_cookie, d.sockets, d.limits)
-                .await?,
+            PodContext::open(
+                id,
+                &entry.workload,
+                entry.identity.clone(),
+                d.own_netns_cookie,
+                d.sockets,
+                d.delivery_sockets,
+                d.limits,
+            )
+            .await?,
         );
         let stop = d.shutdown.child_token();
         let mut addrs = Vec::new();
@@ -264,26 +294,34 @@ impl Node {
                 addrs.push(addr);
                 tokio::spawn(d.outbound.clone().serve(listener, ctx.clone(), stop.clone()));
             }
-            if let Some(inbound) = &d.inbound {
+            if d.mtls {
                 for listener in ctx.bind_inbound(d.hbone_port).await? {
                     if let Ok(addr) = listener.local_addr() {
                         addrs.push(addr);
                     }
-                    tokio::spawn(inbound.clone().serve(listener, ctx.clone(), stop.clone()));
+                    tokio::spawn(d.inbound.clone().serve(listener, ctx.clone(), stop.clone()));
                 }
+            }
+            if let Some(mark) = d.delivery_mark {
+                ctx.prepare_delivery(mark).await?;
             }
             // Capture only once the listeners are up: a connect steered to
             // a port nobody listens on would be refused.
-            d.capture
-                .mesh(ctx.netns.cookie(), MeshedPod { pod_id: id, outbound_port: u32::from(d.outbound_port), flags })?;
-            if !d.strict {
-                return Ok(None);
-            }
-            let netns = std::fs::File::open(ctx.netns.path()).map_err(|source| {
-                PodError::Netns(crate::netns::NetnsError::Open { path: ctx.netns.path().into(), source })
-            });
-            match netns.and_then(|f| d.capture.attach_strict(&f).map_err(PodError::Capture)) {
-                Ok(link) => Ok(Some(link)),
+            let ip4 = ctx.ips.iter().find(|ip| ip.is_ipv4());
+            let ip6 = ctx.ips.iter().find(|ip| ip.is_ipv6());
+            let word = |ip: Option<&std::net::IpAddr>| {
+                ip.map(|ip| crate::capture::addr::to_kernel(std::net::SocketAddr::new(*ip, 0)).ip).unwrap_or_default()
+            };
+            let pod = MeshedPod {
+                pod_id: id,
+                outbound_port: u32::from(d.outbound_port),
+                flags,
+                ip4: word(ip4)[0],
+                ip6: word(ip6),
+            };
+            d.capture.mesh(ctx.netns.cookie(), pod)?;
+            match self.start_inbound(&ctx, &stop, &mut addrs).await {
+                Ok(link) => Ok(link),
                 Err(e) => {
                     let _ = d.capture.unmesh(ctx.netns.cookie());
                     Err(e)
@@ -292,7 +330,7 @@ impl Node {
         }
         .await;
         match result {
-            Ok(strict) => Ok(RunningPod { entry: entry.clone(), ctx, listeners: addrs, stop, strict }),
+            Ok(inbound_link) => Ok(RunningPod { entry: entry.clone(), ctx, listeners: addrs, stop, inbound_link }),
             Err(e) => {
                 stop.cancel();
                 Err(e)
@@ -300,19 +338,64 @@ impl Node {
         }
     }
 
+    /// Inbound treatment of plaintext from outside the pod: strict (refuse
+    /// but for allowed sources) or captured (the proxy's plaintext
+    /// listener), through the inbound program attached to the pod's netns.
+    /// Returns its link; `None` when neither applies.
+    async fn start_inbound(
+        &self,
+        ctx: &Arc<PodContext>,
+        stop: &CancellationToken,
+        addrs: &mut Vec<std::net::SocketAddr>,
+    ) -> Result<Option<SkLookupLinkId>, PodError> {
+        let d = &self.deps;
+        if !d.strict && !d.inbound_capture {
+            return Ok(None);
+        }
+        let (flags, listeners) = if d.strict {
+            (INBOUND_FLAG_STRICT, None)
+        } else {
+            let (v4, v6) = ctx.bind_plaintext(d.inbound_port).await?;
+            (INBOUND_FLAG_CAPTURE, Some((v4, v6)))
+        };
+        for ip in &ctx.ips {
+            let listener = listeners.as_ref().and_then(|(v4, v6)| if ip.is_ipv4() { Some(v4) } else { v6.as_ref() });
+            d.capture.inbound_pod(*ip, flags, listener)?;
+        }
+        if let Some((v4, v6)) = listeners {
+            for listener in std::iter::once(v4).chain(v6) {
+                if let Ok(addr) = listener.local_addr() {
+                    addrs.push(addr);
+                }
+                tokio::spawn(d.inbound.clone().serve_plaintext(listener, ctx.clone(), stop.clone()));
+            }
+        }
+        let netns = std::fs::File::open(ctx.netns.path()).map_err(|source| {
+            PodError::Netns(crate::netns::NetnsError::Open { path: ctx.netns.path().into(), source })
+        })?;
+        Ok(Some(d.capture.attach_inbound(&netns)?))
+    }
+
     /// Stops a pod's listeners (after draining their backlog); with
-    /// `unmesh`, first removes its capture entry so new connects go direct.
-    /// Connections already accepted run to completion.
+    /// `unmesh`, first removes its capture entries so new connects go
+    /// direct (a pod replaced in the same netns keeps them: its successor
+    /// wrote its own over them). Connections already accepted run to
+    /// completion.
     fn stop(&self, key: &PodKey, pod: RunningPod, unmesh: bool) {
         if unmesh {
             if let Err(e) = self.deps.capture.unmesh(pod.ctx.netns.cookie()) {
                 tracing::error!(pod = %key, error = %e, "un-meshing pod failed");
             }
+            for ip in &pod.ctx.ips {
+                if let Err(e) = self.deps.capture.forget_inbound_pod(*ip) {
+                    tracing::error!(pod = %key, error = %e, "removing the pod's inbound entries failed");
+                }
+            }
         }
         pod.stop.cancel();
-        if let Some(link) = pod.strict {
-            if let Err(e) = self.deps.capture.detach_strict(link) {
-                tracing::error!(pod = %key, error = %e, "detaching the strict-mode program failed");
+        if let Some(link) = pod.inbound_link {
+            if let Err(e) = self.deps.capture.detach_inbound(link) {
+                tracing::error!(pod = %key, error = %e, "detaching the inbound program failed");
             }
         }
         if unmesh {
