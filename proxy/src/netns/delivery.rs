@@ -77,6 +77,8 @@ impl Netns {
                         .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
                         .table_id(table)
                         .kind(RouteType::Local)
+                        // Local routes are host-scoped, as `ip route add local` makes them.
+                        .scope(RouteScope::Host)
                         .output_interface(LOOPBACK_IFINDEX)
                         .build()
                 } else {
@@ -84,6 +86,8 @@ impl Netns {
                         .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
                         .table_id(table)
                         .kind(RouteType::Local)
+                        // Local routes are host-scoped, as `ip route add local` makes them.
+                        .scope(RouteScope::Host)
                         .output_interface(LOOPBACK_IFINDEX)
                         .build()
                 };
