@@ -19,7 +19,10 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use rtnetlink::packet_route::{route::RouteType, rule::RuleAction};
+use rtnetlink::packet_route::{
+    route::{RouteScope, RouteType},
+    rule::RuleAction,
+};
 
 use super::{Netns, NetnsError};
 
