@@ -77,7 +77,12 @@ impl Inbound {
                 dst = %dest, security = "plaintext", result = "denied", flags = "RBAC", policy, "plaintext connection refused");
         }
         let connect_start = Instant::now();
-        let mut app = match self.connect_app(&pod, dest, Some(peer)).await {
+        // The client's address, not its port: the proxy's own socket for
+        // this connection already holds (client, port) → (pod, port) in
+        // this netns, and a delivery with the same four-tuple would land on
+        // it instead of the application's listener.
+        let source = SocketAddr::new(peer.ip(), 0);
+        let mut app = match self.connect_app(&pod, dest, Some(source)).await {
             Ok(app) => app,
             Err(e) => {
                 self.metrics.conns.failed(&labels, e.result);
