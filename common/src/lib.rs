@@ -90,6 +90,11 @@ pub const INBOUND_FLAG_STRICT: u32 = 1;
 /// listener (found in `INBOUND_LISTENERS` under the same key).
 pub const INBOUND_FLAG_CAPTURE: u32 = 2;
 
+/// Max entries of the delivery map: original-source deliveries being set
+/// up at once (each entry lives from just before its connect to just
+/// after; LRU so a lost removal cannot fill it).
+pub const MAX_DELIVERIES: u32 = 65_536;
+
 /// Max entries of the strict-mode allow list (CIDRs).
 pub const MAX_STRICT_ALLOW: u32 = 256;
 

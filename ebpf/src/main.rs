@@ -31,7 +31,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use outrigger_common::{
     counter, AllowKey, ConnKey, InboundPod, MeshedPod, Settings, SockAddr, FAMILY_V4, FAMILY_V6, INBOUND_FLAG_CAPTURE,
-    INBOUND_FLAG_STRICT, MAX_MESHED_NETNS, MAX_ORIG_DST, MAX_POD_ADDRS, MAX_SERVICES, MAX_STRICT_ALLOW,
+    INBOUND_FLAG_STRICT, MAX_DELIVERIES, MAX_MESHED_NETNS, MAX_ORIG_DST, MAX_POD_ADDRS, MAX_SERVICES, MAX_STRICT_ALLOW,
     POD_FLAG_V6_LISTENER,
 };
 
@@ -83,6 +83,13 @@ static INBOUND_LISTENERS: SockHash<SockAddr> = SockHash::with_max_entries(MAX_PO
 /// already handled (and authorized) by the proxy at the source.
 #[map]
 static LOCAL_MESHED: HashMap<SockAddr, u32> = HashMap::with_max_entries(MAX_POD_ADDRS, 0);
+
+/// Connections the proxy is delivering to an application in a pod with the
+/// client's address as source, by (client, application) address: they
+/// must reach the application, not be captured again. Their SYN arrives
+/// over loopback but looks, to the inbound program, like any other.
+#[map]
+static DELIVERIES: LruHashMap<ConnKey, u32> = LruHashMap::with_max_entries(MAX_DELIVERIES, 0);
 
 /// Sources strict pods still take plaintext from (the node, for kubelet
 /// probes), as CIDRs over IPv6 space (IPv4 mapped).
@@ -523,10 +530,12 @@ pub fn outrigger_inbound(ctx: SkLookupContext) -> u32 {
         if read_volatile(&(*l).ingress_ifindex) == LOOPBACK_IFINDEX {
             return SK_PASS;
         }
+        // remote_port is network order, in a 16-bit field.
+        let remote_port = u16::from_be(read_volatile(&(*l).remote_port)) as u32;
         if read_volatile(&(*l).family) == AF_INET {
             (
-                SockAddr { family: FAMILY_V4, port: 0, ip: [read_volatile(&(*l).local_ip4), 0, 0, 0] },
-                SockAddr { family: FAMILY_V4, port: 0, ip: [read_volatile(&(*l).remote_ip4), 0, 0, 0] },
+                SockAddr { family: FAMILY_V4, port: local_port, ip: [read_volatile(&(*l).local_ip4), 0, 0, 0] },
+                SockAddr { family: FAMILY_V4, port: remote_port, ip: [read_volatile(&(*l).remote_ip4), 0, 0, 0] },
             )
         } else {
             let local = [
@@ -541,9 +550,17 @@ pub fn outrigger_inbound(ctx: SkLookupContext) -> u32 {
                 read_volatile(&(*l).remote_ip6[2]),
                 read_volatile(&(*l).remote_ip6[3]),
             ];
-            (addr::normalize(local, 0), addr::normalize(remote, 0))
+            (addr::normalize(local, local_port), addr::normalize(remote, remote_port))
         }
     };
+    // The proxy's own delivery of a connection it already handled.
+    let delivery = ConnKey { netns_cookie: 0, client: remote, listener: local };
+    if DELIVERIES.get_ptr(&delivery).is_some() {
+        return SK_PASS;
+    }
+    // From here on addresses are compared without ports.
+    let local = SockAddr { port: 0, ..local };
+    let remote = SockAddr { port: 0, ..remote };
     if remote == local {
         return SK_PASS;
     }

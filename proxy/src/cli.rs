@@ -355,6 +355,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             reserved_ports: [args.outbound_port, args.hbone_port, args.inbound_port],
             relay,
         },
+        Some(capture.clone()),
         connections.clone(),
         drain_cut.clone(),
     ));

@@ -116,6 +116,7 @@ pub struct Capture {
 }
 
 struct InboundMaps {
+    deliveries: HashMap<MapData, ConnKey, u32>,
     pods: HashMap<MapData, SockAddr, InboundPod>,
     listeners: SockHash<MapData, SockAddr>,
     local_meshed: HashMap<MapData, SockAddr, u32>,
@@ -185,6 +186,7 @@ impl Capture {
         let refused_vips = Mutex::new(take_map(&mut ebpf, "REFUSED_VIPS")?);
         let service_refused = take_map(&mut ebpf, "SERVICE_REFUSED")?;
         let inbound = Mutex::new(InboundMaps {
+            deliveries: take_map(&mut ebpf, "DELIVERIES")?,
             pods: take_map(&mut ebpf, "INBOUND_PODS")?,
             listeners: take_map(&mut ebpf, "INBOUND_LISTENERS")?,
             local_meshed: take_map(&mut ebpf, "LOCAL_MESHED")?,
@@ -298,6 +300,22 @@ impl Capture {
             maps.listeners.insert(key, listener.as_raw_fd(), 0).map_err(map_err("INBOUND_LISTENERS"))?;
         }
         maps.pods.insert(key, InboundPod { flags }, 0).map_err(map_err("INBOUND_PODS"))
+    }
+
+    /// Announces a delivery from `client` (a transparent socket already
+    /// bound there) to `app`, so the inbound program lets its SYN through.
+    pub fn expect_delivery(&self, client: SocketAddr, app: SocketAddr) -> Result<(), CaptureError> {
+        let key = ConnKey { netns_cookie: 0, client: addr::to_kernel(client), listener: addr::to_kernel(app) };
+        let mut maps = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        maps.deliveries.insert(key, 1, 0).map_err(map_err("DELIVERIES"))
+    }
+
+    /// The delivery's connect finished (either way): its entry goes.
+    pub fn delivered(&self, client: SocketAddr, app: SocketAddr) {
+        let key = ConnKey { netns_cookie: 0, client: addr::to_kernel(client), listener: addr::to_kernel(app) };
+        let mut maps = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        // LRU: an entry that could not be removed ages out.
+        let _ = maps.deliveries.remove(&key);
     }
 
     /// Forgets one address of a pod that left the node.

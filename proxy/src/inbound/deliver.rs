@@ -36,8 +36,22 @@ impl Inbound {
         // The pod's own address as the source needs no transparency.
         let source = source.filter(|s| !pod.ips.contains(&s.ip()));
         let socket = pod.delivery_socket(target.ip(), source).await.map_err(|e| unavailable(e.to_string()))?;
+        // A socket bound to a client's address: announce it, or the inbound
+        // program would take its SYN for a new arrival and capture it again.
+        let bound = socket.local_addr().ok().filter(|from| source.is_some_and(|s| s.ip() == from.ip()));
+        let announced = match (bound, &self.capture) {
+            (Some(from), Some(capture)) => {
+                capture.expect_delivery(from, target).map_err(|e| unavailable(e.to_string()))?;
+                Some((capture, from))
+            }
+            _ => None,
+        };
         let socket = TcpSocket::from_std_stream(socket);
-        match tokio::time::timeout(self.settings.connect_timeout, socket.connect(target)).await {
+        let connected = tokio::time::timeout(self.settings.connect_timeout, socket.connect(target)).await;
+        if let Some((capture, from)) = announced {
+            capture.delivered(from, target);
+        }
+        match connected {
             Ok(Ok(tcp)) => Ok(tcp),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(AppError {
                 status: StatusCode::SERVICE_UNAVAILABLE,

@@ -66,6 +66,8 @@ pub struct Inbound {
     pub(crate) tls: Option<Arc<TlsConfigs>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) settings: InboundSettings,
+    /// Where original-source deliveries are announced (`None` in tests).
+    pub(crate) capture: Option<Arc<crate::capture::Capture>>,
     tasks: TaskTracker,
     /// Node-wide pending handshakes (per pod: the pod's own limit).
     handshakes: Arc<tokio::sync::Semaphore>,
@@ -78,11 +80,12 @@ impl Inbound {
         tls: Option<Arc<TlsConfigs>>,
         metrics: Arc<Metrics>,
         settings: InboundSettings,
+        capture: Option<Arc<crate::capture::Capture>>,
         tasks: TaskTracker,
         drain_cut: CancellationToken,
     ) -> Self {
         let handshakes = Arc::new(tokio::sync::Semaphore::new(settings.max_pending_handshakes));
-        Self { mesh, tls, metrics, settings, tasks, handshakes, drain_cut }
+        Self { mesh, tls, metrics, settings, capture, tasks, handshakes, drain_cut }
     }
 
     /// Serves one pod's tunnel listener until `stop` is cancelled.
