@@ -233,7 +233,10 @@ fn sigkill_fails_open_and_a_restarted_proxy_captures_again() -> Result<()> {
     let server = sb.echo_server(b, &[8080], &[])?;
     let target = SocketAddr::new(b.ip4.into(), 8080);
     let mut proxy = ProxyProcess::start(&sb, 0, pods_file.clone(), &[])?;
-    ensure!(sb.attached_programs(0)? == 5, "expected 5 programs attached");
+    ensure!(
+        sb.attached_programs(0)? == 7,
+        "expected 7 programs attached (connect, getpeername and getsockname, v4 and v6, and sockops)"
+    );
     ensure!(ok_count(&sb.client(a, target, &["--bytes", "1000"])?) == 1);
     ensure!(opened(&proxy, "a") == 1.0);
 

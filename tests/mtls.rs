@@ -204,10 +204,12 @@ fn pod_to_pod_across_nodes_never_crosses_the_wire_in_plaintext() -> Result<()> {
     // B's proxy saw A's identity, and delivered over loopback in B's pod.
     let peer_logged = tunnel_logged(&n1, &format!("peer_identity={}", spiffe_id("a")));
     ensure!(peer_logged, "B's proxy did not log A's identity:\n{}", n1.log_text());
-    // Delivered from inside B's pod: the app sees B's own address as the peer.
+    // Delivered with its original source: the app sees A's address as the
+    // peer, as it would without the mesh.
     ensure!(
-        server.stdout().contains(&format!("\"peer\":\"{}:", b.ip4)),
-        "B's app did not get the connection from inside its pod"
+        server.stdout().contains(&format!("\"peer\":\"{}:", a.ip4)),
+        "B's app did not see A as the client: {}",
+        server.stdout()
     );
 
     // The same capture sees plaintext when it is plaintext: an unmeshed pod.
@@ -434,11 +436,12 @@ fn the_admin_server_reports_state_without_secrets() -> Result<()> {
     let dump: Value = serde_json::from_str(&body)?;
     ensure!(dump["node"]["pods"][0]["key"]["name"] == "a", "pods: {}", dump["node"]["pods"]);
     ensure!(
-        dump["node"]["pods"][0]["listeners"].as_array().map(Vec::len) == Some(4),
+        // Outbound v4/v6, tunnel v4/v6, captured plaintext v4/v6.
+        dump["node"]["pods"][0]["listeners"].as_array().map(Vec::len) == Some(6),
         "listeners: {}",
         dump["node"]["pods"]
     );
-    ensure!(dump["programs"].as_array().map(Vec::len) == Some(5), "programs: {}", dump["programs"]);
+    ensure!(dump["programs"].as_array().map(Vec::len) == Some(7), "programs: {}", dump["programs"]);
     ensure!(dump["mtls"]["identities"]["certificates"][0]["identity"] == spiffe_id("a"));
     ensure!(dump["mtls"]["identities"]["certificates"][0]["serial"].is_string());
 

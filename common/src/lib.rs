@@ -24,6 +24,9 @@ pub const MAX_SERVICES: u32 = 16_384;
 
 /// Max entries of the meshed-netns map: pods on one node.
 pub const MAX_MESHED_NETNS: u32 = 4096;
+/// Max entries of the per-address maps of this node's pods (two addresses
+/// per pod, dual stack).
+pub const MAX_POD_ADDRS: u32 = 2 * MAX_MESHED_NETNS;
 /// Max entries of each original-destination map: concurrent captured
 /// connections on one node. Both maps are LRU so a leak cannot fill them.
 pub const MAX_ORIG_DST: u32 = 262_144;
@@ -64,6 +67,43 @@ pub struct MeshedPod {
     pub outbound_port: u32,
     /// `POD_FLAG_*` bits.
     pub flags: u32,
+    /// The pod's IPv4 address, network order (0: none): what
+    /// `getsockname` of a captured socket reports instead of 127.0.0.1.
+    pub ip4: u32,
+    /// The pod's IPv6 address, network-order words (all 0: none).
+    pub ip6: [u32; 4],
+}
+
+/// How the inbound program treats new connections to a meshed pod's
+/// address, keyed by that address (`SockAddr` with port 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct InboundPod {
+    /// `INBOUND_FLAG_*` bits.
+    pub flags: u32,
+}
+
+/// `--mtls strict`: plaintext from outside the pod is refused, except from
+/// the allowed sources (`STRICT_ALLOW`).
+pub const INBOUND_FLAG_STRICT: u32 = 1;
+/// Plaintext from outside the pod is handed to the proxy's inbound
+/// listener (found in `INBOUND_LISTENERS` under the same key).
+pub const INBOUND_FLAG_CAPTURE: u32 = 2;
+
+/// Max entries of the delivery map: original-source deliveries being set
+/// up at once (each entry lives from just before its connect to just
+/// after; LRU so a lost removal cannot fill it).
+pub const MAX_DELIVERIES: u32 = 65_536;
+
+/// Max entries of the strict-mode allow list (CIDRs).
+pub const MAX_STRICT_ALLOW: u32 = 256;
+
+/// A key of the strict-mode allow list: an LPM-trie key over IPv6 space,
+/// IPv4 addresses mapped (`::ffff:a.b.c.d`, prefix length + 96).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AllowKey {
+    pub ip: [u32; 4],
 }
 
 /// The proxy listens on `[::1]` in this pod: IPv6 connects may be steered.
@@ -82,6 +122,9 @@ pub struct Settings {
     /// The tunnel port: in strict pods, the only port that takes
     /// connections from outside the pod.
     pub hbone_port: u32,
+    /// The mark of the proxy's delivery sockets (original source): the
+    /// loop guard accepts it like `mark`.
+    pub delivery_mark: u32,
 }
 
 /// Indices into the per-CPU counter array.
@@ -112,7 +155,18 @@ pub mod counter {
     pub const REFUSED_NO_ENDPOINTS: u32 = 11;
     /// A plaintext connection to a strict pod from outside it, dropped.
     pub const STRICT_DROPPED: u32 = 12;
-    pub const COUNT: u32 = 13;
+    /// `getsockname` of a captured socket answered with the pod's address.
+    pub const SOCKNAME_REWRITTEN: u32 = 13;
+    /// A plaintext connection from outside a meshed pod handed to the proxy.
+    pub const INBOUND_CAPTURED: u32 = 14;
+    /// A plaintext connection to a strict pod from an allowed source (probes).
+    pub const STRICT_ALLOWED: u32 = 15;
+    /// A connection from a meshed pod of this node (the proxy already
+    /// handled it at the source) let through to the application.
+    pub const INBOUND_FROM_MESH: u32 = 16;
+    /// Captured inbound, but the proxy's listener was missing: let through.
+    pub const INBOUND_NO_LISTENER: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     /// Names as exported in metrics, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -129,6 +183,11 @@ pub mod counter {
         "bypass_no_v6_listener",
         "refused_no_endpoints",
         "strict_dropped",
+        "sockname_rewritten",
+        "inbound_captured",
+        "strict_allowed",
+        "inbound_from_mesh",
+        "inbound_no_listener",
     ];
 }
 
@@ -145,4 +204,8 @@ mod pod_impls {
     unsafe impl aya::Pod for super::MeshedPod {}
     #[allow(unsafe_code)]
     unsafe impl aya::Pod for super::Settings {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::InboundPod {}
+    #[allow(unsafe_code)]
+    unsafe impl aya::Pod for super::AllowKey {}
 }

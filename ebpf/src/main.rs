@@ -24,14 +24,15 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
 use outrigger_common::{
-    counter, ConnKey, MeshedPod, Settings, SockAddr, FAMILY_V4, FAMILY_V6, MAX_MESHED_NETNS, MAX_ORIG_DST,
-    MAX_SERVICES, POD_FLAG_V6_LISTENER,
+    counter, AllowKey, ConnKey, InboundPod, MeshedPod, Settings, SockAddr, FAMILY_V4, FAMILY_V6, INBOUND_FLAG_CAPTURE,
+    INBOUND_FLAG_STRICT, MAX_DELIVERIES, MAX_MESHED_NETNS, MAX_ORIG_DST, MAX_POD_ADDRS, MAX_SERVICES, MAX_STRICT_ALLOW,
+    POD_FLAG_V6_LISTENER,
 };
 
 use addr::{is_loopback_v4, is_loopback_v6, is_v4_mapped, LOOPBACK_V4, LOOPBACK_V6, V4_MAPPED_PREFIX};
@@ -67,6 +68,33 @@ static SERVICE_REFUSED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SER
 
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// How new connections to each address of this node's meshed pods are
+/// treated (strict, captured), by address with port 0.
+#[map]
+static INBOUND_PODS: HashMap<SockAddr, InboundPod> = HashMap::with_max_entries(MAX_POD_ADDRS, 0);
+
+/// The proxy's inbound listener in each meshed pod, by the pod's address
+/// (port 0): plaintext arrivals are assigned to it.
+#[map]
+static INBOUND_LISTENERS: SockHash<SockAddr> = SockHash::with_max_entries(MAX_POD_ADDRS, 0);
+
+/// Addresses of this node's meshed pods: their traffic to each other was
+/// already handled (and authorized) by the proxy at the source.
+#[map]
+static LOCAL_MESHED: HashMap<SockAddr, u32> = HashMap::with_max_entries(MAX_POD_ADDRS, 0);
+
+/// Connections the proxy is delivering to an application in a pod with the
+/// client's address as source, by (client, application) address: they
+/// must reach the application, not be captured again. Their SYN arrives
+/// over loopback but looks, to the inbound program, like any other.
+#[map]
+static DELIVERIES: LruHashMap<ConnKey, u32> = LruHashMap::with_max_entries(MAX_DELIVERIES, 0);
+
+/// Sources strict pods still take plaintext from (the node, for kubelet
+/// probes), as CIDRs over IPv6 space (IPv4 mapped).
+#[map]
+static STRICT_ALLOW: LpmTrie<AllowKey, u32> = LpmTrie::with_max_entries(MAX_STRICT_ALLOW, 1);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -136,7 +164,7 @@ fn is_proxy(sa: *mut bpf_sock_addr) -> bool {
         let sk = read_volatile(&(*sa).__bindgen_anon_1.sk);
         read_volatile(&(*sk).mark)
     };
-    settings.mark != 0 && mark == settings.mark
+    (settings.mark != 0 && mark == settings.mark) || (settings.delivery_mark != 0 && mark == settings.delivery_mark)
 }
 
 /// True when `orig` is a VIP:port the proxy marked as having no endpoints:
@@ -302,6 +330,70 @@ pub fn outrigger_getpeername6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// The pod a socket's netns belongs to, if meshed.
+#[inline(always)]
+fn meshed_pod(ctx: &SockAddrContext) -> Option<MeshedPod> {
+    // SAFETY: context pointer from the kernel.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out immediately.
+    unsafe { MESHED_NETNS.get(netns) }.copied()
+}
+
+/// The original destination of a captured socket, if this is one.
+#[inline(always)]
+fn captured_orig(ctx: &SockAddrContext) -> Option<SockAddr> {
+    // SAFETY: context pointer from the kernel.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out immediately.
+    unsafe { ORIG_DST_BY_COOKIE.get(cookie) }.copied()
+}
+
+/// A captured socket is really connected from loopback to the proxy's
+/// listener; `getsockname` answers with the pod's own address (of the
+/// destination's family) and the port the socket really uses, as without
+/// the mesh — protocols that announce their own address (active FTP, SIP)
+/// depend on it.
+#[cgroup_sock_addr(getsockname4)]
+pub fn outrigger_getsockname4(ctx: SockAddrContext) -> i32 {
+    let Some(orig) = captured_orig(&ctx) else { return ALLOW };
+    let Some(pod) = meshed_pod(&ctx) else { return ALLOW };
+    if orig.family != FAMILY_V4 || pod.ip4 == 0 {
+        return ALLOW;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: whole-u32 context write; the port is left as it is.
+    unsafe { write_volatile(&mut (*sa).user_ip4, pod.ip4) };
+    count(counter::SOCKNAME_REWRITTEN);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getsockname6)]
+pub fn outrigger_getsockname6(ctx: SockAddrContext) -> i32 {
+    let Some(orig) = captured_orig(&ctx) else { return ALLOW };
+    let Some(pod) = meshed_pod(&ctx) else { return ALLOW };
+    let ip = if orig.family == FAMILY_V4 {
+        if pod.ip4 == 0 {
+            return ALLOW;
+        }
+        [0, 0, V4_MAPPED_PREFIX, pod.ip4]
+    } else {
+        if pod.ip6 == [0; 4] {
+            return ALLOW;
+        }
+        pod.ip6
+    };
+    let sa = ctx.sock_addr;
+    // SAFETY: whole-u32 context writes.
+    unsafe {
+        write_volatile(&mut (*sa).user_ip6[0], ip[0]);
+        write_volatile(&mut (*sa).user_ip6[1], ip[1]);
+        write_volatile(&mut (*sa).user_ip6[2], ip[2]);
+        write_volatile(&mut (*sa).user_ip6[3], ip[3]);
+    }
+    count(counter::SOCKNAME_REWRITTEN);
+    ALLOW
+}
+
 #[sock_ops]
 pub fn outrigger_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
@@ -397,17 +489,35 @@ fn conn_key(ctx: &SockOpsContext) -> ConnKey {
 const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
 const IPPROTO_TCP: u32 = 6;
+/// The loopback interface: its index is 1 in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
-/// Attached to the netns of each pod under `--mtls strict`: a new TCP
-/// connection from outside the pod may only reach the tunnel port. The pod
-/// itself (loopback, or its own address — how the proxy delivers tunnelled
-/// connections) passes; for anything else the listener lookup fails, so the
-/// kernel answers the SYN with a reset and the client sees "refused".
+/// Whether a source may reach a strict pod in plaintext (an LPM match over
+/// IPv6 space; IPv4 is looked up mapped).
+#[inline(always)]
+fn strict_allowed(remote: &SockAddr) -> bool {
+    let ip = if remote.family == FAMILY_V4 { [0, 0, V4_MAPPED_PREFIX, remote.ip[0]] } else { remote.ip };
+    STRICT_ALLOW.get(Key::new(128, AllowKey { ip })).is_some()
+}
+
+/// Attached to the netns of each meshed pod. A new TCP connection that
+/// arrives from outside the pod (on an interface other than loopback, not
+/// for the tunnel port) to one of the pod's addresses:
+/// - strict pod: refused (the kernel answers the SYN with a reset) unless
+///   its source is allowed (kubelet probes from the node);
+/// - from a meshed pod of this node: let through — the proxy handled it at
+///   the source, authorization included;
+/// - captured pod (permissive): assigned to the proxy's inbound listener in
+///   the pod, which authorizes, counts and delivers it with its source.
+///
+/// Connections from inside the pod — the application's own, and the proxy's
+/// deliveries, which arrive over loopback — always pass: that is the loop
+/// guard here.
 #[sk_lookup]
-pub fn outrigger_strict(ctx: SkLookupContext) -> u32 {
+pub fn outrigger_inbound(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
     // SAFETY: context field reads, one u32 at a time.
-    unsafe {
+    let (local, remote) = unsafe {
         if read_volatile(&(*l).protocol) != IPPROTO_TCP {
             return SK_PASS;
         }
@@ -417,30 +527,68 @@ pub fn outrigger_strict(ctx: SkLookupContext) -> u32 {
                 return SK_PASS;
             }
         }
-        let from_inside = if read_volatile(&(*l).family) == AF_INET {
-            let remote = read_volatile(&(*l).remote_ip4);
-            is_loopback_v4(remote) || remote == read_volatile(&(*l).local_ip4)
+        if read_volatile(&(*l).ingress_ifindex) == LOOPBACK_IFINDEX {
+            return SK_PASS;
+        }
+        // remote_port is network order, in a 16-bit field.
+        let remote_port = u16::from_be(read_volatile(&(*l).remote_port)) as u32;
+        if read_volatile(&(*l).family) == AF_INET {
+            (
+                SockAddr { family: FAMILY_V4, port: local_port, ip: [read_volatile(&(*l).local_ip4), 0, 0, 0] },
+                SockAddr { family: FAMILY_V4, port: remote_port, ip: [read_volatile(&(*l).remote_ip4), 0, 0, 0] },
+            )
         } else {
-            let remote = [
-                read_volatile(&(*l).remote_ip6[0]),
-                read_volatile(&(*l).remote_ip6[1]),
-                read_volatile(&(*l).remote_ip6[2]),
-                read_volatile(&(*l).remote_ip6[3]),
-            ];
             let local = [
                 read_volatile(&(*l).local_ip6[0]),
                 read_volatile(&(*l).local_ip6[1]),
                 read_volatile(&(*l).local_ip6[2]),
                 read_volatile(&(*l).local_ip6[3]),
             ];
-            is_loopback_v6(&remote) || (is_v4_mapped(&remote) && is_loopback_v4(remote[3])) || remote == local
-        };
-        if from_inside {
+            let remote = [
+                read_volatile(&(*l).remote_ip6[0]),
+                read_volatile(&(*l).remote_ip6[1]),
+                read_volatile(&(*l).remote_ip6[2]),
+                read_volatile(&(*l).remote_ip6[3]),
+            ];
+            (addr::normalize(local, local_port), addr::normalize(remote, remote_port))
+        }
+    };
+    // The proxy's own delivery of a connection it already handled.
+    let delivery = ConnKey { netns_cookie: 0, client: remote, listener: local };
+    if DELIVERIES.get_ptr(delivery).is_some() {
+        return SK_PASS;
+    }
+    // From here on addresses are compared without ports.
+    let local = SockAddr { port: 0, ..local };
+    let remote = SockAddr { port: 0, ..remote };
+    if remote == local {
+        return SK_PASS;
+    }
+    // SAFETY: the value is copied out immediately.
+    let Some(pod) = (unsafe { INBOUND_PODS.get(local) }).copied() else {
+        return SK_PASS;
+    };
+    if pod.flags & INBOUND_FLAG_STRICT != 0 {
+        if strict_allowed(&remote) {
+            count(counter::STRICT_ALLOWED);
             return SK_PASS;
         }
+        count(counter::STRICT_DROPPED);
+        return SK_DROP;
     }
-    count(counter::STRICT_DROPPED);
-    SK_DROP
+    if LOCAL_MESHED.get_ptr(remote).is_some() {
+        count(counter::INBOUND_FROM_MESH);
+        return SK_PASS;
+    }
+    if pod.flags & INBOUND_FLAG_CAPTURE != 0 {
+        if INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0).is_ok() {
+            count(counter::INBOUND_CAPTURED);
+        } else {
+            // Fail open, like the rest of capture: the application answers.
+            count(counter::INBOUND_NO_LISTENER);
+        }
+    }
+    SK_PASS
 }
 
 #[cfg(not(test))]

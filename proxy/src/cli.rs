@@ -219,6 +219,27 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(run(args))
 }
 
+/// The addresses of the proxy's own network namespace (loopback aside): the
+/// node's, when the proxy runs with the host network — where kubelet probes
+/// come from.
+fn own_addresses() -> Vec<ipnet::IpNet> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    let mut out: Vec<ipnet::IpNet> = addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            let ip: std::net::IpAddr = match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+                (Some(v4), _) => v4.ip().into(),
+                (_, Some(v6)) => v6.ip().into(),
+                _ => return None,
+            };
+            (!ip.is_loopback()).then(|| ipnet::IpNet::from(ip))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Every connection is two sockets and every pod keeps a few listeners and
 /// spares: take the whole file-descriptor allowance the system grants.
 /// Returns the limit in force.
@@ -267,11 +288,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Loaded::Unchanged => {}
     }
 
+    let strict_allow = match &args.mtls_strict_allow {
+        Some(nets) => nets.clone(),
+        None => own_addresses(),
+    };
     let capture = Arc::new(Capture::load(&CaptureOptions {
         cgroup: &cgroup,
         object: args.ebpf_object.as_deref(),
         mark: args.mark,
+        delivery_mark: if args.inbound_original_source { args.delivery_mark } else { 0 },
         hbone_port: args.hbone_port,
+        strict_allow: &strict_allow,
     })?);
     tracing::info!(cgroup = %cgroup.display(), programs = capture.attached().len(), "capture programs attached");
 
@@ -315,23 +342,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         connections.clone(),
     ));
-    let inbound = tls.clone().map(|tls| {
-        Arc::new(Inbound::new(
-            mesh.clone(),
-            tls,
-            metrics.clone(),
-            InboundSettings {
-                connect_timeout: args.connect_timeout,
-                handshake_timeout: args.tunnel_handshake_timeout,
-                idle_timeout: args.tunnel_idle_timeout,
-                max_pending_handshakes: args.max_pending_handshakes as usize,
-                max_streams: args.max_streams_per_connection,
-                relay,
-            },
-            connections.clone(),
-            drain_cut.clone(),
-        ))
-    });
+    let inbound = Arc::new(Inbound::new(
+        mesh.clone(),
+        tls.clone(),
+        metrics.clone(),
+        InboundSettings {
+            connect_timeout: args.connect_timeout,
+            handshake_timeout: args.tunnel_handshake_timeout,
+            idle_timeout: args.tunnel_idle_timeout,
+            max_pending_handshakes: args.max_pending_handshakes as usize,
+            max_streams: args.max_streams_per_connection,
+            reserved_ports: [args.outbound_port, args.hbone_port, args.inbound_port],
+            relay,
+        },
+        Some(capture.clone()),
+        connections.clone(),
+        drain_cut.clone(),
+    ));
 
     let status = Arc::new(RwLock::new(NodeStatus { capture_attached: true, ..Default::default() }));
     let admin_listener = admin::bind(args.admin_addr).await?;
@@ -366,6 +393,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             capture: capture.clone(),
             outbound,
             inbound,
+            mtls: tls.is_some(),
+            inbound_capture: args.inbound_capture,
+            inbound_port: args.inbound_port,
+            delivery_mark: args.inbound_original_source.then_some(args.delivery_mark),
+            delivery_sockets: args.delivery_socket_options(),
             identities: identities.clone(),
             metrics: metrics.clone(),
             sockets: args.socket_options(),

@@ -277,6 +277,37 @@ pub struct RunArgs {
     #[arg(long, env = "OUTRIGGER_MTLS", value_enum, default_value_t = MtlsMode::Permissive)]
     pub mtls: MtlsMode,
 
+    /// --mtls strict: sources (CIDRs, comma-separated) that may still reach strict pods in
+    /// plaintext — kubelet probes come from the node. Default: the addresses of the proxy's own
+    /// network namespace (the node's, when the proxy runs with the host network). In a cluster
+    /// where it does not, set the node's address on the pod network (e.g. the bridge gateway).
+    #[arg(long, env = "OUTRIGGER_MTLS_STRICT_ALLOW", value_delimiter = ',', value_parser = parse_net)]
+    pub mtls_strict_allow: Option<Vec<ipnet::IpNet>>,
+
+    /// Permissive mode: new TCP connections arriving at a meshed pod from outside the mesh are
+    /// taken by the proxy first (authorized — a plaintext source has no principal —, counted with
+    /// security="plaintext", logged) and delivered to the application. false: they reach the
+    /// application directly, unseen.
+    #[arg(long, env = "OUTRIGGER_INBOUND_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub inbound_capture: bool,
+
+    /// The proxy's listener for captured plaintext inside every meshed pod (0.0.0.0 and ::).
+    /// Pods must not use it.
+    #[arg(long, env = "OUTRIGGER_INBOUND_PORT", default_value_t = 15006)]
+    pub inbound_port: u16,
+
+    /// Deliver connections to the application with the real client's address as their source
+    /// (transparent sockets; ztunnel's in-pod mode does the same), so access logs, pg_hba.conf,
+    /// nginx allow/deny see the client, not the pod itself. Needs the pod netns set up with a
+    /// routing rule for the delivery mark; false: the pod's own address is the source.
+    #[arg(long, env = "OUTRIGGER_INBOUND_ORIGINAL_SOURCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub inbound_original_source: bool,
+
+    /// SO_MARK of the proxy's delivery sockets (original source), and the routing table that
+    /// brings their replies back to the proxy inside each pod. Must differ from --mark.
+    #[arg(long, env = "OUTRIGGER_DELIVERY_MARK", default_value = "0x4f53", value_parser = parse_mark)]
+    pub delivery_mark: u32,
+
     /// Streams one tunnel connection carries before another is opened to the same peer.
     #[arg(long, env = "OUTRIGGER_MAX_STREAMS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_streams_per_connection: u32,
@@ -411,8 +442,17 @@ impl RunArgs {
         if self.outbound_port == self.hbone_port {
             return Err(bad("hbone-port", format!("{} is also --outbound-port: pick two ports", self.hbone_port)));
         }
+        if self.inbound_port == 0 || self.inbound_port == self.outbound_port || self.inbound_port == self.hbone_port {
+            return Err(bad(
+                "inbound-port",
+                format!("{} must be a port other than --outbound-port and --hbone-port", self.inbound_port),
+            ));
+        }
+        if self.delivery_mark == self.mark {
+            return Err(bad("delivery-mark", "must differ from --mark (the loop guard's)"));
+        }
         let admin = self.admin_addr.port();
-        if admin != 0 && (admin == self.outbound_port || admin == self.hbone_port) {
+        if admin != 0 && (admin == self.outbound_port || admin == self.hbone_port || admin == self.inbound_port) {
             return Err(bad("admin-addr", format!("port {admin} is also the outbound or tunnel port")));
         }
         within("reload-interval", self.reload_interval, ms(10), DAY)?;
@@ -480,7 +520,18 @@ impl RunArgs {
                 count: self.tcp_keepalive_count,
             }),
             user_timeout: (!self.tcp_user_timeout.is_zero()).then_some(self.tcp_user_timeout),
+            transparent: false,
         }
+    }
+
+    /// How delivery sockets (original source) are made: transparent, with
+    /// the delivery mark. `None` without original-source delivery.
+    pub fn delivery_socket_options(&self) -> Option<crate::transport::SocketOptions> {
+        self.inbound_original_source.then(|| crate::transport::SocketOptions {
+            mark: self.delivery_mark,
+            transparent: true,
+            ..self.socket_options()
+        })
     }
 
     pub fn relay_options(&self) -> crate::transport::RelayOptions {
@@ -511,6 +562,14 @@ impl RunArgs {
             ejection_max_percent: self.ejection_max_percent,
         }
     }
+}
+
+/// A CIDR, or a bare address (as /32 or /128).
+pub fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is not an address or CIDR (e.g. 10.244.1.1 or 10.244.1.0/24)"))
 }
 
 /// Accepts decimal or 0x-prefixed hex; zero would disable the loop guard.

@@ -84,6 +84,9 @@ pub struct PodContext {
     pub netns: Netns,
     /// Upstream sockets made ahead of time in the pod's netns.
     pub spares: Arc<SpareSockets>,
+    /// Transparent sockets for delivering to the application with the
+    /// client's address (`None`: deliveries come from the pod's address).
+    delivery: Option<Arc<SpareSockets>>,
     connections: Arc<tokio::sync::Semaphore>,
     handshakes: Arc<tokio::sync::Semaphore>,
     /// Cancelled when the pod's listening sockets pass to its next
@@ -101,6 +104,7 @@ impl PodContext {
         identity: Identity,
         own_netns_cookie: u64,
         sockets: SocketOptions,
+        delivery: Option<SocketOptions>,
         limits: PodLimits,
     ) -> Result<Self, PodError> {
         let Some(NetnsRef::Path(path)) = workload.netns.clone() else {
@@ -119,6 +123,7 @@ impl PodContext {
             ips: workload.ips.clone(),
             netns,
             spares: SpareSockets::new(sockets),
+            delivery: delivery.map(SpareSockets::new),
             connections: Arc::new(tokio::sync::Semaphore::new(limits.connections)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(limits.pending_handshakes)),
             handed_over: tokio_util::sync::CancellationToken::new(),
@@ -147,7 +152,13 @@ impl PodContext {
             identity: Identity::new("cluster.local", "default", name),
             ips: ips.to_vec(),
             netns: Netns::detached(std::path::Path::new("/test"), 42),
-            spares: SpareSockets::new(SocketOptions { mark: 1, keepalive: None, user_timeout: None }),
+            spares: SpareSockets::new(SocketOptions {
+                mark: 1,
+                keepalive: None,
+                user_timeout: None,
+                transparent: false,
+            }),
+            delivery: None,
             connections: Arc::new(tokio::sync::Semaphore::new(1024)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(16)),
             handed_over: tokio_util::sync::CancellationToken::new(),
@@ -160,6 +171,45 @@ impl PodContext {
             Ok(result) => result,
             Err(e) => Err(io::Error::other(e)),
         }
+    }
+
+    /// A socket in the pod's netns for delivering a connection to the
+    /// application at `app`, from `source` when original-source delivery is
+    /// on (the port is kept when it can be; 0 asks for any).
+    pub async fn delivery_socket(
+        &self,
+        app: IpAddr,
+        source: Option<SocketAddr>,
+    ) -> Result<std::net::TcpStream, io::Error> {
+        let (Some(delivery), Some(source)) = (&self.delivery, source) else {
+            return self.upstream_socket(app).await;
+        };
+        // A source of the other family than the application cannot be
+        // bound: fall back to the pod's own address.
+        if source.is_ipv4() != app.is_ipv4() {
+            return self.upstream_socket(app).await;
+        }
+        let socket = match delivery.take(&self.netns, app).await {
+            Ok(result) => result?,
+            Err(e) => return Err(io::Error::other(e)),
+        };
+        let sock = socket2::SockRef::from(&socket);
+        if sock.bind(&source.into()).is_err() {
+            // That port is taken here (the client's own connection shares
+            // the pod's netns): any port, same address.
+            sock.bind(&SocketAddr::new(source.ip(), 0).into())?;
+        }
+        Ok(socket)
+    }
+
+    /// Sets the pod's netns up for original-source delivery (see
+    /// `netns::delivery`); a no-op when that is off.
+    pub async fn prepare_delivery(&self, mark: u32) -> Result<(), PodError> {
+        if self.delivery.is_some() {
+            // The mark doubles as the routing table's number: one knob.
+            self.netns.enable_original_source(mark, mark).await?;
+        }
+        Ok(())
     }
 
     /// A listener on `addr` inside the pod: the socket `previous` has on
@@ -195,6 +245,27 @@ impl PodContext {
             listeners.push(self.listen_on(addr, previous, kept).await?.map_err(|e| bind_error(addr, e))?);
         }
         Ok(listeners)
+    }
+
+    /// Listens on the plaintext inbound port, `0.0.0.0:port` and
+    /// `[::]:port`, inside the pod: the inbound program hands it connections
+    /// for any of the pod's addresses. Returns (IPv4 listener, IPv6 listener
+    /// if the pod has IPv6).
+    pub async fn bind_plaintext(
+        &self,
+        port: u16,
+        previous: &[Arc<TcpListener>],
+        kept: &mut ListenSockets,
+    ) -> Result<(Arc<TcpListener>, Option<Arc<TcpListener>>), PodError> {
+        let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        let listener = self.listen_on(v4, previous, kept).await?.map_err(|e| bind_error(v4, e))?;
+        let listener6 = match self.listen_on(v6, previous, kept).await? {
+            Ok(l) => Some(l),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)) => None,
+            Err(e) => return Err(bind_error(v6, e)),
+        };
+        Ok((listener, listener6))
     }
 
     /// Listens on `127.0.0.1:port` and `[::1]:port` inside the pod. A pod

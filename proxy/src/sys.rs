@@ -61,3 +61,25 @@ pub fn tcp_rtt(fd: BorrowedFd<'_>) -> Option<std::time::Duration> {
     }
     Some(std::time::Duration::from_micros(u64::from(info.tcpi_rtt)))
 }
+
+/// `IPV6_TRANSPARENT` (socket2 wraps only the IPv4 option): lets the socket
+/// bind an address that is not local — the client's, for original-source
+/// delivery.
+pub fn set_ipv6_transparent(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `fd` is a live socket for the borrow; the option value is a
+    // c_int the kernel reads `size_of::<c_int>()` bytes of.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_IPV6,
+            libc::IPV6_TRANSPARENT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -23,6 +23,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("prometheus-node-exporter", "prometheus-node-exporter"),
     ("curl", "curl"),
+    ("vsftpd", "vsftpd"),
+    ("nginx", "nginx"),
 ];
 
 pub fn run() -> Result<()> {

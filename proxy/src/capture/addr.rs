@@ -24,6 +24,17 @@ fn v4(ip: Ipv4Addr, port: u32) -> SockAddr {
     SockAddr { family: FAMILY_V4, port, ip: [u32::from_ne_bytes(ip.octets()), 0, 0, 0] }
 }
 
+/// A CIDR as a key of the strict-mode allow list: IPv6 space, IPv4 mapped
+/// (`::ffff:a.b.c.d/96+n`), words in network order like every address here.
+pub fn allow_key(net: &ipnet::IpNet) -> (u32, outrigger_common::AllowKey) {
+    let (octets, len) = match net {
+        ipnet::IpNet::V4(n) => (n.addr().to_ipv6_mapped().octets(), u32::from(n.prefix_len()) + 96),
+        ipnet::IpNet::V6(n) => (n.addr().octets(), u32::from(n.prefix_len())),
+    };
+    let word = |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+    (len, outrigger_common::AllowKey { ip: [word(0), word(4), word(8), word(12)] })
+}
+
 /// `None` when the family tag is not one the kernel programs write.
 pub fn from_kernel(addr: &SockAddr) -> Option<SocketAddr> {
     let port = u16::try_from(addr.port).ok()?;

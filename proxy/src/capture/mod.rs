@@ -19,11 +19,11 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, SockHash},
     programs::{sk_lookup::SkLookupLinkId, CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps},
     Ebpf, EbpfError, EbpfLoader,
 };
-use outrigger_common::{counter, ConnKey, MeshedPod, Settings, SockAddr};
+use outrigger_common::{counter, AllowKey, ConnKey, InboundPod, MeshedPod, Settings, SockAddr};
 use serde::Serialize;
 
 /// The kernel programs built by `cargo xtask build-ebpf`, embedded at build
@@ -34,8 +34,10 @@ const CONNECT4: &str = "outrigger_connect4";
 const CONNECT6: &str = "outrigger_connect6";
 const GETPEERNAME4: &str = "outrigger_getpeername4";
 const GETPEERNAME6: &str = "outrigger_getpeername6";
+const GETSOCKNAME4: &str = "outrigger_getsockname4";
+const GETSOCKNAME6: &str = "outrigger_getsockname6";
 const SOCKOPS: &str = "outrigger_sockops";
-const STRICT: &str = "outrigger_strict";
+const INBOUND: &str = "outrigger_inbound";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -89,7 +91,11 @@ pub struct CaptureOptions<'a> {
     pub cgroup: &'a Path,
     pub object: Option<&'a Path>,
     pub mark: u32,
+    /// The delivery sockets' mark (0: no original-source delivery).
+    pub delivery_mark: u32,
     pub hbone_port: u16,
+    /// Sources strict pods still take plaintext from.
+    pub strict_allow: &'a [ipnet::IpNet],
 }
 
 /// The loaded, attached programs and handles to their maps.
@@ -103,7 +109,17 @@ pub struct Capture {
     counters: PerCpuArray<MapData, u64>,
     refused_vips: Mutex<HashMap<MapData, SockAddr, u32>>,
     service_refused: PerCpuArray<MapData, u64>,
+    /// Per address of this node's pods: inbound treatment, the proxy's
+    /// inbound listener, and "a meshed pod of this node".
+    inbound: Mutex<InboundMaps>,
     attached: Vec<AttachedProgram>,
+}
+
+struct InboundMaps {
+    deliveries: HashMap<MapData, ConnKey, u32>,
+    pods: HashMap<MapData, SockAddr, InboundPod>,
+    listeners: SockHash<MapData, SockAddr>,
+    local_meshed: HashMap<MapData, SockAddr, u32>,
 }
 
 impl std::fmt::Debug for Capture {
@@ -154,7 +170,12 @@ impl Capture {
         settings
             .set(
                 0,
-                Settings { mark: opts.mark, proxy_tgid: std::process::id(), hbone_port: u32::from(opts.hbone_port) },
+                Settings {
+                    mark: opts.mark,
+                    proxy_tgid: std::process::id(),
+                    hbone_port: u32::from(opts.hbone_port),
+                    delivery_mark: opts.delivery_mark,
+                },
                 0,
             )
             .map_err(map_err("SETTINGS"))?;
@@ -164,7 +185,17 @@ impl Capture {
         let counters = take_map(&mut ebpf, "COUNTERS")?;
         let refused_vips = Mutex::new(take_map(&mut ebpf, "REFUSED_VIPS")?);
         let service_refused = take_map(&mut ebpf, "SERVICE_REFUSED")?;
-
+        let inbound = Mutex::new(InboundMaps {
+            deliveries: take_map(&mut ebpf, "DELIVERIES")?,
+            pods: take_map(&mut ebpf, "INBOUND_PODS")?,
+            listeners: take_map(&mut ebpf, "INBOUND_LISTENERS")?,
+            local_meshed: take_map(&mut ebpf, "LOCAL_MESHED")?,
+        });
+        let mut allow: LpmTrie<MapData, AllowKey, u32> = take_map(&mut ebpf, "STRICT_ALLOW")?;
+        for net in opts.strict_allow {
+            let (len, key) = addr::allow_key(net);
+            allow.insert(&LpmKey::new(len, key), 1, 0).map_err(map_err("STRICT_ALLOW"))?;
+        }
         let cgroup = File::open(opts.cgroup)
             .map_err(|source| CaptureError::Io { what: format!("opening cgroup {}", opts.cgroup.display()), source })?;
         let mut attached = Vec::new();
@@ -178,6 +209,8 @@ impl Capture {
         for (name, attach_type) in [
             (GETPEERNAME4, "cgroup_inet4_getpeername"),
             (GETPEERNAME6, "cgroup_inet6_getpeername"),
+            (GETSOCKNAME4, "cgroup_inet4_getsockname"),
+            (GETSOCKNAME6, "cgroup_inet6_getsockname"),
             (CONNECT4, "cgroup_inet4_connect"),
             (CONNECT6, "cgroup_inet6_connect"),
         ] {
@@ -189,8 +222,8 @@ impl Capture {
             attached.push(AttachedProgram { name, attach_type, cgroup: opts.cgroup.into() });
         }
         {
-            let prog: &mut SkLookup = program(&mut ebpf, STRICT)?;
-            prog.load().map_err(prog_err(STRICT))?;
+            let prog: &mut SkLookup = program(&mut ebpf, INBOUND)?;
+            prog.load().map_err(prog_err(INBOUND))?;
         }
         Ok(Self {
             ebpf: Mutex::new(ebpf),
@@ -200,6 +233,7 @@ impl Capture {
             counters,
             refused_vips,
             service_refused,
+            inbound,
             attached,
         })
     }
@@ -235,19 +269,67 @@ impl Capture {
         }
     }
 
-    /// `--mtls strict` for one pod: attaches the program that drops new TCP
-    /// connections from outside the pod to anything but the tunnel port.
-    /// The link lives until `detach_strict` or the process ends.
-    pub fn attach_strict(&self, netns: &File) -> Result<SkLookupLinkId, CaptureError> {
+    /// Attaches the inbound program to a pod's netns: plaintext from
+    /// outside the pod is captured (or, strict, refused) per the pod's
+    /// addresses registered with `inbound_pod`. The link lives until
+    /// `detach_inbound` or the process ends (fail open).
+    pub fn attach_inbound(&self, netns: &File) -> Result<SkLookupLinkId, CaptureError> {
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
-        let prog: &mut SkLookup = program(&mut ebpf, STRICT)?;
-        prog.attach(netns).map_err(prog_err(STRICT))
+        let prog: &mut SkLookup = program(&mut ebpf, INBOUND)?;
+        prog.attach(netns).map_err(prog_err(INBOUND))
     }
 
-    pub fn detach_strict(&self, link: SkLookupLinkId) -> Result<(), CaptureError> {
+    pub fn detach_inbound(&self, link: SkLookupLinkId) -> Result<(), CaptureError> {
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
-        let prog: &mut SkLookup = program(&mut ebpf, STRICT)?;
-        prog.detach(link).map_err(prog_err(STRICT))
+        let prog: &mut SkLookup = program(&mut ebpf, INBOUND)?;
+        prog.detach(link).map_err(prog_err(INBOUND))
+    }
+
+    /// Registers one address of a pod of this node: how plaintext arriving
+    /// at it is treated, and (captured) the proxy's listener for it.
+    pub fn inbound_pod(
+        &self,
+        ip: std::net::IpAddr,
+        flags: u32,
+        listener: Option<&impl std::os::fd::AsRawFd>,
+    ) -> Result<(), CaptureError> {
+        let key = addr::to_kernel(std::net::SocketAddr::new(ip, 0));
+        let mut maps = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        maps.local_meshed.insert(key, 1, 0).map_err(map_err("LOCAL_MESHED"))?;
+        if let Some(listener) = listener {
+            maps.listeners.insert(key, listener.as_raw_fd(), 0).map_err(map_err("INBOUND_LISTENERS"))?;
+        }
+        maps.pods.insert(key, InboundPod { flags }, 0).map_err(map_err("INBOUND_PODS"))
+    }
+
+    /// Announces a delivery from `client` (a transparent socket already
+    /// bound there) to `app`, so the inbound program lets its SYN through.
+    pub fn expect_delivery(&self, client: SocketAddr, app: SocketAddr) -> Result<(), CaptureError> {
+        let key = ConnKey { netns_cookie: 0, client: addr::to_kernel(client), listener: addr::to_kernel(app) };
+        let mut maps = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        maps.deliveries.insert(key, 1, 0).map_err(map_err("DELIVERIES"))
+    }
+
+    /// The delivery's connect finished (either way): its entry goes.
+    pub fn delivered(&self, client: SocketAddr, app: SocketAddr) {
+        let key = ConnKey { netns_cookie: 0, client: addr::to_kernel(client), listener: addr::to_kernel(app) };
+        let mut maps = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        // LRU: an entry that could not be removed ages out.
+        let _ = maps.deliveries.remove(&key);
+    }
+
+    /// Forgets one address of a pod that left the node.
+    pub fn forget_inbound_pod(&self, ip: std::net::IpAddr) -> Result<(), CaptureError> {
+        let key = addr::to_kernel(std::net::SocketAddr::new(ip, 0));
+        let mut maps = self.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        let gone = |r: Result<(), MapError>, name| match r {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(map_err(name)(e)),
+        };
+        gone(maps.pods.remove(&key), "INBOUND_PODS")?;
+        gone(maps.listeners.remove(&key), "INBOUND_LISTENERS")?;
+        gone(maps.local_meshed.remove(&key), "LOCAL_MESHED")
     }
 
     /// Makes the kernel refuse connects to this VIP:port (a service with no

@@ -10,6 +10,8 @@
 //! application is never dialled for a stream that is already gone.
 #![forbid(unsafe_code)]
 
+mod deliver;
+mod plaintext;
 mod stream;
 
 use std::{
@@ -52,14 +54,20 @@ pub struct InboundSettings {
     pub max_pending_handshakes: usize,
     /// Streams one tunnel connection may carry at once.
     pub max_streams: u32,
+    /// The proxy's own ports in every pod (outbound, tunnel, plaintext
+    /// inbound): never delivered to.
+    pub reserved_ports: [u16; 3],
     pub relay: RelayOptions,
 }
 
 pub struct Inbound {
     pub(crate) mesh: MeshReader,
-    pub(crate) tls: Arc<TlsConfigs>,
+    /// Tunnels are served only with certificates.
+    pub(crate) tls: Option<Arc<TlsConfigs>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) settings: InboundSettings,
+    /// Where original-source deliveries are announced (`None` in tests).
+    pub(crate) capture: Option<Arc<crate::capture::Capture>>,
     tasks: TaskTracker,
     /// Node-wide pending handshakes (per pod: the pod's own limit).
     handshakes: Arc<tokio::sync::Semaphore>,
@@ -69,14 +77,15 @@ pub struct Inbound {
 impl Inbound {
     pub fn new(
         mesh: MeshReader,
-        tls: Arc<TlsConfigs>,
+        tls: Option<Arc<TlsConfigs>>,
         metrics: Arc<Metrics>,
         settings: InboundSettings,
+        capture: Option<Arc<crate::capture::Capture>>,
         tasks: TaskTracker,
         drain_cut: CancellationToken,
     ) -> Self {
         let handshakes = Arc::new(tokio::sync::Semaphore::new(settings.max_pending_handshakes));
-        Self { mesh, tls, metrics, settings, tasks, handshakes, drain_cut }
+        Self { mesh, tls, metrics, settings, capture, tasks, handshakes, drain_cut }
     }
 
     /// Serves one pod's tunnel listener until `stop` is cancelled.
@@ -117,7 +126,8 @@ impl Inbound {
         slots: (Slot, Slot),
     ) {
         let _ = tcp.set_nodelay(true);
-        let config = match self.tls.server(&pod.identity) {
+        let Some(tls) = &self.tls else { return };
+        let config = match tls.server(&pod.identity) {
             Ok(c) => c,
             Err(e) => {
                 crate::warn_throttled!(pod = %pod.key, error = %e, "cannot accept tunnels for this pod");

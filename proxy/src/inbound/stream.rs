@@ -12,7 +12,6 @@ use std::{
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
 use http::{Method, Request, Response, StatusCode};
-use tokio::net::{TcpSocket, TcpStream};
 
 use super::Inbound;
 use crate::{
@@ -29,6 +28,23 @@ pub(super) struct Peer {
     pub serial: Arc<str>,
     /// The tunnel's TCP RTT, read after its handshake.
     pub rtt: Option<Duration>,
+}
+
+impl Peer {
+    /// Where the tunnel comes from: the source pod's address (the tunnel's
+    /// socket lives in the source pod's netns).
+    fn source(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::new(self.addr.ip(), 0))
+    }
+}
+
+/// The client's own port, from the CONNECT's `Forwarded: for="ip:port"`,
+/// believed only when the address is the tunnel's own source (a peer can
+/// tell its client's port, not claim another address).
+fn forwarded_source(request: &Request<RecvStream>, peer: &Peer) -> Option<SocketAddr> {
+    let value = request.headers().get(http::header::FORWARDED)?.to_str().ok()?;
+    let addr: SocketAddr = value.trim().strip_prefix("for=")?.trim_matches('"').parse().ok()?;
+    (crate::model::canonical_ip(addr.ip()) == crate::model::canonical_ip(peer.addr.ip())).then_some(addr)
 }
 
 /// Why a tunnel request is not served.
@@ -84,13 +100,6 @@ fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode, header: Option<(
     if let Ok(response) = builder.body(()) {
         let _ = respond.send_response(response, true);
     }
-}
-
-/// Why the application could not be reached.
-struct AppError {
-    status: StatusCode,
-    result: &'static str,
-    why: String,
 }
 
 impl Inbound {
@@ -152,6 +161,7 @@ impl Inbound {
             );
         };
         let connect_start = Instant::now();
+        let source = forwarded_source(&request, peer).or_else(|| peer.source());
         let reset_before_service = |reason: Result<h2::Reason, h2::Error>, dialling: bool| {
             let reason = reason.map(|r| format!("{r:?}")).unwrap_or_else(|e| e.to_string());
             self.metrics.inbound(&pod.key, "reset_by_peer").inc();
@@ -172,7 +182,7 @@ impl Inbound {
         // reaches the application as a reset too.
         let connected = tokio::select! {
             biased;
-            app = self.connect_app(&pod, authority) => app,
+            app = self.connect_app(&pod, authority, source) => app,
             reason = poll_fn(|cx| respond.poll_reset(cx)) => return reset_before_service(reason, true),
         };
         let mut app = match connected {
@@ -210,37 +220,6 @@ impl Inbound {
             sent_bytes = relayed.received, received_bytes = relayed.sent,
             duration_ms = start.elapsed().as_secs_f64() * 1e3, result = relayed.outcome(), flags = relayed.end.flag(),
             "tunnel stream closed");
-    }
-
-    /// The application, from a marked socket made inside the pod, dialling
-    /// the pod's own address: the kernel delivers it over the pod's
-    /// loopback interface, and an application bound to the wildcard
-    /// address or to the pod IP receives it alike (one bound to 127.0.0.1
-    /// only is not meant to be reached from other pods).
-    async fn connect_app(&self, pod: &PodContext, target: SocketAddr) -> Result<TcpStream, AppError> {
-        let unavailable =
-            |why: String| AppError { status: StatusCode::SERVICE_UNAVAILABLE, result: "upstream_error", why };
-        let socket = pod.upstream_socket(target.ip()).await.map_err(|e| unavailable(e.to_string()))?;
-        let socket = TcpSocket::from_std_stream(socket);
-        // Until the relay clears it at an orderly end, dropping this socket
-        // resets the application's side (an abandoned dial included).
-        socket2::SockRef::from(&socket)
-            .set_linger(Some(Duration::ZERO))
-            .map_err(|e| unavailable(format!("SO_LINGER: {e}")))?;
-        match tokio::time::timeout(self.settings.connect_timeout, socket.connect(target)).await {
-            Ok(Ok(tcp)) => Ok(tcp),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(AppError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                result: "connect_refused",
-                why: format!("nothing listens on {target} in the pod"),
-            }),
-            Ok(Err(e)) => Err(unavailable(format!("connecting to {target}: {e}"))),
-            Err(_) => Err(AppError {
-                status: StatusCode::GATEWAY_TIMEOUT,
-                result: "connect_timeout",
-                why: format!("{target} did not answer"),
-            }),
-        }
     }
 }
 

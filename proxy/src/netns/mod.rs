@@ -7,6 +7,7 @@
 //! request; the async runtime's threads never change namespace.
 #![forbid(unsafe_code)]
 
+mod delivery;
 pub mod sockets;
 mod spare;
 
@@ -59,6 +60,8 @@ pub enum NetnsError {
     },
     #[error("the netns thread for {path} has stopped")]
     Stopped { path: PathBuf },
+    #[error("{what} in the pod's netns: {reason} (the proxy needs CAP_NET_ADMIN)")]
+    Routing { what: &'static str, reason: String },
 }
 
 type Job = Box<dyn FnOnce() + Send>;

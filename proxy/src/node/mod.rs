@@ -20,7 +20,7 @@ use std::{
 };
 
 use aya::programs::sk_lookup::SkLookupLinkId;
-use outrigger_common::{MeshedPod, POD_FLAG_V6_LISTENER};
+use outrigger_common::{MeshedPod, INBOUND_FLAG_CAPTURE, INBOUND_FLAG_STRICT, POD_FLAG_V6_LISTENER};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -41,16 +41,27 @@ use status::{KeyStatus, NodeStatus, PodStatus};
 pub struct NodeDeps {
     pub capture: Arc<Capture>,
     pub outbound: Arc<Outbound>,
-    /// Set when mutual TLS is configured.
-    pub inbound: Option<Arc<Inbound>>,
+    pub inbound: Arc<Inbound>,
+    /// Mutual TLS is configured: pods get a tunnel listener.
+    pub mtls: bool,
     pub identities: Option<Arc<Identities>>,
     pub metrics: Arc<Metrics>,
     pub sockets: SocketOptions,
     pub limits: PodLimits,
     pub outbound_port: u16,
     pub hbone_port: u16,
-    /// `--mtls strict`: attach the plaintext-refusing program to each pod.
+    /// `--mtls strict`: plaintext from outside a pod is refused (but for
+    /// the allowed sources).
     pub strict: bool,
+    /// Permissive mode: plaintext from outside the mesh goes through the
+    /// proxy (`--inbound-capture`).
+    pub inbound_capture: bool,
+    pub inbound_port: u16,
+    /// `--inbound-original-source`: the delivery mark, which also names
+    /// the routing table in each pod.
+    pub delivery_mark: Option<u32>,
+    /// How delivery sockets are made (original source); `None`: off.
+    pub delivery_sockets: Option<SocketOptions>,
     pub own_netns_cookie: u64,
     /// Parent of every pod's stop token.
     pub shutdown: CancellationToken,
@@ -63,8 +74,8 @@ struct RunningPod {
     /// The listening sockets themselves, for the pod's next definition.
     sockets: ListenSockets,
     stop: CancellationToken,
-    /// The strict-mode program's link in the pod's netns.
-    strict: Option<SkLookupLinkId>,
+    /// The inbound program's link in the pod's netns (strict or captured).
+    inbound_link: Option<SkLookupLinkId>,
 }
 
 /// Owns the running pods. Only the reconcile loop touches it.
@@ -114,14 +125,25 @@ impl Node {
                 // and on the old one's sockets if its netns is the same.
                 Some(entry) => {
                     self.start_or_record(key.clone(), entry.clone(), Some(&old)).await;
-                    let replaced =
-                        self.running.get(&key).is_some_and(|new| new.ctx.netns.cookie() == old.ctx.netns.cookie());
+                    let successor =
+                        self.running.get(&key).filter(|new| new.ctx.netns.cookie() == old.ctx.netns.cookie());
+                    // Addresses the pod no longer has are forgotten.
+                    let dropped: Vec<std::net::IpAddr> = match successor {
+                        Some(new) => old.ctx.ips.iter().filter(|ip| !new.ctx.ips.contains(ip)).copied().collect(),
+                        None => Vec::new(),
+                    };
+                    let replaced = successor.is_some();
                     if replaced {
                         // Same netns: the new definition listens on the old
                         // one's sockets (nothing queued on them is lost).
                         old.ctx.handed_over.cancel();
                     }
                     self.stop(&key, old, !replaced);
+                    for ip in dropped {
+                        if let Err(e) = self.deps.capture.forget_inbound_pod(ip) {
+                            tracing::error!(pod = %key, error = %e, "removing an old address's inbound entries failed");
+                        }
+                    }
                 }
                 None => self.stop(&key, old, true),
             }
@@ -264,8 +286,16 @@ impl Node {
     ) -> Result<RunningPod, PodError> {
         let d = &self.deps;
         let ctx = Arc::new(
-            PodContext::open(id, &entry.workload, entry.identity.clone(), d.own_netns_cookie, d.sockets, d.limits)
-                .await?,
+            PodContext::open(
+                id,
+                &entry.workload,
+                entry.identity.clone(),
+                d.own_netns_cookie,
+                d.sockets,
+                d.delivery_sockets,
+                d.limits,
+            )
+            .await?,
         );
         let previous = previous.filter(|p| p.ctx.netns.cookie() == ctx.netns.cookie()).map_or(&[][..], |p| &p.sockets);
         let stop = d.shutdown.child_token();
@@ -281,26 +311,34 @@ impl Node {
                 addrs.push(addr);
                 tokio::spawn(d.outbound.clone().serve(listener, ctx.clone(), stop.clone()));
             }
-            if let Some(inbound) = &d.inbound {
+            if d.mtls {
                 for listener in ctx.bind_inbound(d.hbone_port, previous, &mut sockets).await? {
                     if let Ok(addr) = listener.local_addr() {
                         addrs.push(addr);
                     }
-                    tokio::spawn(inbound.clone().serve(listener, ctx.clone(), stop.clone()));
+                    tokio::spawn(d.inbound.clone().serve(listener, ctx.clone(), stop.clone()));
                 }
+            }
+            if let Some(mark) = d.delivery_mark {
+                ctx.prepare_delivery(mark).await?;
             }
             // Capture only once the listeners are up: a connect steered to
             // a port nobody listens on would be refused.
-            d.capture
-                .mesh(ctx.netns.cookie(), MeshedPod { pod_id: id, outbound_port: u32::from(d.outbound_port), flags })?;
-            if !d.strict {
-                return Ok(None);
-            }
-            let netns = std::fs::File::open(ctx.netns.path()).map_err(|source| {
-                PodError::Netns(crate::netns::NetnsError::Open { path: ctx.netns.path().into(), source })
-            });
-            match netns.and_then(|f| d.capture.attach_strict(&f).map_err(PodError::Capture)) {
-                Ok(link) => Ok(Some(link)),
+            let ip4 = ctx.ips.iter().find(|ip| ip.is_ipv4());
+            let ip6 = ctx.ips.iter().find(|ip| ip.is_ipv6());
+            let word = |ip: Option<&std::net::IpAddr>| {
+                ip.map(|ip| crate::capture::addr::to_kernel(std::net::SocketAddr::new(*ip, 0)).ip).unwrap_or_default()
+            };
+            let pod = MeshedPod {
+                pod_id: id,
+                outbound_port: u32::from(d.outbound_port),
+                flags,
+                ip4: word(ip4)[0],
+                ip6: word(ip6),
+            };
+            d.capture.mesh(ctx.netns.cookie(), pod)?;
+            match self.start_inbound(&ctx, &stop, &mut addrs, previous, &mut sockets).await {
+                Ok(link) => Ok(link),
                 Err(e) => {
                     let _ = d.capture.unmesh(ctx.netns.cookie());
                     Err(e)
@@ -309,7 +347,9 @@ impl Node {
         }
         .await;
         match result {
-            Ok(strict) => Ok(RunningPod { entry: entry.clone(), ctx, listeners: addrs, sockets, stop, strict }),
+            Ok(inbound_link) => {
+                Ok(RunningPod { entry: entry.clone(), ctx, listeners: addrs, sockets, stop, inbound_link })
+            }
             Err(e) => {
                 stop.cancel();
                 Err(e)
@@ -317,19 +357,66 @@ impl Node {
         }
     }
 
+    /// Inbound treatment of plaintext from outside the pod: strict (refuse
+    /// but for allowed sources) or captured (the proxy's plaintext
+    /// listener), through the inbound program attached to the pod's netns.
+    /// Returns its link; `None` when neither applies.
+    async fn start_inbound(
+        &self,
+        ctx: &Arc<PodContext>,
+        stop: &CancellationToken,
+        addrs: &mut Vec<std::net::SocketAddr>,
+        previous: &[Arc<tokio::net::TcpListener>],
+        sockets: &mut ListenSockets,
+    ) -> Result<Option<SkLookupLinkId>, PodError> {
+        let d = &self.deps;
+        if !d.strict && !d.inbound_capture {
+            return Ok(None);
+        }
+        let (flags, listeners) = if d.strict {
+            (INBOUND_FLAG_STRICT, None)
+        } else {
+            let (v4, v6) = ctx.bind_plaintext(d.inbound_port, previous, sockets).await?;
+            (INBOUND_FLAG_CAPTURE, Some((v4, v6)))
+        };
+        for ip in &ctx.ips {
+            let listener = listeners.as_ref().and_then(|(v4, v6)| if ip.is_ipv4() { Some(v4) } else { v6.as_ref() });
+            d.capture.inbound_pod(*ip, flags, listener.map(|l| &**l))?;
+        }
+        if let Some((v4, v6)) = listeners {
+            for listener in std::iter::once(v4).chain(v6) {
+                if let Ok(addr) = listener.local_addr() {
+                    addrs.push(addr);
+                }
+                tokio::spawn(d.inbound.clone().serve_plaintext(listener, ctx.clone(), stop.clone()));
+            }
+        }
+        let netns = std::fs::File::open(ctx.netns.path()).map_err(|source| {
+            PodError::Netns(crate::netns::NetnsError::Open { path: ctx.netns.path().into(), source })
+        })?;
+        Ok(Some(d.capture.attach_inbound(&netns)?))
+    }
+
     /// Stops a pod's listeners (after draining their backlog); with
-    /// `unmesh`, first removes its capture entry so new connects go direct.
-    /// Connections already accepted run to completion.
+    /// `unmesh`, first removes its capture entries so new connects go
+    /// direct (a pod replaced in the same netns keeps them: its successor
+    /// wrote its own over them). Connections already accepted run to
+    /// completion.
     fn stop(&self, key: &PodKey, pod: RunningPod, unmesh: bool) {
         if unmesh {
             if let Err(e) = self.deps.capture.unmesh(pod.ctx.netns.cookie()) {
                 tracing::error!(pod = %key, error = %e, "un-meshing pod failed");
             }
+            for ip in &pod.ctx.ips {
+                if let Err(e) = self.deps.capture.forget_inbound_pod(*ip) {
+                    tracing::error!(pod = %key, error = %e, "removing the pod's inbound entries failed");
+                }
+            }
         }
         pod.stop.cancel();
-        if let Some(link) = pod.strict {
-            if let Err(e) = self.deps.capture.detach_strict(link) {
-                tracing::error!(pod = %key, error = %e, "detaching the strict-mode program failed");
+        if let Some(link) = pod.inbound_link {
+            if let Err(e) = self.deps.capture.detach_inbound(link) {
+                tracing::error!(pod = %key, error = %e, "detaching the inbound program failed");
             }
         }
         if unmesh {

@@ -79,7 +79,14 @@ pub trait Connect: Send + Sync + 'static {
     fn mtls(&self) -> bool;
     /// `--mtls strict`: meshed pods of this node are tunnelled to as well.
     fn strict(&self) -> bool;
-    fn connect(&self, pod: &PodContext, target: &Target) -> impl Future<Output = Result<Self::Io, Failure>> + Send;
+    /// `client`: the application's address as it would be without the
+    /// mesh (its pod address and port), passed on to the receiving side.
+    fn connect(
+        &self,
+        pod: &PodContext,
+        target: &Target,
+        client: SocketAddr,
+    ) -> impl Future<Output = Result<Self::Io, Failure>> + Send;
 }
 
 /// The real connector.
@@ -100,12 +107,12 @@ impl Connect for Connector {
         self.strict
     }
 
-    async fn connect(&self, pod: &PodContext, target: &Target) -> Result<Self::Io, Failure> {
+    async fn connect(&self, pod: &PodContext, target: &Target, client: SocketAddr) -> Result<Self::Io, Failure> {
         match target {
             Target::Direct(dest) => connect_direct(pod, *dest).await.map(Either::Left),
             Target::Hbone { authority, identity } => {
                 let tunnels = self.tunnels.as_ref().ok_or(Failure::NoMtls { dest: *authority })?;
-                Ok(Either::Right(tunnels.open(pod, *authority, identity).await?))
+                Ok(Either::Right(tunnels.open(pod, *authority, identity, Some(client)).await?))
             }
         }
     }
@@ -158,6 +165,8 @@ pub struct Connected<Io> {
 pub struct ConnectContext<'a> {
     pub snapshot: &'a Snapshot,
     pub pod: &'a PodContext,
+    /// The application's address as it would be without the mesh.
+    pub client: SocketAddr,
     pub timeout: Duration,
     pub metrics: &'a Metrics,
 }
@@ -173,7 +182,7 @@ async fn attempt<C: Connect>(c: &C, cx: &ConnectContext<'_>, target: &Target) ->
         Target::Hbone { .. } => cx.timeout * 2,
         Target::Direct(_) => cx.timeout,
     };
-    match tokio::time::timeout(bound, c.connect(cx.pod, target)).await {
+    match tokio::time::timeout(bound, c.connect(cx.pod, target, cx.client)).await {
         Ok(Err(Failure::Timeout { dest, .. })) => Err(Failure::Timeout { dest, after: cx.timeout }),
         Ok(result) => result,
         Err(_) => Err(Failure::Timeout { dest, after: cx.timeout }),

@@ -64,11 +64,25 @@ pub async fn run<I: Duplex, C: Connect>(mut client: I, conn: Accepted, core: &Co
         Ok(None) => return refuse(&mut client, &conn, core, Failure::NoOriginalDestination),
         Err(e) => return refuse(&mut client, &conn, core, Failure::OrigDstLookup(e)),
     };
+    // What the application's getsockname says (the kernel program answers
+    // with the pod's address and the real port): how it is logged and what
+    // a tunnel passes on.
+    let client_addr = pod
+        .ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == dest.is_ipv4())
+        .map(|ip| SocketAddr::new(*ip, conn.peer.port()))
+        .unwrap_or(conn.peer);
     let snapshot = core.mesh.load_full();
     let logical = Logical::resolve(&snapshot, dest);
     let _protocol = Protocol::decide(&logical);
-    let cx =
-        ConnectContext { snapshot: &snapshot, pod, timeout: core.settings.connect_timeout, metrics: &core.metrics };
+    let cx = ConnectContext {
+        snapshot: &snapshot,
+        pod,
+        client: client_addr,
+        timeout: core.settings.connect_timeout,
+        metrics: &core.metrics,
+    };
     let connect_start = Instant::now();
     let connected = match &logical {
         Logical::Service(route) => connect_route(&core.connector, &cx, route, core.settings.connect_attempts).await,
@@ -95,7 +109,7 @@ pub async fn run<I: Duplex, C: Connect>(mut client: I, conn: Accepted, core: &Co
             core.metrics.conns.failed(&labels, reason.label());
             tracing::info!(
                 target: "outrigger::access",
-                reporter = "outbound", pod = %pod.key, identity = %pod.identity, client = %conn.peer, dst = %dest,
+                reporter = "outbound", pod = %pod.key, identity = %pod.identity, client = %client_addr, dst = %dest,
                 service = service_name, result = reason.label(), flags = reason.flag(), error = %e,
                 duration_ms = start.elapsed().as_secs_f64() * 1e3,
                 "connection failed"
@@ -133,7 +147,7 @@ pub async fn run<I: Duplex, C: Connect>(mut client: I, conn: Accepted, core: &Co
     };
     tracing::info!(
         target: "outrigger::access",
-        reporter = "outbound", pod = %pod.key, identity = %pod.identity, client = %conn.peer, dst = %dest,
+        reporter = "outbound", pod = %pod.key, identity = %pod.identity, client = %client_addr, dst = %dest,
         service = service_name, upstream = %upstream_addr, attempts, security,
         sent_bytes = relayed.sent, received_bytes = relayed.received,
         duration_ms = duration.as_secs_f64() * 1e3,

@@ -61,7 +61,7 @@ impl Connect for TestConnector {
         false
     }
 
-    async fn connect(&self, _pod: &PodContext, target: &Target) -> Result<Io, Failure> {
+    async fn connect(&self, _pod: &PodContext, target: &Target, _client: SocketAddr) -> Result<Io, Failure> {
         self.asked.lock().expect("lock").push(target.clone());
         let dest = target.addr();
         match self.behaviour.get(&dest).copied().unwrap_or(Behaviour::Refuse) {

@@ -23,6 +23,9 @@ pub struct SocketOptions {
     /// `TCP_USER_TIMEOUT`: unacknowledged data for this long ends the
     /// connection (a peer that vanished mid-transfer).
     pub user_timeout: Option<Duration>,
+    /// `IP(V6)_TRANSPARENT`: the socket may bind a non-local address (the
+    /// client's, when delivering a connection with its original source).
+    pub transparent: bool,
 }
 
 impl SocketOptions {
@@ -40,6 +43,16 @@ impl SocketOptions {
         if let Some(timeout) = self.user_timeout {
             socket.set_tcp_user_timeout(Some(timeout))?;
         }
+        if self.transparent {
+            if dest.is_ipv4() {
+                socket.set_ip_transparent_v4(true)?;
+            } else {
+                crate::sys::set_ipv6_transparent(std::os::fd::AsFd::as_fd(&socket))?;
+            }
+            // Several deliveries may come from one client address and port
+            // (to different ports of the pod).
+            socket.set_reuse_address(true)?;
+        }
         Ok(socket.into())
     }
 }
@@ -54,6 +67,7 @@ mod tests {
             mark: 0,
             keepalive: Some(Keepalive { idle: Duration::from_secs(30), interval: Duration::from_secs(5), count: 4 }),
             user_timeout: Some(Duration::from_secs(20)),
+            transparent: false,
         };
         // Mark 0 needs no privilege; the rest is plain socket options.
         let s = Socket::from(opts.tcp("127.0.0.1".parse().expect("ip")).expect("socket"));

@@ -102,12 +102,15 @@ impl TunnelClient {
     }
 
     /// A CONNECT stream from `pod` (as its identity) to `authority`, a
-    /// meshed pod whose identity must be `identity`.
+    /// meshed pod whose identity must be `identity`. `client` is the
+    /// application's address as it would be seen without the mesh; the
+    /// receiving proxy delivers with its port (`Forwarded: for=`).
     pub async fn open(
         &self,
         pod: &PodContext,
         authority: SocketAddr,
         identity: &Identity,
+        client: Option<SocketAddr>,
     ) -> Result<Tunnel, TunnelError> {
         let target = TunnelTarget {
             peer: SocketAddr::new(authority.ip(), self.hbone_port),
@@ -126,11 +129,12 @@ impl TunnelClient {
         let (sender, place) = self.pool.stream(&key, generation, || self.dial(pod, &target)).await?;
         let peer = target.peer;
         let h2_err = |source| TunnelError::H2 { peer, source };
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.authority.to_string())
-            .body(())
-            .map_err(|e| TunnelError::Connect { peer, source: io::Error::other(e) })?;
+        let mut request = Request::builder().method(Method::CONNECT).uri(target.authority.to_string());
+        if let Some(client) = client {
+            // RFC 7239: an address with a port is quoted.
+            request = request.header(http::header::FORWARDED, format!("for=\"{client}\""));
+        }
+        let request = request.body(()).map_err(|e| TunnelError::Connect { peer, source: io::Error::other(e) })?;
         // A pooled connection to a peer that stopped answering takes the
         // stream and never replies: the CONNECT has its own deadline.
         let exchange = async {

@@ -44,7 +44,8 @@ pub struct BenchArgs {
     /// Extra flags for `outrigger run` (for experiments), e.g. --proxy-arg=--worker-threads=1.
     #[arg(long = "proxy-arg")]
     pub proxy_args: Vec<String>,
-    /// Only these tables (single_hop, service_vip, cross_node_mtls, metrics_cost, store, idle_memory); default all.
+    /// Only these tables (single_hop, service_vip, cross_node_mtls, metrics_cost, inbound_plaintext, store,
+    /// idle_memory); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -58,7 +59,8 @@ impl BenchArgs {
 const PATHS: [&str; 3] = ["direct", "outrigger", "haproxy"];
 
 /// Tables that need the simulated nodes (all but `store`).
-const TOPOLOGY_TABLES: [&str; 5] = ["single_hop", "service_vip", "cross_node_mtls", "metrics_cost", "idle_memory"];
+const TOPOLOGY_TABLES: [&str; 6] =
+    ["single_hop", "service_vip", "cross_node_mtls", "metrics_cost", "inbound_plaintext", "idle_memory"];
 
 /// A metric of a table: name, whether larger is better, and the bound a
 /// goal sets for it (at most, or at least when larger is better).
@@ -210,6 +212,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         &[("p50_us", false), ("p99_us", false), ("gbps_1_conn", true), ("conns_per_s", true)],
         vec![(1, 0, "off / on"), (2, 0, "scraped / on")],
     );
+    let mut inbound = Table::with_paths(
+        "inbound_plaintext",
+        "Plaintext into a meshed pod: a client outside the mesh -> a meshed server, direct (--inbound-capture false) and through the proxy's inbound hop (authorized, counted, delivered with the original source)",
+        &["direct", "outrigger inbound"],
+        &[("p50_us", false), ("p99_us", false), ("gbps_1_conn", true), ("conns_per_s", true)],
+        vec![(1, 0, "outrigger / direct")],
+    );
     let mut store_tables = store::tables();
     let mut idle_table = idle::table();
     for round in 1..=args.rounds.max(1) {
@@ -219,6 +228,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let Some(topo) = topo.as_mut() else { continue };
         if args.wants("metrics_cost") {
             measure_metrics_cost(topo, &mut cost, secs, round)?;
+        }
+        if args.wants("inbound_plaintext") {
+            measure_inbound(topo, &mut inbound, secs, round)?;
         }
         let (sb, t) = (&topo.sb, &*topo);
         if args.wants("single_hop") {
@@ -271,7 +283,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             idle::measure(topo, &mut idle_table, round)?;
         }
     }
-    let tables: Vec<Table> = [hop, svc, cross, cost]
+    let tables: Vec<Table> = [hop, svc, cross, cost, inbound]
         .into_iter()
         .chain(store_tables)
         .chain([idle_table])
@@ -337,6 +349,25 @@ fn measure_metrics_cost(topo: &mut Topology, cost: &mut Table, secs: u64, round:
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let scrapes = scraper.join().unwrap_or(0);
     eprintln!("bench: round {round}: {scrapes} scrapes of /metrics during the scraped measurement");
+    result
+}
+
+/// The plain client to the (meshed) server, with inbound capture off (the
+/// topology's default) and on: the cost of the new inbound hop.
+fn measure_inbound(topo: &mut Topology, table: &mut Table, secs: u64, round: usize) -> Result<()> {
+    let measure = |topo: &Topology, table: &mut Table, p: usize| -> Result<()> {
+        eprintln!("bench: round {round}: {:<28} {}", "plaintext into a meshed pod", table.paths[p]);
+        let (p50, p99) = measure::latency(&topo.sb, &topo.plain, topo.server_addr(SOCKPERF_PORT), secs)?;
+        table.samples[p][0].push(p50);
+        table.samples[p][1].push(p99);
+        table.samples[p][2].push(measure::iperf(&topo.sb, &topo.plain, topo.server_addr(IPERF_PORT), 1, secs)?);
+        table.samples[p][3].push(measure::connection_rate(&topo.sb, &topo.plain, topo.server_addr(ECHO_PORT), secs)?);
+        Ok(())
+    };
+    measure(topo, table, 0)?;
+    topo.restart_proxy(0, &["--inbound-capture", "true"])?;
+    let result = measure(topo, table, 1);
+    topo.restart_proxy(0, &[])?;
     result
 }
 
@@ -412,8 +443,10 @@ fn report(tables: &[Table], args: &BenchArgs) -> Result<()> {
             ratios.insert(label.replace(" / ", "_over_"), Value::Object(row));
         }
         if t.paths[0] == "direct" && t.metrics[0].name == "p50_us" && !t.metrics[0].higher_is_better {
-            let added = |p: usize| t.median(p, 0) - t.median(0, 0);
-            println!("added p50 latency over direct: outrigger {:.1} µs, haproxy {:.1} µs", added(1), added(2));
+            let added: Vec<String> = (1..t.paths.len())
+                .map(|p| format!("{} {:.1} µs", t.paths[p], t.median(p, 0) - t.median(0, 0)))
+                .collect();
+            println!("added p50 latency over direct: {}", added.join(", "));
         }
         let mut table = json!({ "title": t.title, "paths": paths, "ratios": ratios });
         if t.has_goals() {

@@ -79,7 +79,8 @@ impl Topology {
         let mut iperf = sb.in_pod(&server, "iperf3");
         iperf.args(["-s", "-B", &server.ip4.to_string(), "-p", &IPERF_PORT.to_string()]);
         sb.spawn("iperf3-server", iperf)?;
-        for pod in &endpoints {
+        // The server's for the inbound-plaintext connection rate.
+        for pod in std::iter::once(&server).chain(&endpoints) {
             sb.echo_server(pod, &[ECHO_PORT], &[])?;
         }
         sb.add_node()?;
@@ -133,7 +134,11 @@ impl Topology {
         let haproxy = sb.spawn("haproxy", haproxy)?;
 
         let ca_arg = ca.display().to_string();
-        let mut args = vec!["--log-level", "warn,outrigger::cli=info", "--ca-dir", ca_arg.as_str()];
+        // Inbound capture off: the direct and HAProxy paths reach meshed
+        // servers in plaintext and must stay one hop, as they were measured
+        // before it existed. The inbound_plaintext table measures it alone.
+        let mut args =
+            vec!["--log-level", "warn,outrigger::cli=info", "--ca-dir", ca_arg.as_str(), "--inbound-capture", "false"];
         args.extend(proxy_args.iter().map(String::as_str));
         let proxy = ProxyProcess::start(&sb, 0, pods_file.clone(), &args)?;
         let remote_proxy = ProxyProcess::start(&sb, 1, remote_file.clone(), &args)?;
@@ -163,9 +168,21 @@ impl Topology {
         &self.proxies[node]
     }
 
-    /// Restarts node `node`'s proxy with `extra` flags added to its usual ones.
+    /// Restarts node `node`'s proxy with `extra` flags added to its usual
+    /// ones (a flag in `extra` replaces the usual one of that name).
     pub fn restart_proxy(&mut self, node: usize, extra: &[&str]) -> Result<()> {
-        let mut args: Vec<&str> = self.base_args.iter().map(String::as_str).collect();
+        let mut args: Vec<&str> = Vec::new();
+        let mut base = self.base_args.iter().map(String::as_str).peekable();
+        while let Some(arg) = base.next() {
+            let has_value = base.peek().is_some_and(|next| !next.starts_with("--"));
+            if arg.starts_with("--") && extra.contains(&arg) {
+                if has_value {
+                    base.next();
+                }
+                continue;
+            }
+            args.push(arg);
+        }
         args.extend_from_slice(extra);
         // The old one must be gone first: both would attach to the same cgroup.
         drop(self.proxies.remove(node));
