@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     identity::Identity,
-    model::{NetnsRef, PodKey, Workload},
+    model::{PodKey, Workload},
     netns::{sockets::bind_listener, Netns, NetnsError, SpareSockets},
     transport::SocketOptions,
 };
@@ -107,7 +107,7 @@ impl PodContext {
         delivery: Option<SocketOptions>,
         limits: PodLimits,
     ) -> Result<Self, PodError> {
-        let Some(NetnsRef::Path(path)) = workload.netns.clone() else {
+        let Some(path) = workload.netns.clone() else {
             return Err(PodError::NotLocal(workload.key.to_string()));
         };
         let thread = format!("ns-{}", workload.key.name);

@@ -55,14 +55,16 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// `Ok` when the proxy serves every pod it was given; otherwise why not.
-    pub fn readiness(&self) -> Result<(), String> {
+    /// `Ok` when the proxy serves every pod it was given (with a warning
+    /// worth showing, if any); otherwise why not.
+    pub fn readiness(&self) -> Result<Option<String>, String> {
         let node = self.status.read().unwrap_or_else(|e| e.into_inner());
         if node.shutting_down {
             return Err("shutting down".into());
         }
-        self.source.read().unwrap_or_else(|e| e.into_inner()).readiness()?;
-        node.readiness()
+        let warning = self.source.read().unwrap_or_else(|e| e.into_inner()).readiness()?;
+        node.readiness()?;
+        Ok(warning)
     }
 
     fn config_dump(&self) -> serde_json::Value {
@@ -145,7 +147,8 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => match state.readiness() {
-            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Ok(None) => text(StatusCode::OK, "ready\n"),
+            Ok(Some(warning)) => text(StatusCode::OK, format!("ready; warning: {warning}\n")),
             Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
         },
         (&Method::GET, "/metrics" | "/stats/prometheus") => match crate::metrics::encode(&state.registry) {

@@ -65,7 +65,12 @@ impl Inbound {
             let service = snapshot.service_of_endpoint(dest);
             let labels = self.metrics.conns.inbound_labels(&pod, source.map(|w| &**w), None, service, "plaintext");
             let decision = match snapshot.workload_by_key(&pod.key) {
-                Some(me) => policy::check(snapshot.policies_for(&pod.key.namespace), &me.workload, None, dest.port()),
+                Some(me) => policy::check(
+                    snapshot.policies_for(&pod.key.namespace),
+                    &me.workload,
+                    policy::Source { identity: None, ip: peer.ip() },
+                    dest.port(),
+                ),
                 None => Decision::Deny { policy: "the pod is no longer in the mesh".into() },
             };
             (labels, decision)

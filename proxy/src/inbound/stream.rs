@@ -137,7 +137,7 @@ impl Inbound {
                 Some(me) => policy::check(
                     snapshot.policies_for(&pod.key.namespace),
                     &me.workload,
-                    Some(&peer.identity),
+                    policy::Source { identity: Some(&peer.identity), ip: peer.addr.ip() },
                     authority.port(),
                 ),
                 // The pod is leaving: nothing may reach it any more.

@@ -18,9 +18,9 @@ mod workload;
 
 use std::{fmt, sync::Arc};
 
-pub use policy::{Action, AuthorizationPolicy, Rule, Selector};
+pub use policy::{parse_ip_block, Action, AuthorizationPolicy, Rule, Selector};
 pub use service::{AppProtocol, Endpoint, EndpointPort, EndpointSlice, Service, ServicePort, TargetPort};
-pub use workload::{NetnsRef, Workload};
+pub use workload::{HeldNetns, NetnsRef, Workload};
 
 /// `namespace/name` of a namespaced object.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

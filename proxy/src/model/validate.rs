@@ -115,14 +115,14 @@ pub fn policy(p: &AuthorizationPolicy) -> Result<(), String> {
     for (j, rule) in p.rules.iter().enumerate() {
         for principal in rule.principals.iter().chain(&rule.not_principals) {
             let body = principal.trim_end_matches('*');
-            if principal != "*" && !body.starts_with("spiffe://") {
+            if principal != "*" && !body.starts_with("spiffe://") && !principal.starts_with('*') {
                 return Err(format!(
-                    "policy {} rules[{j}]: principal {principal:?} must be a spiffe:// ID, \"*\" or a prefix ending in \"*\"",
+                    "policy {} rules[{j}]: principal {principal:?} must be a spiffe:// ID, \"*\", a prefix ending in \"*\" or a suffix starting with \"*\"",
                     p.key
                 ));
             }
         }
-        if rule.ports.contains(&0) {
+        if rule.ports.contains(&0) || rule.not_ports.contains(&0) {
             return Err(format!("policy {} rules[{j}]: port 0 is not a port", p.key));
         }
     }

@@ -1,23 +1,65 @@
 //! Workloads: meshed pods, on this node or another.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    path::PathBuf,
+    sync::Arc,
+};
 
 use super::PodKey;
 
 /// How the proxy reaches a local pod's network namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetnsRef {
-    /// A namespace file: `/var/run/netns/NAME` or `/proc/PID/ns/net`.
+    /// A namespace file: `/var/run/netns/NAME` or `/proc/PID/ns/net`,
+    /// opened when the pod is meshed (the mesh file names these).
     Path(PathBuf),
+    /// A namespace already open: found through a process of the pod and
+    /// checked to hold the pod's address (the Kubernetes source). Held by
+    /// descriptor, because the process's `/proc/PID` path may name another
+    /// process's namespace once the PID is reused.
+    Held(HeldNetns),
 }
 
 impl std::fmt::Display for NetnsRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Path(p) => write!(f, "{}", p.display()),
+            Self::Held(h) => write!(f, "{}", h.origin),
         }
     }
 }
+
+/// An open network-namespace descriptor. Two are equal when they hold the
+/// same namespace (device and inode), whatever process they came through.
+#[derive(Debug, Clone)]
+pub struct HeldNetns {
+    fd: Arc<OwnedFd>,
+    /// (device, inode) of the namespace.
+    pub inode: (u64, u64),
+    /// Where it was found, for messages: `/proc/PID/ns/net`.
+    pub origin: Arc<str>,
+}
+
+impl HeldNetns {
+    pub fn new(fd: OwnedFd, inode: (u64, u64), origin: &str) -> Self {
+        Self { fd: Arc::new(fd), inode, origin: origin.into() }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl PartialEq for HeldNetns {
+    fn eq(&self, other: &Self) -> bool {
+        self.inode == other.inode
+    }
+}
+
+impl Eq for HeldNetns {}
 
 /// A meshed pod.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -86,8 +86,22 @@ pub fn inode_of(path: &Path) -> std::io::Result<(u64, u64)> {
 }
 
 impl Netns {
-    /// Opens the netns file, starts its thread and reads its cookie.
-    pub fn open(path: &Path, thread_name: &str) -> Result<Self, NetnsError> {
+    /// Opens the pod's netns (a file, or a descriptor already held), starts
+    /// its thread and reads its cookie.
+    pub fn open(netns: &crate::model::NetnsRef, thread_name: &str) -> Result<Self, NetnsError> {
+        match netns {
+            crate::model::NetnsRef::Path(path) => Self::open_path(path, thread_name),
+            crate::model::NetnsRef::Held(held) => {
+                let path = PathBuf::from(&*held.origin);
+                let fd =
+                    held.fd().try_clone_to_owned().map_err(|source| NetnsError::Open { path: path.clone(), source })?;
+                Self::start(std::fs::File::from(fd), held.inode, &path, thread_name)
+            }
+        }
+    }
+
+    /// Opens a netns file.
+    fn open_path(path: &Path, thread_name: &str) -> Result<Self, NetnsError> {
         let open_err = |source| NetnsError::Open { path: path.to_path_buf(), source };
         // A FIFO or device at the path must not hang the reconciler: check
         // the type first, and open without blocking in any case.
@@ -112,6 +126,11 @@ impl Netns {
             let meta = file.metadata().map_err(open_err)?;
             (meta.dev(), meta.ino())
         };
+        Self::start(file, inode, path, thread_name)
+    }
+
+    /// Starts the thread that enters `file`'s namespace and serves jobs.
+    fn start(file: std::fs::File, inode: (u64, u64), path: &Path, thread_name: &str) -> Result<Self, NetnsError> {
         let (jobs, mut queue) = mpsc::channel::<Job>(QUEUE_DEPTH);
         let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
         let thread_path = path.to_path_buf();

@@ -142,7 +142,11 @@ pub fn target_for(snapshot: &Snapshot, pod: &PodContext, addr: SocketAddr, stric
         return Ok(Target::Hbone { authority: addr, identity: w.identity.clone() });
     }
     let policies = snapshot.policies_for(&w.workload.key.namespace);
-    if let Decision::Deny { policy } = policy::check(policies, &w.workload, Some(&pod.identity), addr.port()) {
+    // The source address the destination will see: the pod's own, of the
+    // destination's family.
+    let ip = pod.ips.iter().copied().find(|ip| ip.is_ipv6() == addr.is_ipv6()).unwrap_or(addr.ip());
+    let source = policy::Source { identity: Some(&pod.identity), ip };
+    if let Decision::Deny { policy } = policy::check(policies, &w.workload, source, addr.port()) {
         return Err(Failure::Denied { policy });
     }
     Ok(Target::Direct(addr))

@@ -8,7 +8,7 @@
 //! apply to new connections as soon as they are published.
 #![forbid(unsafe_code)]
 
-use std::sync::Arc;
+use std::{net::IpAddr, sync::Arc};
 
 use crate::{
     identity::Identity,
@@ -22,28 +22,45 @@ pub enum Decision {
     Deny { policy: String },
 }
 
-fn principal_matches(pattern: &str, id: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => id.starts_with(prefix),
-        None => id == pattern,
+/// Istio's string match: exact, `*` (anything), `prefix*` or `*suffix`.
+fn pattern_matches(pattern: &str, value: &str) -> bool {
+    if let Some(prefix) = pattern.strip_suffix('*') {
+        return value.starts_with(prefix);
+    }
+    match pattern.strip_prefix('*') {
+        Some(suffix) => value.ends_with(suffix),
+        None => value == pattern,
     }
 }
 
-fn rule_matches(rule: &Rule, source: Option<&Identity>, port: u16) -> bool {
+/// Who is connecting: the peer's identity (`None`: plaintext) and address
+/// (for a tunnelled connection, the source pod's).
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    pub identity: Option<&'a Identity>,
+    pub ip: IpAddr,
+}
+
+fn rule_matches(rule: &Rule, from: Source<'_>, port: u16) -> bool {
+    let source = from.identity;
+    let ip = crate::model::canonical_ip(from.ip);
+    let ip_ok = rule.ip_blocks.is_empty() || rule.ip_blocks.iter().any(|b| b.contains(&ip));
+    let not_ip_ok = !rule.not_ip_blocks.iter().any(|b| b.contains(&ip));
+    let port_ok = (rule.ports.is_empty() || rule.ports.contains(&port)) && !rule.not_ports.contains(&port);
+    if !(ip_ok && not_ip_ok && port_ok) {
+        return false;
+    }
     let id = source.map(|s| s.to_string());
     let principal_ok = rule.principals.is_empty()
-        || id.as_deref().is_some_and(|id| rule.principals.iter().any(|p| principal_matches(p, id)));
+        || id.as_deref().is_some_and(|id| rule.principals.iter().any(|p| pattern_matches(p, id)));
     let not_principal_ok = rule.not_principals.is_empty()
-        || id.as_deref().is_some_and(|id| !rule.not_principals.iter().any(|p| principal_matches(p, id)));
+        || id.as_deref().is_some_and(|id| !rule.not_principals.iter().any(|p| pattern_matches(p, id)));
     let ns = source.map(|s| &*s.namespace);
-    let namespace_ok = rule.namespaces.is_empty() || ns.is_some_and(|ns| rule.namespaces.iter().any(|n| n == ns));
-    let not_namespace_ok =
-        rule.not_namespaces.is_empty() || ns.is_some_and(|ns| !rule.not_namespaces.iter().any(|n| n == ns));
-    principal_ok
-        && not_principal_ok
-        && namespace_ok
-        && not_namespace_ok
-        && (rule.ports.is_empty() || rule.ports.contains(&port))
+    let namespace_ok =
+        rule.namespaces.is_empty() || ns.is_some_and(|ns| rule.namespaces.iter().any(|n| pattern_matches(n, ns)));
+    let not_namespace_ok = rule.not_namespaces.is_empty()
+        || ns.is_some_and(|ns| !rule.not_namespaces.iter().any(|n| pattern_matches(n, ns)));
+    principal_ok && not_principal_ok && namespace_ok && not_namespace_ok
 }
 
 fn selects(policy: &AuthorizationPolicy, pod: &Workload) -> bool {
@@ -56,18 +73,13 @@ fn selects(policy: &AuthorizationPolicy, pod: &Workload) -> bool {
         && sel.match_labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
 }
 
-fn matches(policy: &AuthorizationPolicy, source: Option<&Identity>, port: u16) -> bool {
-    policy.rules.is_empty() || policy.rules.iter().any(|r| rule_matches(r, source, port))
+fn matches(policy: &AuthorizationPolicy, source: Source<'_>, port: u16) -> bool {
+    policy.rules.iter().any(|r| rule_matches(r, source, port))
 }
 
-/// Decides for a connection from `source` (`None`: plaintext) to
-/// `destination`'s `port`, given the policies of the destination's namespace.
-pub fn check(
-    policies: &[Arc<AuthorizationPolicy>],
-    destination: &Workload,
-    source: Option<&Identity>,
-    port: u16,
-) -> Decision {
+/// Decides for a connection from `source` to `destination`'s `port`, given
+/// the policies of the destination's namespace.
+pub fn check(policies: &[Arc<AuthorizationPolicy>], destination: &Workload, source: Source<'_>, port: u16) -> Decision {
     let mut allow_policies = 0;
     let mut allowed = false;
     for p in policies.iter().filter(|p| selects(p, destination)) {
@@ -111,6 +123,10 @@ mod tests {
         Rule { principals: p.iter().map(|s| s.to_string()).collect(), ..Rule::default() }
     }
 
+    fn src(identity: Option<&Identity>) -> Source<'_> {
+        Source { identity, ip: "10.0.0.9".parse().expect("test data") }
+    }
+
     fn id(sa: &str) -> Identity {
         Identity::new("cluster.local", "default", sa)
     }
@@ -118,8 +134,8 @@ mod tests {
     #[test]
     fn deny_matching_principal() {
         let ps = [policy("no-a", Action::Deny, None, vec![principals(&["spiffe://cluster.local/ns/default/sa/a"])])];
-        assert!(matches!(check(&ps, &pod(), Some(&id("a")), 80), Decision::Deny { .. }));
-        assert_eq!(check(&ps, &pod(), Some(&id("c")), 80), Decision::Allow);
+        assert!(matches!(check(&ps, &pod(), src(Some(&id("a"))), 80), Decision::Deny { .. }));
+        assert_eq!(check(&ps, &pod(), src(Some(&id("c"))), 80), Decision::Allow);
     }
 
     #[test]
@@ -127,10 +143,10 @@ mod tests {
         let rule = Rule { ports: vec![8080], ..principals(&["spiffe://cluster.local/ns/default/sa/a"]) };
         let sel = Selector { pods: vec!["b".into()], ..Selector::default() };
         let ps = [policy("only-a", Action::Allow, Some(sel), vec![rule])];
-        assert_eq!(check(&ps, &pod(), Some(&id("a")), 8080), Decision::Allow);
-        assert!(matches!(check(&ps, &pod(), Some(&id("a")), 9090), Decision::Deny { .. }));
-        assert!(matches!(check(&ps, &pod(), Some(&id("c")), 8080), Decision::Deny { .. }));
-        assert!(matches!(check(&ps, &pod(), None, 8080), Decision::Deny { .. }), "plaintext has no principal");
+        assert_eq!(check(&ps, &pod(), src(Some(&id("a"))), 8080), Decision::Allow);
+        assert!(matches!(check(&ps, &pod(), src(Some(&id("a"))), 9090), Decision::Deny { .. }));
+        assert!(matches!(check(&ps, &pod(), src(Some(&id("c"))), 8080), Decision::Deny { .. }));
+        assert!(matches!(check(&ps, &pod(), src(None), 8080), Decision::Deny { .. }), "plaintext has no principal");
     }
 
     #[test]
@@ -139,10 +155,13 @@ mod tests {
             policy("all", Action::Allow, None, vec![Rule { namespaces: vec!["default".into()], ..Rule::default() }]);
         let no_x = policy("no-x", Action::Deny, None, vec![principals(&["spiffe://cluster.local/ns/default/sa/x*"])]);
         for ps in [[all.clone(), no_x.clone()], [no_x, all]] {
-            assert_eq!(check(&ps, &pod(), Some(&id("a")), 1), Decision::Allow);
-            assert!(matches!(check(&ps, &pod(), Some(&id("xray")), 1), Decision::Deny { .. }));
+            assert_eq!(check(&ps, &pod(), src(Some(&id("a"))), 1), Decision::Allow);
+            assert!(matches!(check(&ps, &pod(), src(Some(&id("xray"))), 1), Decision::Deny { .. }));
             let other = Identity::new("cluster.local", "other", "a");
-            assert!(matches!(check(&ps, &pod(), Some(&other), 1), Decision::Deny { .. }));
+            assert!(matches!(check(&ps, &pod(), src(Some(&other)), 1), Decision::Deny { .. }));
+            let suffix = policy("only-a", Action::Allow, None, vec![principals(&["*/sa/a"])]);
+            assert_eq!(check(std::slice::from_ref(&suffix), &pod(), src(Some(&id("a"))), 1), Decision::Allow);
+            assert!(matches!(check(&[suffix], &pod(), src(Some(&id("b"))), 1), Decision::Deny { .. }));
         }
     }
 
@@ -152,15 +171,37 @@ mod tests {
             match_labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ..Selector::default()
         };
-        let ps = [policy("web-only", Action::Deny, Some(sel(&[("app", "web")])), vec![])];
-        assert_eq!(check(&ps, &pod(), Some(&id("a")), 80), Decision::Allow, "labels do not select b");
-        let ps = [policy("db", Action::Deny, Some(sel(&[("app", "db")])), vec![])];
-        assert!(matches!(check(&ps, &pod(), Some(&id("a")), 80), Decision::Deny { .. }));
+        let ps = [policy("web-only", Action::Deny, Some(sel(&[("app", "web")])), vec![Rule::default()])];
+        assert_eq!(check(&ps, &pod(), src(Some(&id("a"))), 80), Decision::Allow, "labels do not select b");
+        let ps = [policy("db", Action::Deny, Some(sel(&[("app", "db")])), vec![Rule::default()])];
+        let nothing = [policy("allow-nothing", Action::Allow, Some(sel(&[("app", "db")])), vec![])];
+        assert!(matches!(check(&nothing, &pod(), src(Some(&id("a"))), 80), Decision::Deny { .. }), "no rules");
+        assert!(matches!(check(&ps, &pod(), src(Some(&id("a"))), 80), Decision::Deny { .. }));
         let not_a = Rule { not_principals: vec!["spiffe://cluster.local/ns/default/sa/a".into()], ..Rule::default() };
         let ps = [policy("not-a", Action::Allow, None, vec![not_a])];
-        assert_eq!(check(&ps, &pod(), Some(&id("c")), 80), Decision::Allow);
-        assert!(matches!(check(&ps, &pod(), Some(&id("a")), 80), Decision::Deny { .. }));
-        assert!(matches!(check(&ps, &pod(), None, 80), Decision::Deny { .. }), "plaintext matches no principal rule");
+        assert_eq!(check(&ps, &pod(), src(Some(&id("c"))), 80), Decision::Allow);
+        assert!(matches!(check(&ps, &pod(), src(Some(&id("a"))), 80), Decision::Deny { .. }));
+        assert!(
+            matches!(check(&ps, &pod(), src(None), 80), Decision::Deny { .. }),
+            "plaintext matches no principal rule"
+        );
+    }
+
+    #[test]
+    fn ip_blocks_and_not_ports() {
+        let block = |s: &str| vec![s.parse().expect("test data")];
+        let rule = Rule { ip_blocks: block("10.0.0.0/24"), not_ports: vec![22], ..Rule::default() };
+        let ps = [policy("lan", Action::Allow, None, vec![rule])];
+        assert_eq!(check(&ps, &pod(), src(None), 80), Decision::Allow, "plaintext from the block");
+        assert!(matches!(check(&ps, &pod(), src(None), 22), Decision::Deny { .. }), "notPorts");
+        let far = Source { identity: Some(&id("a")), ip: "10.0.1.9".parse().expect("test data") };
+        assert!(matches!(check(&ps, &pod(), far, 80), Decision::Deny { .. }), "outside the block");
+        let mapped = Source { identity: None, ip: "::ffff:10.0.0.7".parse().expect("test data") };
+        assert_eq!(check(&ps, &pod(), mapped, 80), Decision::Allow, "v4-mapped is v4");
+        let not = Rule { not_ip_blocks: block("10.0.0.0/24"), ..Rule::default() };
+        let ps = [policy("not-lan", Action::Deny, None, vec![not])];
+        assert_eq!(check(&ps, &pod(), src(None), 80), Decision::Allow);
+        assert!(matches!(check(&ps, &pod(), far, 80), Decision::Deny { .. }));
     }
 
     #[test]
@@ -169,8 +210,8 @@ mod tests {
             key: ObjectKey::new("shop", "elsewhere"),
             selector: None,
             action: Action::Deny,
-            rules: vec![],
+            rules: vec![Rule::default()],
         });
-        assert_eq!(check(&[p], &pod(), Some(&id("a")), 80), Decision::Allow);
+        assert_eq!(check(&[p], &pod(), src(Some(&id("a"))), 80), Decision::Allow);
     }
 }

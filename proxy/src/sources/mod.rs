@@ -1,11 +1,49 @@
 //! Sources of the mesh state. Each translates its own objects into the
-//! model and applies them to the store one by one: the mesh file today,
-//! the Kubernetes API next.
+//! model and applies them to the store one by one: the mesh file and the
+//! Kubernetes API.
 #![forbid(unsafe_code)]
 
 pub mod file;
+pub mod kubernetes;
+
+use std::{collections::BTreeMap, sync::Mutex};
 
 use serde::Serialize;
+
+use crate::store::{Change, Store};
+
+/// Applies a batch of changes, the last one per object winning, deletes
+/// first (an address or VIP moving between objects is free before its new
+/// owner claims it); publishes a snapshot if `publish`. Returns how many
+/// objects the store refused (each is logged with its reason).
+pub fn apply(store: &Mutex<Store>, changes: Vec<Change>, publish: bool) -> usize {
+    let mut last: BTreeMap<crate::model::ObjectRef, Change> = BTreeMap::new();
+    for change in changes {
+        let r = match &change {
+            Change::Upsert(o) => o.object_ref(),
+            Change::Delete(r) => r.clone(),
+        };
+        last.insert(r, change);
+    }
+    let (deletes, upserts): (Vec<_>, Vec<_>) = last.into_values().partition(|c| matches!(c, Change::Delete(_)));
+    let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rejected = 0;
+    for change in deletes.into_iter().chain(upserts) {
+        if let Err(r) = store.apply(change) {
+            rejected += 1;
+            tracing::error!(object = %r.object, reason = %r.reason, "object rejected; the rest of the mesh state applies");
+        }
+    }
+    if publish {
+        store.publish();
+    }
+    rejected
+}
+
+/// Problems with single objects a source reports, at most this many (the
+/// rest are counted): a hostile or broken cluster must not grow the status
+/// without bound.
+pub const MAX_REPORTS: usize = 200;
 
 /// What a source reports for `/ready` and `/config_dump`.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -18,7 +56,40 @@ pub struct SourceStatus {
     pub objects: usize,
     /// Objects of it the store refused.
     pub rejected_objects: usize,
-    /// Why the newest state was refused (the last good one is in force).
+    /// Why the newest state was refused (the last good one is in force),
+    /// or why the source cannot be reached now.
+    pub last_error: Option<String>,
+    /// Per watched kind (the Kubernetes source).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub watches: BTreeMap<&'static str, WatchStatus>,
+    /// Objects skipped or applied in part, with why (`Pod ns/name` → why).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub reports: BTreeMap<String, String>,
+    /// Pods of this node the source does not mesh, with why (the
+    /// Kubernetes source: not enrolled, hostNetwork, no netns found, ...).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub local_pods_not_meshed: BTreeMap<String, String>,
+    /// Reports not kept because [`MAX_REPORTS`] were already held.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub reports_dropped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One watch of the Kubernetes source.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WatchStatus {
+    /// The initial list has completed at least once.
+    pub synced: bool,
+    /// Objects of this kind the source holds.
+    pub objects: usize,
+    /// Lists after the first (an expired resourceVersion, or a restart).
+    pub relists: u64,
+    /// Errors seen (dropped watches, refused lists, malformed objects).
+    pub errors: u64,
+    /// The last error, cleared once the watch works again.
     pub last_error: Option<String>,
 }
 
@@ -41,13 +112,32 @@ impl SourceStatus {
         changed
     }
 
-    /// `Ok` once synced; otherwise what it is waiting for.
-    pub fn readiness(&self) -> Result<(), String> {
+    /// Records a problem with one object; true when it is new (log it).
+    pub fn report(&mut self, object: String, why: String) -> bool {
+        if self.reports.get(&object) == Some(&why) {
+            return false;
+        }
+        if self.reports.len() >= MAX_REPORTS && !self.reports.contains_key(&object) {
+            self.reports_dropped += 1;
+            return self.reports_dropped == 1;
+        }
+        self.reports.insert(object, why);
+        true
+    }
+
+    /// The object is fine again (or gone).
+    pub fn clear_report(&mut self, object: &str) {
+        self.reports.remove(object);
+    }
+
+    /// `Ok` once synced, with warnings worth showing (the source is
+    /// unreachable but its last state serves); otherwise what it waits for.
+    pub fn readiness(&self) -> Result<Option<String>, String> {
         if self.synced {
-            return Ok(());
+            return Ok(self.last_error.as_ref().map(|e| format!("{}: {e} (serving the last good state)", self.source)));
         }
         Err(match &self.last_error {
-            Some(e) => format!("no {} applied yet: {e}", self.source),
+            Some(e) => format!("waiting for the {}: {e}", self.source),
             None => format!("waiting for the {}", self.source),
         })
     }

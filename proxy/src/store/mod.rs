@@ -33,10 +33,7 @@ use tokio::sync::watch;
 use crate::{
     balance::BalanceSettings,
     identity::Identity,
-    model::{
-        self, canonical_ip, AuthorizationPolicy, EndpointSlice, NetnsRef, Object, ObjectKey, ObjectRef, Service,
-        Workload,
-    },
+    model::{self, canonical_ip, AuthorizationPolicy, EndpointSlice, Object, ObjectKey, ObjectRef, Service, Workload},
 };
 
 pub use routes::{EndpointStatus, RouteStatus, ServiceRoute};
@@ -260,17 +257,11 @@ impl Store {
                         return Err(format!("{ip} is service {svc}'s virtual IP"));
                     }
                 }
-                if let Some(NetnsRef::Path(path)) = &w.netns {
-                    let shared = s.local.values().find(|o| {
-                        o.workload.key != w.key && matches!(&o.workload.netns, Some(NetnsRef::Path(p)) if p == path)
-                    });
+                if let Some(netns) = &w.netns {
+                    let shared =
+                        s.local.values().find(|o| o.workload.key != w.key && o.workload.netns.as_ref() == Some(netns));
                     if let Some(other) = shared {
-                        return Err(format!(
-                            "pods {} and {} share netns {}",
-                            other.workload.key,
-                            w.key,
-                            path.display()
-                        ));
+                        return Err(format!("pods {} and {} share netns {netns}", other.workload.key, w.key));
                     }
                 }
                 Ok(())

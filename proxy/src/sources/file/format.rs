@@ -137,8 +137,15 @@ pub struct RuleSpec {
     pub namespaces: Vec<String>,
     #[serde(default)]
     pub not_namespaces: Vec<String>,
+    /// Client address ranges (CIDR or a single address).
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
     #[serde(default)]
     pub ports: Vec<u16>,
+    #[serde(default)]
+    pub not_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -12,8 +12,8 @@ use std::{
 
 use super::format::{ActionSpec, MeshFile, PodSpec, PortRef, ServiceSpec};
 use crate::model::{
-    Action, AppProtocol, AuthorizationPolicy, Endpoint, EndpointPort, EndpointSlice, NetnsRef, Object, ObjectKey, Rule,
-    Selector, Service, ServicePort, TargetPort, Workload,
+    parse_ip_block, Action, AppProtocol, AuthorizationPolicy, Endpoint, EndpointPort, EndpointSlice, NetnsRef, Object,
+    ObjectKey, Rule, Selector, Service, ServicePort, TargetPort, Workload,
 };
 
 /// Every object of the file, or the first problem that spans objects
@@ -47,6 +47,28 @@ pub fn objects(file: MeshFile) -> Result<Vec<Object>, String> {
         if !policies.insert(key.clone()) {
             return Err(format!("policy {key} is listed twice"));
         }
+        let blocks = |list: &[String], j: usize| -> Result<Vec<ipnet::IpNet>, String> {
+            list.iter().map(|b| parse_ip_block(b).map_err(|e| format!("policy {key} rules[{j}]: {e}"))).collect()
+        };
+        // In the file, a policy without rules matches every connection (a
+        // deny-all or allow-all); the model follows Istio (no rules matches
+        // nothing), so that is one rule matching everything.
+        let mut rules = Vec::with_capacity(p.rules.len().max(1));
+        if p.rules.is_empty() {
+            rules.push(Rule::default());
+        }
+        for (j, r) in p.rules.iter().enumerate() {
+            rules.push(Rule {
+                principals: r.principals.clone(),
+                not_principals: r.not_principals.clone(),
+                namespaces: r.namespaces.clone(),
+                not_namespaces: r.not_namespaces.clone(),
+                ip_blocks: blocks(&r.ip_blocks, j)?,
+                not_ip_blocks: blocks(&r.not_ip_blocks, j)?,
+                ports: r.ports.clone(),
+                not_ports: r.not_ports.clone(),
+            });
+        }
         out.push(Object::Policy(AuthorizationPolicy {
             key,
             selector: p.selector.as_ref().map(|s| Selector {
@@ -58,17 +80,7 @@ pub fn objects(file: MeshFile) -> Result<Vec<Object>, String> {
                 ActionSpec::Allow => Action::Allow,
                 ActionSpec::Deny => Action::Deny,
             },
-            rules: p
-                .rules
-                .iter()
-                .map(|r| Rule {
-                    principals: r.principals.clone(),
-                    not_principals: r.not_principals.clone(),
-                    namespaces: r.namespaces.clone(),
-                    not_namespaces: r.not_namespaces.clone(),
-                    ports: r.ports.clone(),
-                })
-                .collect(),
+            rules,
         }));
     }
     Ok(out)

@@ -19,19 +19,7 @@ use crate::{
 /// Applies a batch of changes and publishes once. Returns how many objects
 /// the store refused (each is logged once with its reason).
 pub fn apply(store: &Mutex<Store>, changes: Vec<Change>) -> usize {
-    let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
-    // Deletes first, so an address or VIP moving between objects is free
-    // before its new owner claims it.
-    let (deletes, upserts): (Vec<_>, Vec<_>) = changes.into_iter().partition(|c| matches!(c, Change::Delete(_)));
-    let mut rejected = 0;
-    for change in deletes.into_iter().chain(upserts) {
-        if let Err(r) = store.apply(change) {
-            rejected += 1;
-            tracing::error!(object = %r.object, reason = %r.reason, "object rejected; the rest of the mesh state applies");
-        }
-    }
-    store.publish();
-    rejected
+    crate::sources::apply(store, changes, true)
 }
 
 /// Runs `load` on a blocking thread: file reads and parsing never run on
