@@ -25,6 +25,7 @@ use crate::{
     outbound::{Connector, Core, Outbound, OutboundSettings},
     sources::{
         file::{self, FileLimits, FileSource, Loaded},
+        kubernetes::{self, KubeSettings},
         SourceStatus,
     },
     stats,
@@ -276,17 +277,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let s = store.lock().unwrap_or_else(|e| e.into_inner());
         (s.reader(), s.subscribe())
     };
-    let limits = FileLimits { max_bytes: args.max_mesh_file_bytes, ..FileLimits::default() };
-    let source = Arc::new(Mutex::new(FileSource::new(&args.pods_file, limits, store_settings)));
-    let source_status = Arc::new(RwLock::new(SourceStatus::new(format!("mesh file {}", args.pods_file.display()))));
-    match file::watch::load_blocking(&source).await.context("loading the mesh file at start")? {
-        Loaded::Changed { changes, objects } => {
-            let rejected = file::watch::apply(&store, changes);
-            source_status.write().unwrap_or_else(|e| e.into_inner()).applied(objects, rejected);
-            metrics.config_reloads.get_or_create(&ResultLabels { result: "applied" }).inc();
-        }
-        Loaded::Unchanged => {}
-    }
+    let (source, source_status) = open_source(&args, store_settings, &store, &metrics).await?;
 
     let strict_allow = match &args.mtls_strict_allow {
         Some(nets) => nets.clone(),
@@ -413,24 +404,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut snapshots = snapshots;
     let first = snapshots.borrow_and_update().clone();
     node.reconcile(&first).await;
-    tracing::info!(pods = first.local_workloads().len(), file = %args.pods_file.display(), "mesh file applied");
+    tracing::info!(pods = first.local_workloads().len(), source = %source_status.read().unwrap_or_else(|e| e.into_inner()).source,
+        "pods of the first state meshed");
 
     let background = CancellationToken::new();
     let reconciler = tokio::spawn(node::run(node, snapshots, args.reload_interval, background.clone()));
     watch_liveness("reconciler", reconciler.abort_handle(), status.clone(), background.clone());
-    supervise(
-        "mesh file watch",
-        status.clone(),
-        background.clone(),
-        file::watch::run(
-            source,
-            store.clone(),
-            source_status,
-            metrics.clone(),
-            args.reload_interval,
+    match source {
+        Source::File(source) => supervise(
+            "mesh file watch",
+            status.clone(),
             background.clone(),
+            file::watch::run(
+                source,
+                store.clone(),
+                source_status,
+                metrics.clone(),
+                args.reload_interval,
+                background.clone(),
+            ),
         ),
-    );
+        Source::Kubernetes(client, settings) => supervise(
+            "Kubernetes watch",
+            status.clone(),
+            background.clone(),
+            kubernetes::run(client, settings, store.clone(), source_status, background.clone()),
+        ),
+    };
     if let (Some(ids), Some(t)) = (identities.clone(), tunnels.clone()) {
         supervise(
             "certificate refresh",
@@ -489,6 +489,49 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(capture);
     tracing::info!("capture programs detached; exiting");
     Ok(())
+}
+
+/// Where the mesh state comes from.
+enum Source {
+    File(Arc<Mutex<FileSource>>),
+    Kubernetes(kube::Client, KubeSettings),
+}
+
+/// Opens the source of the mesh state. The mesh file is applied at once (a
+/// bad file at start stops the proxy: there is no last good state to keep);
+/// the Kubernetes API is only configured here — it may be unreachable at
+/// start, which `/ready` reports while the watchers retry.
+async fn open_source(
+    args: &RunArgs,
+    settings: StoreSettings,
+    store: &Arc<Mutex<Store>>,
+    metrics: &Metrics,
+) -> anyhow::Result<(Source, Arc<RwLock<SourceStatus>>)> {
+    let k = &args.kubernetes;
+    if k.kubernetes {
+        let client = kubernetes::client().await?;
+        let settings = KubeSettings {
+            node_name: k.node_name.clone(),
+            host_proc: k.host_proc.clone(),
+            cluster_domain: k.cluster_domain.clone(),
+            rescan_interval: args.reload_interval,
+        };
+        tracing::info!(node = %settings.node_name, host_proc = %settings.host_proc.display(),
+            "mesh state from the Kubernetes API");
+        return Ok((Source::Kubernetes(client, settings), Arc::new(RwLock::new(kubernetes::status()))));
+    }
+    let limits = FileLimits { max_bytes: args.max_mesh_file_bytes, ..FileLimits::default() };
+    let source = Arc::new(Mutex::new(FileSource::new(&args.pods_file, limits, settings)));
+    let status = Arc::new(RwLock::new(SourceStatus::new(format!("mesh file {}", args.pods_file.display()))));
+    match file::watch::load_blocking(&source).await.context("loading the mesh file at start")? {
+        Loaded::Changed { changes, objects } => {
+            let rejected = file::watch::apply(store, changes);
+            status.write().unwrap_or_else(|e| e.into_inner()).applied(objects, rejected);
+            metrics.config_reloads.get_or_create(&ResultLabels { result: "applied" }).inc();
+        }
+        Loaded::Unchanged => {}
+    }
+    Ok((Source::File(source), status))
 }
 
 async fn wait_for_signal() -> anyhow::Result<&'static str> {

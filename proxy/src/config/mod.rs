@@ -3,6 +3,10 @@
 //! `outrigger run --help` is the reference.
 #![forbid(unsafe_code)]
 
+mod kubernetes;
+
+pub use kubernetes::KubeArgs;
+
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -130,10 +134,15 @@ pub enum LogFormat {
 pub struct RunArgs {
     /// Mesh state file (YAML) listing the pods on this node. Watched: edits apply
     /// without a restart; a bad file is rejected and the last good state stays in force.
+    /// The source of the mesh state unless --kubernetes is given.
     #[arg(long, env = "OUTRIGGER_PODS_FILE", default_value = "/etc/outrigger/mesh.yaml", visible_alias = "mesh-file")]
     pub pods_file: PathBuf,
 
-    /// How often the pods file is checked for changes.
+    #[command(flatten)]
+    pub kubernetes: KubeArgs,
+
+    /// How often the pods file is checked for changes; with --kubernetes, how often
+    /// pods of this node still waiting for their network namespace are looked for.
     #[arg(long, env = "OUTRIGGER_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
 
@@ -392,7 +401,7 @@ pub struct ConfigError {
     pub problem: String,
 }
 
-fn bad(flag: &'static str, problem: impl Into<String>) -> ConfigError {
+pub(crate) fn bad(flag: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError { flag, problem: problem.into() }
 }
 
@@ -455,6 +464,7 @@ impl RunArgs {
         if admin != 0 && (admin == self.outbound_port || admin == self.hbone_port || admin == self.inbound_port) {
             return Err(bad("admin-addr", format!("port {admin} is also the outbound or tunnel port")));
         }
+        self.kubernetes.validate()?;
         within("reload-interval", self.reload_interval, ms(10), DAY)?;
         within("textfile-interval", self.textfile_interval, ms(10), DAY)?;
         within("connect-timeout", self.connect_timeout, ms(1), Duration::from_secs(600))?;
