@@ -11,6 +11,7 @@
 
 pub mod hbone;
 pub mod http;
+pub mod kubeapi;
 pub mod mesh;
 pub mod metrics;
 pub mod proxy;

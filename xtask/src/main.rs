@@ -1,5 +1,5 @@
 //! `cargo xtask`: everything around the code — toolchain set-up, the eBPF
-//! build, the demo, the test suite and the benchmark. Each command installs
+//! build, the container image, the demo, the test suite and the benchmark. Each command installs
 //! what it needs first, so two commands do all set-up on a fresh machine.
 #![forbid(unsafe_code)]
 
@@ -8,6 +8,7 @@ mod build;
 mod demo;
 mod deps;
 mod fuzz;
+mod image;
 mod setup;
 mod test;
 mod util;
@@ -23,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: nightly rust-src, bpf-linker 0.10.4, Debian packages.
+    /// Install what is missing: nightly rust-src, bpf-linker 0.10.4, Debian packages, kubernetes-validate (PyPI).
     Setup,
     /// Build the kernel programs (target/bpfel-unknown-none/release/outrigger-ebpf).
     BuildEbpf,
@@ -39,6 +40,8 @@ enum Task {
     },
     /// Measure latency and throughput: direct vs Outrigger vs HAProxy, on one topology, in one run.
     Bench(bench::BenchArgs),
+    /// Build the OCI image outrigger:dev from scratch with buildah (root; no registry): the release proxy and its shared libraries.
+    Image,
     /// Fuzz the tunnel port (TLS handshake, HTTP/2 CONNECT) and the mesh-file parser for a bounded time (cargo fuzz, nightly).
     Fuzz(fuzz::FuzzArgs),
 }
@@ -52,6 +55,7 @@ fn main() -> std::process::ExitCode {
         Task::Demo => demo::run(),
         Task::Test { args } => test::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Image => image::run(),
         Task::Fuzz(args) => fuzz::run(&args),
     };
     match result {

@@ -25,12 +25,27 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("vsftpd", "vsftpd"),
     ("nginx", "nginx"),
+    // The container image (`cargo xtask image`) and its test: buildah builds
+    // it, podman runs it with runc (crun refuses hosts with hybrid cgroups),
+    // strip takes the debug info out of the binary.
+    ("buildah", "buildah"),
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("strip", "binutils"),
+    // `kubectl kustomize` renders deploy/kubernetes (tests/deploy.rs). On the
+    // machine image already; listed so a machine without it says so.
+    ("kubectl", "kubectl"),
 ];
+
+/// Validates the rendered manifests against the Kubernetes OpenAPI schemas
+/// (tests/deploy.rs), offline: the schemas ship inside the package.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 pub fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     packages()?;
+    kubernetes_validate()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -53,6 +68,18 @@ fn bpf_linker() -> Result<()> {
         eprintln!("xtask: found {} — replacing it with bpf-linker {BPF_LINKER_VERSION}", version.trim());
     }
     exec(Command::new("cargo").args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"]))
+}
+
+/// Installed for the `python3` on PATH and run as `python3 -m
+/// kubernetes_validate`, so the test finds it whatever pip does with scripts.
+fn kubernetes_validate() -> Result<()> {
+    let version = output(Command::new("python3").args(["-m", "kubernetes_validate", "--version"])).unwrap_or_default();
+    if version.trim() == KUBERNETES_VALIDATE_VERSION {
+        return Ok(());
+    }
+    let wanted = format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}");
+    exec(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", &wanted]))
+        .context("installing kubernetes-validate from PyPI (tests/deploy.rs validates the manifests with it)")
 }
 
 fn packages() -> Result<()> {

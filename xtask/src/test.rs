@@ -23,5 +23,8 @@ pub fn run(extra: &[String]) -> Result<()> {
     exec(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     exec(ebpf_cargo("clippy").args(["--", "-D", "warnings"]))?;
     crate::build::export_binaries();
+    // tests/deploy.rs runs the image; tests cannot build it (no cargo or root steps inside tests).
+    crate::image::build()?;
+    crate::image::export();
     exec(cargo().args(["test", "--workspace"]).args(extra))
 }
