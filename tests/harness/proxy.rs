@@ -49,15 +49,12 @@ impl ProxyProcess {
     pub fn command(sandbox: &Sandbox, node: usize, pods_file: &Path, extra: &[&str], log: &Path) -> Result<Command> {
         let cgroup = sandbox.node_cgroup(node);
         let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
-            .arg(&cgroup)
-            .arg(outrigger_bin())
-            .arg("run")
-            .arg("--pods-file")
-            .arg(pods_file)
-            .arg("--cgroup2-path")
-            .arg(&cgroup);
+        cmd.arg("-c").arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"").arg(&cgroup).arg(outrigger_bin()).arg("run");
+        // An empty path: the state comes from elsewhere (`--kubernetes`).
+        if !pods_file.as_os_str().is_empty() {
+            cmd.arg("--pods-file").arg(pods_file);
+        }
+        cmd.arg("--cgroup2-path").arg(&cgroup);
         // Port 0: the proxy binds a free port and logs it; picking one
         // here would race with parallel tests. `extra` overrides these.
         for (flag, value) in
@@ -77,8 +74,31 @@ impl ProxyProcess {
 
     /// Starts the proxy without waiting for readiness.
     pub fn spawn(sandbox: &Sandbox, node: usize, pods_file: PathBuf, extra: &[&str]) -> Result<Self> {
+        Self::spawn_with_env(sandbox, node, pods_file, extra, &[])
+    }
+
+    /// The proxy of `node` with the Kubernetes API as its source
+    /// (`--kubernetes`, `KUBECONFIG=kubeconfig`, `--node-name n<node>`),
+    /// without waiting for readiness.
+    pub fn spawn_kubernetes(sandbox: &Sandbox, node: usize, kubeconfig: &Path, extra: &[&str]) -> Result<Self> {
+        let node_name = format!("n{node}");
+        let mut args = vec!["--kubernetes", "--node-name", node_name.as_str()];
+        args.extend_from_slice(extra);
+        let env = [("KUBECONFIG", kubeconfig.as_os_str())];
+        Self::spawn_with_env(sandbox, node, PathBuf::new(), &args, &env)
+    }
+
+    fn spawn_with_env(
+        sandbox: &Sandbox,
+        node: usize,
+        pods_file: PathBuf,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Self> {
         let log = sandbox.dir.join(format!("outrigger-n{node}-{}.log", free_port()?));
-        let mut child = Self::command(sandbox, node, &pods_file, extra, &log)?.spawn().context("starting outrigger")?;
+        let mut cmd = Self::command(sandbox, node, &pods_file, extra, &log)?;
+        cmd.envs(env.iter().copied());
+        let mut child = cmd.spawn().context("starting outrigger")?;
         let admin = wait_for(Duration::from_secs(30), || {
             if let Ok(Some(_)) = child.try_wait() {
                 return Some(None);
