@@ -413,7 +413,15 @@ preferences: {{}}
     /// `spec.finalizers`, an AuthorizationPolicy's `spec.rules`): an
     /// existing object keeps its metadata (labels, uid) and the rest of its
     /// fields, so it still matches the selectors it matched (a `MODIFIED`
-    /// event); otherwise a new one is created.
+    /// event); otherwise a new one is created with only metadata and the
+    /// bad field (so a field selector such as `spec.nodeName=n1` does not
+    /// select it: `apply` a whole object first to have one that does).
+    ///
+    /// What kube-rs (4.x) makes of it: a typed LIST fails whole with
+    /// `Error::SerdeError`; a typed WATCH yields `Error::Api` with an empty
+    /// `Status` (code 0) for that event, because kube retries an
+    /// undecodable line as a `Status`, whose fields all have defaults; a
+    /// `DynamicObject` list or watch decodes it (`try_parse` then fails).
     pub fn inject_malformed(&self, kind: Kind, ns: &str, name: &str) -> Result<Value> {
         let mut obj = self.get(kind, ns, name).unwrap_or_else(|| {
             json!({

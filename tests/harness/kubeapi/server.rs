@@ -434,7 +434,7 @@ fn hex(s: &str) -> String {
 
 fn unhex(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
-    if bytes.len() % 2 != 0 {
+    if !bytes.len().is_multiple_of(2) {
         return None;
     }
     let decoded = bytes

@@ -13,6 +13,10 @@ use super::Kind;
 /// Where an object lives: kind, namespace (`""` for cluster-scoped), name.
 pub type Key = (Kind, String, String);
 
+/// A kind's objects at some version: that version, and the objects in key
+/// order.
+pub type Snapshot = (u64, Vec<(Key, Arc<Value>)>);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChangeType {
     Added,
@@ -194,7 +198,7 @@ impl Store {
 
     /// Objects of `kind` as they were at version `at` (`None`: now), in key
     /// order (namespace, then name, like etcd's keys), with that version.
-    pub fn snapshot(&self, kind: Kind, at: Option<u64>) -> Result<(u64, Vec<(Key, Arc<Value>)>), AtError> {
+    pub fn snapshot(&self, kind: Kind, at: Option<u64>) -> Result<Snapshot, AtError> {
         let at = at.unwrap_or(self.rv);
         if at > self.rv {
             return Err(AtError::TooLarge(TooLarge));
