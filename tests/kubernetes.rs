@@ -13,7 +13,6 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -21,6 +20,7 @@ use anyhow::{bail, ensure, Context, Result};
 use outrigger_e2e::{
     http,
     kubeapi::{self, EndpointDef, Kind, KubeApi, ServicePortDef},
+    kubelet::{self, Driver},
     proxy::ca_init,
     sandbox::Spawned,
     wait_for, Pod, ProxyProcess, Sandbox,
@@ -33,13 +33,6 @@ const VIP6: &str = "fd96::10";
 const PORT: u16 = 80;
 const TARGET: u16 = 8080;
 const ENABLED: (&str, &str) = ("outrigger.dev/mesh", "enabled");
-
-/// How the kubelet names a pod's cgroup.
-#[derive(Clone, Copy)]
-enum Driver {
-    Cgroupfs,
-    Systemd,
-}
 
 struct Cluster {
     sb: Sandbox,
@@ -85,37 +78,9 @@ impl Cluster {
         Ok(uid)
     }
 
-    /// The pod's "pause" process: `sleep` in the pod's network namespace,
-    /// in `<node cgroup>/kubepods/...pod<uid>.../<container>`.
+    /// The pod's sandbox process, in `netns_of`'s namespace.
     fn sandbox_process(&self, uid: &str, netns_of: &Pod, driver: Driver) -> Result<Spawned> {
-        let node = self.sb.node_cgroup(netns_of.node);
-        let cgroup = match driver {
-            Driver::Cgroupfs => node.join("kubepods/burstable").join(format!("pod{uid}")).join("0123abcd"),
-            Driver::Systemd => {
-                let u = uid.replace('-', "_");
-                node.join("kubepods.slice/kubepods-besteffort.slice")
-                    .join(format!("kubepods-besteffort-pod{u}.slice"))
-                    .join("cri-containerd-0123abcd.scope")
-            }
-        };
-        std::fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg("echo $$ > \"$0/cgroup.procs\" && exec ip netns exec \"$1\" sleep 3600")
-            .arg(&cgroup)
-            .arg(&netns_of.netns);
-        let spawned = self.sb.spawn("pause", cmd)?;
-        // Wait until the process is in place (its cgroup lists it).
-        wait_for(Duration::from_secs(5), || {
-            let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
-            let ns = std::fs::read_link(format!("/proc/{}/ns/net", spawned.pid)).ok()?;
-            let theirs = std::fs::metadata(&netns_of.netns_path).ok()?;
-            use std::os::unix::fs::MetadataExt;
-            let inode = theirs.ino().to_string();
-            (!procs.trim().is_empty() && ns.to_string_lossy().contains(&inode)).then_some(())
-        })
-        .context("the pod's sandbox process did not start")?;
-        Ok(spawned)
+        kubelet::pod_sandbox(&self.sb, netns_of.node, uid, &netns_of.netns, driver)
     }
 
     /// A pod on `node` with its sandbox process, applied to the API.
@@ -420,6 +385,10 @@ fn cross_node_identity_from_service_accounts_and_istio_policies() -> Result<()> 
     let certs = n0.config_dump()?["mtls"]["identities"].to_string();
     ensure!(certs.contains("spiffe://cluster.local/ns/shop/sa/frontend"), "{certs}");
     ensure!(certs.contains("spiffe://cluster.local/ns/shop/sa/other"), "{certs}");
+    // The server side holds the identity of back's service account (the
+    // client verified it in the handshake: it expects what the API says).
+    let certs = n1.config_dump()?["mtls"]["identities"].to_string();
+    ensure!(certs.contains("spiffe://cluster.local/ns/shop/sa/backend"), "{certs}");
 
     // The same ALLOW with an HTTP-only field: it matches nothing on L4
     // (as in ztunnel), so nothing is allowed; reported.

@@ -12,6 +12,7 @@
 pub mod hbone;
 pub mod http;
 pub mod kubeapi;
+pub mod kubelet;
 pub mod mesh;
 pub mod metrics;
 pub mod proxy;

@@ -67,6 +67,18 @@ impl AdminState {
         Ok(warning)
     }
 
+    /// The published state in numbers: cheap at any cluster size (the
+    /// full dump is not), for watching changes land (`GET /store`).
+    fn store_summary(snapshot: &crate::store::Snapshot) -> serde_json::Value {
+        serde_json::json!({
+            "version": snapshot.version,
+            "workloads": snapshot.workload_count(),
+            "services": snapshot.service_count(),
+            "endpoint_slices": snapshot.endpoint_slice_count(),
+            "rejected": snapshot.rejected(),
+        })
+    }
+
     fn config_dump(&self) -> serde_json::Value {
         let node = self.status.read().unwrap_or_else(|e| e.into_inner());
         let source = self.source.read().unwrap_or_else(|e| e.into_inner()).clone();
@@ -80,13 +92,7 @@ impl AdminState {
         serde_json::json!({
             "node": node_json,
             "programs": self.capture.attached(),
-            "store": {
-                "version": snapshot.version,
-                "workloads": snapshot.workload_count(),
-                "services": snapshot.service_count(),
-                "endpoint_slices": snapshot.endpoint_slice_count(),
-                "rejected": snapshot.rejected(),
-            },
+            "store": Self::store_summary(&snapshot),
             "services": snapshot.dump_routes(),
             "mtls": self.identities.as_ref().map(|ids| serde_json::json!({
                 "identities": ids.status(),
@@ -163,6 +169,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n"),
         },
         (&Method::GET, "/config_dump") => json(&state.config_dump()),
+        (&Method::GET, "/store") => json(&AdminState::store_summary(&state.mesh.load())),
         (&Method::GET, "/logging") => text(StatusCode::OK, format!("{}\n", state.log.current())),
         (&Method::POST | &Method::PUT, "/logging") => {
             let level = req

@@ -81,7 +81,13 @@ pub(super) async fn serve(
                 msg = control.recv() => msg,
                 accepted = l.accept() => {
                     match accepted {
-                        Ok((stream, _)) => spawn_connection(&shared, stream),
+                        Ok((stream, _)) => {
+                            // As kube-apiserver (Go sets TCP_NODELAY on every
+                            // connection): without it a small watch event can
+                            // wait ~40 ms for the client's delayed ACK.
+                            let _ = stream.set_nodelay(true);
+                            spawn_connection(&shared, stream)
+                        }
                         Err(e) => {
                             eprintln!("kubeapi: accept failed: {e}");
                             tokio::time::sleep(Duration::from_millis(10)).await;

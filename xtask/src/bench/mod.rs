@@ -12,8 +12,11 @@
 //! Tables held to goals (issue #8) instead of compared: the store at
 //! cluster scale (`store`, no namespaces needed) and the proxy's memory per
 //! idle connection (`idle_memory`); each figure is printed with PASS/FAIL.
+//! Figures without a peer: the Kubernetes source at cluster scale
+//! (`kubernetes`: the proxy fed by the test API server).
 
 mod idle;
+mod kube;
 mod measure;
 mod store;
 mod topology;
@@ -45,7 +48,7 @@ pub struct BenchArgs {
     #[arg(long = "proxy-arg")]
     pub proxy_args: Vec<String>,
     /// Only these tables (single_hop, service_vip, cross_node_mtls, metrics_cost, inbound_plaintext, store,
-    /// idle_memory); default all.
+    /// idle_memory, kubernetes); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -178,6 +181,7 @@ fn vip_target(topo: &Topology, path: usize, port: u16, haproxy_port: u16) -> (&o
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let storebench = if args.wants(store::GROUP) { Some(store::build()?) } else { None };
+    let kubebench = if args.wants(kube::GROUP) { Some(kube::build()?) } else { None };
     let mut topo = if TOPOLOGY_TABLES.iter().any(|t| args.wants(t)) {
         if args.wants("idle_memory") {
             // Before anything is started: every process inherits it.
@@ -221,9 +225,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     );
     let mut store_tables = store::tables();
     let mut idle_table = idle::table();
+    let mut kube_table = kube::table();
     for round in 1..=args.rounds.max(1) {
         if let Some(bin) = &storebench {
             store::measure(bin, &mut store_tables, round)?;
+        }
+        if let Some(bin) = &kubebench {
+            kube::measure(bin, &mut kube_table, round)?;
         }
         let Some(topo) = topo.as_mut() else { continue };
         if args.wants("metrics_cost") {
@@ -286,7 +294,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let tables: Vec<Table> = [hop, svc, cross, cost, inbound]
         .into_iter()
         .chain(store_tables)
-        .chain([idle_table])
+        .chain([idle_table, kube_table])
         .filter(|t| args.wants(t.group))
         .collect();
     report(&tables, args)
