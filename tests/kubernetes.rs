@@ -459,7 +459,9 @@ fn api_faults_keep_the_last_state_and_recover() -> Result<()> {
     let proxy = c.proxy(0, &[])?;
     let waiting = wait_for(Duration::from_secs(20), || match http::get(proxy.admin, "/ready") {
         // Once the first attempt failed, /ready says why.
-        Ok((503, body)) if body.contains("waiting for the Kubernetes API:") => Some(body),
+        Ok((503, body)) if body.contains("waiting for the Kubernetes API:") && body.contains("Connection refused") => {
+            Some(body)
+        }
         _ => None,
     });
     let waiting = waiting.with_context(|| format!("/ready while the API is down; log:\n{}", proxy.log_text()))?;

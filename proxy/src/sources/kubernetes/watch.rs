@@ -118,6 +118,26 @@ fn typed<K: DeserializeOwned>(obj: DynamicObject) -> Result<K, String> {
     serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| e.to_string())
 }
 
+/// A watch error with its causes (kube-rs's own text stops at "client
+/// error (Connect)"; the cause says refused, timed out or TLS), and what to
+/// check when the API cannot be reached at all.
+fn explain(e: &watcher::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let t = cause.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        source = cause.source();
+    }
+    if text.contains("(Connect)") || text.contains("tcp connect error") {
+        text.push_str(" (is the API server reachable from this node? check the kubeconfig's server, or KUBERNETES_SERVICE_HOST in a pod)");
+    }
+    text
+}
+
 fn key_of(obj: &DynamicObject) -> ObjectKey {
     ObjectKey::new(obj.metadata.namespace.as_deref().unwrap_or(""), obj.metadata.name.as_deref().unwrap_or(""))
 }
@@ -224,15 +244,15 @@ impl Source {
         if no_crd {
             if !self.synced.contains(&kind) {
                 tracing::warn!("the AuthorizationPolicy CRD is not installed: no authorization policies apply \
-                    (install Istio's, or deploy/kubernetes/components/authorization-policy); checking again with backoff");
+                    (install Istio's, or deploy/kubernetes/components/istio-authorizationpolicy-crd); checking again with backoff");
                 self.finish_list(kind, &BTreeSet::new());
             }
             return;
         }
-        let message = format!("{}: {e}", kind.name());
+        let message = format!("{}: {}", kind.name(), explain(&e));
         let new = self.status().watches.get(kind.name()).and_then(|w| w.last_error.as_ref()) != Some(&message);
         if new {
-            tracing::warn!(watch = kind.name(), error = %e, "Kubernetes watch failed; retrying with backoff, the last state keeps serving");
+            tracing::warn!(error = %message, "Kubernetes watch failed; retrying with backoff, the last state keeps serving");
         }
         self.watch_status(kind, |w| {
             w.errors += 1;
