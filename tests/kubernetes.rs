@@ -411,7 +411,7 @@ fn cross_node_identity_from_service_accounts_and_istio_policies() -> Result<()> 
         (s["ok"] == 0).then_some(())
     });
     ensure!(refused.is_some(), "an ALLOW whose only rule needs HTTP must match nothing");
-    ensure!(n1.log_text().contains("authorization policy applied in part"), "not logged");
+    ensure!(n1.log_text().contains("authorization policy not applied as written"), "not logged");
 
     // A DENY with an HTTP-only field is enforced on its L4 part.
     c.api.apply_json(kubeapi::authorization_policy(

@@ -2,8 +2,10 @@
 //!
 //! Istio's evaluation order: any matching `deny` policy refuses; else, if
 //! any `allow` policy selects the destination, one of them must match;
-//! else the connection is allowed. A plaintext connection has no principal
-//! and no namespace: a rule that requires either does not match it.
+//! else the connection is allowed. A plaintext connection has the empty
+//! principal and namespace, as in Istio: `principals: ["*"]` requires an
+//! identity, and `notPrincipals: ["*"]` matches plaintext (the usual
+//! "require mTLS" DENY).
 //! Policies come from the store per destination namespace, so rule changes
 //! apply to new connections as soon as they are published.
 #![forbid(unsafe_code)]
@@ -22,8 +24,12 @@ pub enum Decision {
     Deny { policy: String },
 }
 
-/// Istio's string match: exact, `*` (anything), `prefix*` or `*suffix`.
+/// Istio's string match: exact, `*` (any non-empty value), `prefix*` or
+/// `*suffix`.
 fn pattern_matches(pattern: &str, value: &str) -> bool {
+    if pattern == "*" {
+        return !value.is_empty();
+    }
     if let Some(prefix) = pattern.strip_suffix('*') {
         return value.starts_with(prefix);
     }
@@ -41,25 +47,27 @@ pub struct Source<'a> {
     pub ip: IpAddr,
 }
 
-fn rule_matches(rule: &Rule, from: Source<'_>, port: u16) -> bool {
-    let source = from.identity;
-    let ip = crate::model::canonical_ip(from.ip);
+/// The source as rules see it: principal and namespace (empty for
+/// plaintext), computed once per connection, not per rule.
+struct Peer<'a> {
+    ip: IpAddr,
+    principal: String,
+    namespace: &'a str,
+}
+
+fn rule_matches(rule: &Rule, from: &Peer<'_>, port: u16) -> bool {
+    let ip = from.ip;
     let ip_ok = rule.ip_blocks.is_empty() || rule.ip_blocks.iter().any(|b| b.contains(&ip));
     let not_ip_ok = !rule.not_ip_blocks.iter().any(|b| b.contains(&ip));
     let port_ok = (rule.ports.is_empty() || rule.ports.contains(&port)) && !rule.not_ports.contains(&port);
     if !(ip_ok && not_ip_ok && port_ok) {
         return false;
     }
-    let id = source.map(|s| s.to_string());
-    let principal_ok = rule.principals.is_empty()
-        || id.as_deref().is_some_and(|id| rule.principals.iter().any(|p| pattern_matches(p, id)));
-    let not_principal_ok = rule.not_principals.is_empty()
-        || id.as_deref().is_some_and(|id| !rule.not_principals.iter().any(|p| pattern_matches(p, id)));
-    let ns = source.map(|s| &*s.namespace);
-    let namespace_ok =
-        rule.namespaces.is_empty() || ns.is_some_and(|ns| rule.namespaces.iter().any(|n| pattern_matches(n, ns)));
-    let not_namespace_ok = rule.not_namespaces.is_empty()
-        || ns.is_some_and(|ns| !rule.not_namespaces.iter().any(|n| pattern_matches(n, ns)));
+    let (id, ns) = (from.principal.as_str(), from.namespace);
+    let principal_ok = rule.principals.is_empty() || rule.principals.iter().any(|p| pattern_matches(p, id));
+    let not_principal_ok = !rule.not_principals.iter().any(|p| pattern_matches(p, id));
+    let namespace_ok = rule.namespaces.is_empty() || rule.namespaces.iter().any(|n| pattern_matches(n, ns));
+    let not_namespace_ok = !rule.not_namespaces.iter().any(|n| pattern_matches(n, ns));
     principal_ok && not_principal_ok && namespace_ok && not_namespace_ok
 }
 
@@ -73,7 +81,7 @@ fn selects(policy: &AuthorizationPolicy, pod: &Workload) -> bool {
         && sel.match_labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
 }
 
-fn matches(policy: &AuthorizationPolicy, source: Source<'_>, port: u16) -> bool {
+fn matches(policy: &AuthorizationPolicy, source: &Peer<'_>, port: u16) -> bool {
     policy.rules.iter().any(|r| rule_matches(r, source, port))
 }
 
@@ -82,7 +90,17 @@ fn matches(policy: &AuthorizationPolicy, source: Source<'_>, port: u16) -> bool 
 pub fn check(policies: &[Arc<AuthorizationPolicy>], destination: &Workload, source: Source<'_>, port: u16) -> Decision {
     let mut allow_policies = 0;
     let mut allowed = false;
-    for p in policies.iter().filter(|p| selects(p, destination)) {
+    let mut selected = policies.iter().filter(|p| selects(p, destination)).peekable();
+    if selected.peek().is_none() {
+        return Decision::Allow;
+    }
+    let source = Peer {
+        ip: crate::model::canonical_ip(source.ip),
+        principal: source.identity.map(ToString::to_string).unwrap_or_default(),
+        namespace: source.identity.map(|s| &*s.namespace).unwrap_or(""),
+    };
+    let source = &source;
+    for p in selected {
         match p.action {
             Action::Deny if matches(p, source, port) => return Decision::Deny { policy: p.key.to_string() },
             Action::Deny => {}
@@ -181,9 +199,28 @@ mod tests {
         let ps = [policy("not-a", Action::Allow, None, vec![not_a])];
         assert_eq!(check(&ps, &pod(), src(Some(&id("c"))), 80), Decision::Allow);
         assert!(matches!(check(&ps, &pod(), src(Some(&id("a"))), 80), Decision::Deny { .. }));
+        assert_eq!(check(&ps, &pod(), src(None), 80), Decision::Allow, "plaintext is the empty principal: not `a`");
+        // Istio's "require mTLS": DENY notPrincipals ["*"] refuses plaintext
+        // only; ALLOW principals ["*"] admits any identity, no plaintext.
+        let any = |field: &str| {
+            let v = vec!["*".to_string()];
+            if field == "not" {
+                Rule { not_principals: v, ..Rule::default() }
+            } else {
+                Rule { principals: v, ..Rule::default() }
+            }
+        };
+        let ps = [policy("require-mtls", Action::Deny, None, vec![any("not")])];
+        assert!(matches!(check(&ps, &pod(), src(None), 80), Decision::Deny { .. }));
+        assert_eq!(check(&ps, &pod(), src(Some(&id("a"))), 80), Decision::Allow);
+        let ps = [policy("any-identity", Action::Allow, None, vec![any("yes")])];
+        assert!(matches!(check(&ps, &pod(), src(None), 80), Decision::Deny { .. }));
+        assert_eq!(check(&ps, &pod(), src(Some(&id("a"))), 80), Decision::Allow);
+        let not_ns = Rule { not_namespaces: vec!["*".into()], ..Rule::default() };
+        let ps = [policy("plaintext-ns", Action::Deny, None, vec![not_ns])];
         assert!(
             matches!(check(&ps, &pod(), src(None), 80), Decision::Deny { .. }),
-            "plaintext matches no principal rule"
+            "plaintext has the empty namespace"
         );
     }
 

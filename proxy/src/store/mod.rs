@@ -235,7 +235,9 @@ impl Store {
         let pending: Vec<Object> = self.rejected.values().map(|(o, _)| o.clone()).collect();
         for object in pending {
             let r = object.object_ref();
-            if self.check(&object).is_ok() {
+            // Validated again: an object invalid on its own stays refused
+            // (and listed); only a conflict can clear by itself.
+            if model::validate::object(&object).is_ok() && self.check(&object).is_ok() {
                 tracing::info!(object = %r, "a previously rejected object now applies");
                 self.rejected.remove(&r);
                 self.apply_valid(object);

@@ -128,6 +128,21 @@ fn a_conflicting_object_is_rejected_alone_and_retried() {
 }
 
 #[test]
+fn an_object_invalid_on_its_own_is_never_applied_by_a_retry() {
+    let mut s = store();
+    let mut bad = endpoint("10.0.0.9");
+    bad.weight = 0;
+    s.upsert(service("web", &["10.96.0.1"], &[(80, TargetPort::Number(8080), None)])).expect("web");
+    s.upsert(slice("web-1", "web", &[(None, 8080)], vec![bad])).expect_err("weight 0 is invalid");
+    // Publishes retry rejected objects; this one must stay out, and listed.
+    for _ in 0..2 {
+        let snap = s.publish();
+        assert_eq!(snap.endpoint_slice_count(), 0);
+        assert!(snap.rejected().contains_key("endpoint slice default/web-1"), "{:?}", snap.rejected());
+    }
+}
+
+#[test]
 fn a_rejected_update_keeps_the_previous_version() {
     let mut s = store();
     s.upsert(pod("a", &["10.0.0.1"], true)).expect("a");

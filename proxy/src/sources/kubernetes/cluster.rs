@@ -168,6 +168,9 @@ impl Cluster {
         if let Some(r) = self.local.get(key) {
             if let Some(why) = r.not_meshed(self.enrolled(&key.namespace)) {
                 self.unmeshed.insert(key.clone(), why);
+                // Release its namespace: a finished Job pod can stay for
+                // days, and its held descriptor keeps a dead netns alive.
+                self.found.remove(key);
                 return None;
             }
             let Some(netns) = self.found_for(r).cloned() else {

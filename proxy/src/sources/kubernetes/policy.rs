@@ -20,6 +20,14 @@ use crate::model::{parse_ip_block, Action, AuthorizationPolicy, ObjectKey, Rule,
 /// More rules than any hand-written policy has: a policy expanding to more
 /// (from × to per rule) is refused rather than evaluated per connection.
 const MAX_RULES: usize = 1024;
+/// Principals, namespaces, blocks and ports over all the rules a policy
+/// expands to: bounds its memory on every node (one policy object is
+/// translated by every proxy of the cluster).
+const MAX_ENTRIES: usize = 16_384;
+/// Notes kept per policy; more are summarized.
+const MAX_NOTES: usize = 8;
+/// Istio's default root namespace: its policies apply mesh-wide there.
+const ROOT_NAMESPACE: &str = "istio-system";
 
 /// A translated policy: `None` when it has no effect on this proxy.
 #[derive(Debug, Default)]
@@ -155,7 +163,13 @@ pub fn translate(key: ObjectKey, spec: &Value) -> Result<Translated, String> {
         Some(Value::Array(items)) => &items[..],
         Some(_) => return Err("rules must be a list".into()),
     };
+    if key.namespace.as_ref() == ROOT_NAMESPACE {
+        out.notes.push(format!(
+            "in Istio's root namespace ({ROOT_NAMESPACE}) a policy applies mesh-wide; here it applies to pods of {ROOT_NAMESPACE} only"
+        ));
+    }
     let mut rules = Vec::new();
+    let mut entries_total = 0usize;
     for (j, r) in rules_in.iter().enumerate() {
         let mut unsupported = Vec::new();
         if r.get("when").is_some_and(|w| !w.is_null()) {
@@ -186,12 +200,63 @@ pub fn translate(key: ObjectKey, spec: &Value) -> Result<Translated, String> {
         if rules.len() + sources.len() * operations.len() > MAX_RULES {
             return Err(format!("more than {MAX_RULES} source × operation combinations"));
         }
+        let source_entries: usize = sources.iter().map(entry_count).sum();
+        let operation_entries: usize = operations.iter().map(|(p, n)| p.len() + n.len()).sum();
+        entries_total += source_entries * operations.len() + operation_entries * sources.len();
+        if entries_total > MAX_ENTRIES {
+            return Err(format!("more than {MAX_ENTRIES} principals, namespaces, blocks and ports once expanded"));
+        }
         for s in &sources {
             for (ports, not_ports) in &operations {
                 rules.push(Rule { ports: ports.clone(), not_ports: not_ports.clone(), ..s.clone() });
             }
         }
     }
+    if out.notes.len() > MAX_NOTES {
+        let more = out.notes.len() - MAX_NOTES;
+        out.notes.truncate(MAX_NOTES);
+        out.notes.push(format!("… and {more} more"));
+    }
     out.policy = Some(AuthorizationPolicy { key, selector, action, rules });
     Ok(out)
+}
+
+fn entry_count(r: &Rule) -> usize {
+    r.principals.len()
+        + r.not_principals.len()
+        + r.namespaces.len()
+        + r.not_namespaces.len()
+        + r.ip_blocks.len()
+        + r.not_ip_blocks.len()
+}
+
+/// [`translate`], failing closed: a policy that cannot be read is not
+/// skipped (skipping the only ALLOW of a namespace would allow everything)
+/// but applied as what denies the most — an ALLOW that matches nothing, or
+/// a DENY of everything — for its selector (for the whole namespace when
+/// the selector itself is unreadable), and reported.
+pub fn translate_or_fail_closed(key: ObjectKey, spec: &Value) -> Translated {
+    let why = match translate(key.clone(), spec) {
+        Ok(t) => return t,
+        Err(why) => why,
+    };
+    let action = match spec.get("action").and_then(Value::as_str) {
+        Some("ALLOW") | None => Action::Allow,
+        _ => Action::Deny,
+    };
+    let selector = spec
+        .get("selector")
+        .and_then(|s| s.get("matchLabels"))
+        .and_then(Value::as_object)
+        .and_then(|m| m.iter().map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect::<Option<_>>())
+        .map(|match_labels| Selector { match_labels, ..Selector::default() });
+    let scope = if selector.is_some() { "its selected pods" } else { "every pod of its namespace" };
+    let (rules, effect) = match action {
+        Action::Allow => (Vec::new(), "an ALLOW that matches nothing"),
+        Action::Deny => (vec![Rule::default()], "a DENY of every connection"),
+    };
+    Translated {
+        policy: Some(AuthorizationPolicy { key, selector, action, rules }),
+        notes: vec![format!("malformed ({why}): enforced fail-closed as {effect} for {scope}")],
+    }
 }

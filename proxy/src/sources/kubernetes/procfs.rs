@@ -34,9 +34,11 @@ pub struct Candidate {
 /// Pod UID (lower case, dashes) → its processes, oldest first.
 pub type Processes = HashMap<String, Vec<Candidate>>;
 
-/// The pod UID a cgroup path names, if any.
+/// The pod UID a cgroup path names, if any: the outermost `pod<uid>`
+/// segment, the kubelet's — a pod allowed to make cgroups below its own
+/// (nested containers) could name another pod's UID further down.
 pub fn pod_uid(cgroup_path: &str) -> Option<String> {
-    cgroup_path.split('/').rev().find_map(|segment| {
+    cgroup_path.split('/').find_map(|segment| {
         let segment = segment.strip_suffix(".slice").unwrap_or(segment);
         let at = segment.rfind("pod")?;
         let uid = &segment[at + 3..];
@@ -202,6 +204,9 @@ mod tests {
         for f in forms {
             assert_eq!(pod_uid(f).as_deref(), Some(UID), "{f}");
         }
+        // A cgroup a pod made below its own, named after another pod.
+        let nested = format!("/kubepods/pod{UID}/c/pod11111111-2222-3333-4444-555555555555/x");
+        assert_eq!(pod_uid(&nested).as_deref(), Some(UID));
         for f in ["/", "/system.slice/sshd.service", "/kubepods/burstable/podnotauid/x", "/user.slice/pod.scope"] {
             assert_eq!(pod_uid(f), None, "{f}");
         }

@@ -11,7 +11,7 @@ use super::{
     policy, reduce,
 };
 use crate::{
-    model::{Action, AppProtocol, Object, ObjectKey, ObjectRef, TargetPort},
+    model::{Action, AppProtocol, Object, ObjectKey, ObjectRef, Rule, TargetPort},
     store::Change,
 };
 
@@ -233,6 +233,44 @@ fn istio_policies_with_http_fields_apply_like_ztunnel() {
     ] {
         assert!(policy::translate(ObjectKey::new("shop", "p"), &bad).is_err(), "{bad}");
     }
+}
+
+#[test]
+fn unreadable_policies_fail_closed_and_large_ones_are_bounded() {
+    let key = || ObjectKey::new("shop", "p");
+    // An ALLOW with an unreadable port: not skipped (the namespace would
+    // allow everything) but an ALLOW matching nothing for its selector.
+    let t = policy::translate_or_fail_closed(
+        key(),
+        &json!({"selector": {"matchLabels": {"app": "db"}}, "rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}),
+    );
+    let p = t.policy.expect("a stand-in");
+    assert!(p.action == Action::Allow && p.rules.is_empty(), "{p:?}");
+    assert!(p.selector.is_some_and(|s| s.match_labels.get("app").map(String::as_str) == Some("db")));
+    assert!(t.notes[0].contains("fail-closed"), "{:?}", t.notes);
+    // A DENY with a bad block denies everything, namespace-wide when its
+    // selector is unreadable too.
+    let t = policy::translate_or_fail_closed(
+        key(),
+        &json!({"action": "DENY", "selector": {"matchLabels": {"app": 3}},
+                "rules": [{"from": [{"source": {"ipBlocks": ["bad"]}}]}]}),
+    );
+    let p = t.policy.expect("a stand-in");
+    assert!(p.action == Action::Deny && p.rules == vec![Rule::default()] && p.selector.is_none(), "{p:?}");
+    // One rule with 30 000 principals and 1 024 operations would expand to
+    // gigabytes: refused (and so failed closed), not expanded.
+    let many: Vec<String> = (0..30_000).map(|i| format!("cluster.local/ns/a/sa/s{i}")).collect();
+    let ops: Vec<serde_json::Value> = (0..1024).map(|_| json!({"operation": {}})).collect();
+    let huge = json!({"rules": [{"from": [{"source": {"principals": many}}], "to": ops}]});
+    let err = policy::translate(key(), &huge).expect_err("bounded");
+    assert!(err.contains("expanded") || err.contains("combinations"), "{err}");
+    // Notes are bounded per policy.
+    let rules: Vec<serde_json::Value> = (0..50).map(|_| json!({"to": [{"operation": {"methods": ["GET"]}}]})).collect();
+    let t = translate(json!({"rules": rules}));
+    assert!(t.notes.len() <= 9 && t.notes.last().is_some_and(|n| n.contains("more")), "{:?}", t.notes);
+    // The root namespace's mesh-wide meaning is not applied: said so.
+    let t = policy::translate(ObjectKey::new("istio-system", "mesh"), &json!({})).expect("translates");
+    assert!(t.notes.iter().any(|n| n.contains("mesh-wide")), "{:?}", t.notes);
 }
 
 fn record(name: &str, ns: &str, node: &str, host_network: bool) -> reduce::PodRecord {

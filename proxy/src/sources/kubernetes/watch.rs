@@ -193,13 +193,29 @@ impl Source {
                 self.listing.entry(kind).or_default().insert(key_of(&obj));
                 self.apply(kind, obj);
             }
-            Ok(watcher::Event::Apply(obj)) => self.apply(kind, obj),
-            Ok(watcher::Event::Delete(obj)) => self.remove(kind, &key_of(&obj)),
+            Ok(watcher::Event::Apply(obj)) => {
+                self.recovered(kind);
+                self.apply(kind, obj)
+            }
+            Ok(watcher::Event::Delete(obj)) => {
+                self.recovered(kind);
+                self.remove(kind, &key_of(&obj))
+            }
             Ok(watcher::Event::InitDone) => {
                 let listed = self.listing.remove(&kind).unwrap_or_default();
                 self.finish_list(kind, &listed);
             }
             Err(e) => self.failed(kind, e),
+        }
+    }
+
+    /// A watch that failed delivers again (kube-rs resumes a dropped watch
+    /// without a relist, so no `InitDone` says so): its error is history.
+    fn recovered(&mut self, kind: Kind) {
+        let failing = self.status().watches.get(kind.name()).is_some_and(|w| w.last_error.is_some());
+        if failing {
+            tracing::info!(watch = kind.name(), "Kubernetes watch delivers again");
+            self.watch_status(kind, |w| w.last_error = None);
         }
     }
 
@@ -288,18 +304,19 @@ impl Source {
                 .map(|s| self.put(kind, &key, s.map(Object::Endpoints))),
             Kind::AuthorizationPolicies => {
                 let spec = obj.data.get("spec").cloned().unwrap_or(serde_json::Value::Null);
-                policy::translate(key.clone(), &spec).map(|t| {
-                    let object = label(kind, &key);
-                    if t.notes.is_empty() {
-                        self.status().clear_report(&object);
-                    } else {
-                        let notes = t.notes.join("; ");
-                        if self.status().report(object.clone(), notes.clone()) {
-                            tracing::warn!(object, notes, "authorization policy applied in part (L4 proxy)");
-                        }
+                let t = policy::translate_or_fail_closed(key.clone(), &spec);
+                // Applied first: removing a policy clears its report.
+                self.put(kind, &key, t.policy.map(Object::Policy));
+                let object = label(kind, &key);
+                if t.notes.is_empty() {
+                    self.status().clear_report(&object);
+                } else {
+                    let notes = t.notes.join("; ");
+                    if self.status().report(object.clone(), notes.clone()) {
+                        tracing::warn!(object, notes, "authorization policy not applied as written (L4 proxy)");
                     }
-                    self.put(kind, &key, t.policy.map(Object::Policy));
-                })
+                }
+                Ok(())
             }
         };
         match result {
