@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use outrigger_e2e::{mesh::Mesh, wait_for, Pod, Sandbox};
+use outrigger_e2e::{mesh::Mesh, servers::nginx, wait_for, Pod, Sandbox};
 use serde_json::Value;
 
 const APP: u16 = 8080;
@@ -164,8 +164,8 @@ fn the_application_sees_the_real_client() -> Result<()> {
     ensure!(plaintext == 2.0, "plaintext arrivals counted: {plaintext}");
 
     // nginx's $remote_addr, across nodes and from outside the mesh.
-    let log = nginx(&mesh.sb, d, 8081)?;
-    let log_b = nginx(&mesh.sb, b, 8081)?;
+    let log = nginx(&mesh.sb, d, 8081, None)?;
+    let log_b = nginx(&mesh.sb, b, 8081, None)?;
     for (client, server, access) in [(a, d, &log), (c, b, &log_b)] {
         let mut curl = mesh.sb.in_pod(client, "curl");
         curl.args(["-sS", "-o", "/dev/null", "--max-time", "10"]).arg(format!("http://{}:8081/", server.ip4));
@@ -178,34 +178,6 @@ fn the_application_sees_the_real_client() -> Result<()> {
         ensure!(seen.lines().last() == Some(&*client.ip4.to_string()), "nginx saw {seen}, not {}", client.ip4);
     }
     Ok(())
-}
-
-/// nginx in `pod` on `port`, logging only `$remote_addr`; returns its log.
-fn nginx(sb: &Sandbox, pod: &Pod, port: u16) -> Result<std::path::PathBuf> {
-    let dir = sb.dir.join(format!("nginx-{}", pod.name));
-    std::fs::create_dir_all(&dir)?;
-    let log = dir.join("access.log");
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off; master_process off; pid {dir}/nginx.pid; error_log {dir}/error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{ log_format ra '$remote_addr'; access_log {log} ra;\n\
-               client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
-               server {{ listen {ip}:{port}; location / {{ return 200 'ok'; }} }} }}\n",
-            dir = dir.display(),
-            log = log.display(),
-            ip = pod.ip4,
-        ),
-    )?;
-    let mut cmd = sb.in_pod(pod, "nginx");
-    cmd.arg("-c").arg(&conf);
-    let spawned = sb.spawn(&format!("nginx-{}", pod.name), cmd)?;
-    // The host cannot reach the sandbox: wait on nginx's own pid file.
-    wait_for(Duration::from_secs(10), || dir.join("nginx.pid").exists().then_some(()))
-        .with_context(|| format!("nginx did not start: {}", spawned.stderr()))?;
-    Ok(log)
 }
 
 #[test]

@@ -267,7 +267,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cgroup = capture::cgroup::resolve(args.cgroup2_path.as_deref())?;
     let own_netns_cookie =
         current_netns_cookie().context("reading the proxy's own netns cookie (needs Linux 5.14+)")?;
-    let metrics = Arc::new(Metrics::new(args.connection_metrics, args.metrics_destination_addresses as usize));
+    let metrics = Arc::new(
+        Metrics::new(args.connection_metrics, args.metrics_destination_addresses as usize)
+            .with_detection_results(&outrigger_detect_labels()),
+    );
 
     // The store, fed by the mesh file. A bad file at start stops the proxy:
     // there is no last good state to keep.
@@ -328,6 +331,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 connect_timeout: args.connect_timeout,
                 connect_attempts: args.connect_attempts,
                 relay,
+                detect_timeout: args.protocol.protocol_detect_timeout,
+                opaque_ports: args.protocol.opaque_ports.clone().into(),
             },
             drain_cut: drain_cut.clone(),
         },
@@ -542,4 +547,9 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     })
+}
+
+/// The detection counters' labels, in `Outcome::ALL` order.
+fn outrigger_detect_labels() -> Vec<&'static str> {
+    crate::outbound::detect::Outcome::ALL.iter().map(|o| o.label()).collect()
 }

@@ -17,6 +17,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod proxy;
 pub mod sandbox;
+pub mod servers;
 
 use std::{
     path::PathBuf,

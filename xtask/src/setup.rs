@@ -25,6 +25,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("vsftpd", "vsftpd"),
     ("nginx", "nginx"),
+    // Protocol detection (tests/protocol.rs): a server-speaks-first protocol
+    // (sshd, ssh-keyscan) and TLS from the application (openssl).
+    ("sshd", "openssh-server"),
+    ("ssh-keyscan", "openssh-client"),
+    ("openssl", "openssl"),
     // The container image (`cargo xtask image`) and its test: buildah builds
     // it, podman runs it with runc (crun refuses hosts with hybrid cgroups),
     // strip takes the debug info out of the binary.

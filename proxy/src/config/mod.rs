@@ -4,8 +4,10 @@
 #![forbid(unsafe_code)]
 
 mod kubernetes;
+mod protocol;
 
 pub use kubernetes::KubeArgs;
+pub use protocol::ProtocolArgs;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -140,6 +142,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub kubernetes: KubeArgs,
+
+    #[command(flatten)]
+    pub protocol: ProtocolArgs,
 
     /// How often the pods file is checked for changes; with --kubernetes, how often
     /// pods of this node still waiting for their network namespace are looked for.
@@ -465,6 +470,7 @@ impl RunArgs {
             return Err(bad("admin-addr", format!("port {admin} is also the outbound or tunnel port")));
         }
         self.kubernetes.validate()?;
+        self.protocol.validate()?;
         within("reload-interval", self.reload_interval, ms(10), DAY)?;
         within("textfile-interval", self.textfile_interval, ms(10), DAY)?;
         within("connect-timeout", self.connect_timeout, ms(1), Duration::from_secs(600))?;

@@ -73,6 +73,11 @@ pub struct Metrics {
     pub ejections: Family<ServiceLabels, Counter>,
     pub inbound_streams: Family<InboundLabels, Counter>,
     pub limit_refused: Family<LimitLabels, Counter>,
+    /// `outrigger_protocol_detections_total{result}`, one counter per
+    /// result resolved once (no label lookup per connection); indexed like
+    /// `outbound::detect::Outcome::ALL`.
+    pub protocol_detections: Family<ResultLabels, Counter>,
+    pub detection_results: Vec<Counter>,
 }
 
 impl Metrics {
@@ -87,6 +92,25 @@ impl Metrics {
             ejections: Family::default(),
             inbound_streams: Family::default(),
             limit_refused: Family::default(),
+            protocol_detections: Family::default(),
+            detection_results: Vec::new(),
+        }
+    }
+
+    /// Resolves the detection counters for `results` (their labels, in the
+    /// order the data path indexes them).
+    pub fn with_detection_results(mut self, results: &[&'static str]) -> Self {
+        self.detection_results = results
+            .iter()
+            .map(|r| self.protocol_detections.get_or_create(&ResultLabels { result: r }).clone())
+            .collect();
+        self
+    }
+
+    /// Counts one detection outcome by its index.
+    pub fn detected(&self, index: usize) {
+        if let Some(c) = self.detection_results.get(index) {
+            c.inc();
         }
     }
 
@@ -100,6 +124,11 @@ impl Metrics {
         );
         r.register("config_reloads", "Mesh file loads, by result (applied, rejected)", self.config_reloads.clone());
         r.register("pods_meshed", "Pods whose connections are captured now", self.pods_meshed.clone());
+        r.register(
+            "protocol_detections",
+            "Captured outbound connections by how their protocol was decided (http1, h2, tls, opaque, server_first, timeout, closed, declared)",
+            self.protocol_detections.clone(),
+        );
         r.register(
             "inbound_tunnel_streams",
             "Tunnel streams (and refused TLS handshakes) arriving at pods of this node, by result",

@@ -6,6 +6,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use super::{
+    detect::{self, Detected, Outcome},
     endpoint::{connect_passthrough, connect_route, Connect, ConnectContext, Connected, Upstream},
     failure::Failure,
     Core,
@@ -13,7 +14,7 @@ use super::{
 use crate::{
     pod::PodContext,
     store::{ServiceRoute, Snapshot},
-    transport::{relay, Duplex},
+    transport::{relay, Duplex, Peekable},
 };
 
 /// A connection accepted on a pod's outbound listener.
@@ -42,21 +43,45 @@ impl Logical {
     }
 }
 
-/// How the bytes are understood. HTTP detection plugs in here; until then
-/// every connection is relayed as opaque TCP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    Opaque,
-}
-
-impl Protocol {
-    pub fn decide(_logical: &Logical) -> Self {
-        Self::Opaque
+impl Logical {
+    /// The protocol the destination port declares (a Service port's
+    /// `appProtocol`, or `--opaque-ports`), if any.
+    fn declared(&self, opaque_ports: &[u16]) -> Option<Detected> {
+        match self {
+            Self::Service(route) => detect::declared(route.app_protocol.as_ref(), route.vip.port(), opaque_ports),
+            Self::Passthrough(dest) => detect::declared(None, dest.port(), opaque_ports),
+        }
     }
 }
 
+/// What the connection speaks: declared, or detected from the client's
+/// first bytes — unless the server speaks first. What either side sent is
+/// kept (in `client` / `upstream`) and relayed first. Counted once.
+async fn protocol<I: Duplex, U: Duplex, C: Connect>(
+    client: &mut Peekable<I>,
+    upstream: &mut Peekable<U>,
+    logical: &Logical,
+    core: &Core<C>,
+) -> Detected {
+    let settings = &core.settings;
+    let (detected, outcome) = match logical.declared(&settings.opaque_ports) {
+        Some(declared) => (declared, Outcome::Declared),
+        None if settings.detect_timeout.is_zero() => (Detected::Opaque, Outcome::Declared),
+        None => tokio::select! {
+            biased;
+            decided = detect::detect(client, settings.detect_timeout) => decided,
+            // Bytes (or the end) from the server before the client decided:
+            // a server-speaks-first protocol, never HTTP.
+            _ = upstream.peek_more(1) => (Detected::Opaque, Outcome::ServerFirst),
+        },
+    };
+    core.metrics.detected(outcome.index());
+    detected
+}
+
 /// Runs one connection to its end.
-pub async fn run<I: Duplex, C: Connect>(mut client: I, conn: Accepted, core: &Core<C>) {
+pub async fn run<I: Duplex, C: Connect>(client: I, conn: Accepted, core: &Core<C>) {
+    let mut client = Peekable::new(client);
     let start = Instant::now();
     let pod = &conn.pod;
     let dest = match core.orig_dst.lookup(pod.netns.cookie(), conn.peer, conn.local) {
@@ -75,7 +100,6 @@ pub async fn run<I: Duplex, C: Connect>(mut client: I, conn: Accepted, core: &Co
         .unwrap_or(conn.peer);
     let snapshot = core.mesh.load_full();
     let logical = Logical::resolve(&snapshot, dest);
-    let _protocol = Protocol::decide(&logical);
     let cx = ConnectContext {
         snapshot: &snapshot,
         pod,
@@ -120,7 +144,13 @@ pub async fn run<I: Duplex, C: Connect>(mut client: I, conn: Accepted, core: &Co
             return;
         }
     };
-    let Connected { io: mut link, addr: upstream_addr, security, workload, endpoint, attempts } = upstream;
+    let Connected { io: link, addr: upstream_addr, security, workload, endpoint, attempts } = upstream;
+    let mut link = Peekable::new(link);
+    // Decided once the upstream is connected, so that a server that speaks
+    // first decides it at once (opaque) instead of waiting out the
+    // detection timeout. Until the HTTP layer serves them, HTTP connections
+    // are relayed as opaque TCP too; the decision is counted and logged.
+    let protocol = protocol(&mut client, &mut link, &logical, core).await;
     // A passthrough to an endpoint of a service is labelled with it.
     let service = service.or_else(|| snapshot.service_of_endpoint(dest).cloned());
     let labels = core.metrics.conns.outbound_labels(pod, dest, service.as_ref(), workload.as_deref(), security);
@@ -133,7 +163,7 @@ pub async fn run<I: Duplex, C: Connect>(mut client: I, conn: Accepted, core: &Co
         }
     };
     let relayed = relay(&mut client, &mut link, core.settings.relay, &core.drain_cut, first_response).await;
-    let rtt = link.rtt();
+    let rtt = link.get_mut().rtt();
     drop(link);
     drop(endpoint);
     let duration = start.elapsed();
@@ -148,7 +178,7 @@ pub async fn run<I: Duplex, C: Connect>(mut client: I, conn: Accepted, core: &Co
     tracing::info!(
         target: "outrigger::access",
         reporter = "outbound", pod = %pod.key, identity = %pod.identity, client = %client_addr, dst = %dest,
-        service = service_name, upstream = %upstream_addr, attempts, security,
+        service = service_name, upstream = %upstream_addr, attempts, security, protocol = protocol.label(),
         sent_bytes = relayed.sent, received_bytes = relayed.received,
         duration_ms = duration.as_secs_f64() * 1e3,
         rtt_us = rtt.map(|r| r.as_micros() as u64).unwrap_or(0),

@@ -9,7 +9,9 @@
 //! 1. accept — the original destination, from an [`OrigDst`] (the kernel
 //!    maps in production);
 //! 2. logical destination — a service's VIP:port or a passthrough address;
-//! 3. protocol — opaque TCP (HTTP detection plugs in here);
+//! 3. protocol — declared by the port, or detected from the first bytes
+//!    ([`detect`]: HTTP/1, h2 or opaque; HTTP is relayed as opaque TCP until
+//!    the HTTP layer lands);
 //! 4. endpoint — direct or through a tunnel ([`Connect`]), with retries on
 //!    other endpoints and ejection for a service;
 //! 5. relay, then one metric update and one access-log line.
@@ -18,6 +20,7 @@
 //! the access-log flag, and whether the endpoint is to blame.
 #![forbid(unsafe_code)]
 
+pub mod detect;
 mod endpoint;
 mod failure;
 mod forward;
@@ -29,9 +32,10 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub use detect::Detected;
 pub use endpoint::{Connect, Connector, Target, Upstream};
 pub use failure::{Failure, Reason};
-pub use forward::{Accepted, Logical, Protocol};
+pub use forward::{Accepted, Logical};
 
 use crate::{capture::Capture, metrics::Metrics, pod::PodContext, store::MeshReader, transport::RelayOptions};
 
@@ -60,13 +64,17 @@ impl OrigDst for Capture {
 }
 
 /// Knobs of the outbound path, from the command line.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct OutboundSettings {
     /// Per connect attempt (TCP connect, or tunnel setup).
     pub connect_timeout: Duration,
     /// Attempts for a service VIP, each on another endpoint.
     pub connect_attempts: u32,
     pub relay: RelayOptions,
+    /// `--protocol-detect-timeout` (zero: no detection).
+    pub detect_timeout: Duration,
+    /// `--opaque-ports`: never detected.
+    pub opaque_ports: Arc<[u16]>,
 }
 
 /// What every outbound connection shares; generic over the connector so

@@ -150,7 +150,8 @@ fn harness(dest: &str, behaviour: &[(&str, Behaviour)], endpoints: &[&str]) -> H
         }))
         .expect("policy");
     store.publish();
-    let metrics = Arc::new(Metrics::new(true, 0));
+    let labels: Vec<&'static str> = super::detect::Outcome::ALL.iter().map(|o| o.label()).collect();
+    let metrics = Arc::new(Metrics::new(true, 0).with_detection_results(&labels));
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let connector =
@@ -164,6 +165,8 @@ fn harness(dest: &str, behaviour: &[(&str, Behaviour)], endpoints: &[&str]) -> H
             connect_timeout: Duration::from_secs(5),
             connect_attempts: 3,
             relay: crate::transport::RelayOptions::default(),
+            detect_timeout: Duration::from_secs(1),
+            opaque_ports: Arc::from(&[5432u16][..]),
         },
         drain_cut: tokio_util::sync::CancellationToken::new(),
     };

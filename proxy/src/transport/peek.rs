@@ -40,6 +40,25 @@ impl<T: Duplex> Peekable<T> {
         Ok(&self.prefix)
     }
 
+    /// Reads one more chunk unless `max` bytes are buffered or the peer
+    /// ended its side; returns what is buffered and whether the peer
+    /// ended. For detection, which decides as soon as it can.
+    pub async fn peek_more(&mut self, max: usize) -> io::Result<(&[u8], bool)> {
+        if self.prefix.len() < max && !self.eof {
+            let room = max - self.prefix.len();
+            let mut rb = ReadBuffer::new(room, room);
+            let (mut read, _) = self.io.halves();
+            match poll_fn(|cx| read.poll_chunk(cx, &mut rb)).await? {
+                Some(chunk) => {
+                    self.prefix.extend_from_slice(&chunk);
+                    read.release(chunk.len());
+                }
+                None => self.eof = true,
+            }
+        }
+        Ok((&self.prefix, self.eof))
+    }
+
     /// What has been peeked so far.
     pub fn buffered(&self) -> &[u8] {
         &self.prefix
