@@ -357,8 +357,16 @@ fn series_of_departed_pods_are_dropped_after_the_idle_period() -> Result<()> {
     let mut all: Vec<&Pod> = vec![&server, &steady];
     all.extend(churn.iter());
     ProxyProcess::write_pods_file(&file, &mesh_yaml(&all, &[]))?;
+    // Meshed means listeners bound, not just listed: a pod listed while its
+    // listeners are still being bound would have its connect refused.
     wait_for(Duration::from_secs(60), || {
-        (proxy.config_dump().ok()?["node"]["pods"].as_array()?.len() == 202).then_some(())
+        let dump = proxy.config_dump().ok()?;
+        let pods = dump["node"]["pods"].as_array()?;
+        let meshed = pods
+            .iter()
+            .filter(|p| p["error"].is_null() && p["listeners"].as_array().is_some_and(|l| !l.is_empty()))
+            .count();
+        (meshed == 202).then_some(())
     })
     .context("the 200 pods were never meshed")?;
     for pod in &churn {
