@@ -322,7 +322,7 @@ fn pods_of_enrolled_namespaces_are_captured_and_services_follow_endpointslices()
     let ips = [late.ip4.to_string(), late.ip6.to_string()];
     let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
     let object = kubeapi::pod(NS, "late", "n0", &ips, &[], "late", Some(uid));
-    c.sandbox_process(uid, &late, Driver::Cgroupfs)?;
+    let late_pause = c.sandbox_process(uid, &late, Driver::Cgroupfs)?;
     let started = Instant::now();
     c.api.apply(&object)?;
     let mut captured = None;
@@ -337,6 +337,26 @@ fn pods_of_enrolled_namespaces_are_captured_and_services_follow_endpointslices()
     eprintln!("FIGURE pod event → captured (listeners bound): {:.1} ms", captured.as_secs_f64() * 1e3);
     let s = c.dial(&late, vip(VIP4), 2)?;
     ensure!(s["ok"] == 2, "the late pod reaches the VIP: {s}");
+
+    // Its sandbox recreated with the same address (the runtime restarting a
+    // dead pause container): the proxy lets the old namespace go and meshes
+    // the new one.
+    let netns_of = |d: &Value| {
+        d["node"]["pods"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["key"]["name"] == "late"))
+            .map(|p| p["netns"].clone())
+    };
+    let before = netns_of(&proxy.config_dump()?).context("late is meshed")?;
+    c.sb.kill(late_pause.pid);
+    c.sb.remove_pod_netns(&late)?;
+    c.sb.recreate_pod_netns(&late)?;
+    c.sandbox_process(uid, &late, Driver::Cgroupfs)?;
+    dump_until(&proxy, "the recreated sandbox meshed", |d| {
+        netns_of(d).is_some_and(|n| n != before) && meshed_pods(d).contains(&format!("{NS}/late"))
+    })?;
+    let s = c.dial(&late, vip(VIP4), 2)?;
+    ensure!(s["ok"] == 2, "the recreated pod reaches the VIP: {s}");
 
     // Deleting the client's pod object stops its capture.
     ensure!(c.api.delete(Kind::Pod, NS, "client"));

@@ -13,7 +13,7 @@ use std::{
     sync::Arc,
 };
 
-use super::reduce::PodRecord;
+use super::{procfs::Candidate, reduce::PodRecord};
 use crate::{
     model::{HeldNetns, NetnsRef, Object, ObjectRef, PodKey, Workload},
     store::Change,
@@ -34,6 +34,8 @@ struct Found {
     uid: Arc<str>,
     ips: Vec<IpAddr>,
     netns: HeldNetns,
+    /// The process it was found through, checked on every tick.
+    witness: Candidate,
 }
 
 /// A pod of this node that should be meshed but whose network namespace
@@ -130,10 +132,23 @@ impl Cluster {
     }
 
     /// Records the network namespace found for a pending pod.
-    pub fn put_netns(&mut self, pending: &Pending, netns: HeldNetns, out: &mut Vec<Change>) {
-        let found = Found { uid: pending.uid.clone(), ips: pending.ips.clone(), netns };
+    pub fn put_netns(&mut self, pending: &Pending, netns: HeldNetns, witness: Candidate, out: &mut Vec<Change>) {
+        let found = Found { uid: pending.uid.clone(), ips: pending.ips.clone(), netns, witness };
         self.found.insert(pending.key.clone(), found);
         self.refresh(&pending.key, out);
+    }
+
+    /// The namespaces held, with the process each was found through.
+    pub fn held(&self) -> Vec<(PodKey, Candidate, (u64, u64))> {
+        self.found.iter().map(|(k, f)| (k.clone(), f.witness, f.netns.inode)).collect()
+    }
+
+    /// The pod's namespace is gone (its sandbox was recreated): release it;
+    /// the pod waits for its new one.
+    pub fn forget_netns(&mut self, key: &PodKey, out: &mut Vec<Change>) {
+        if self.found.remove(key).is_some() {
+            self.refresh(key, out);
+        }
     }
 
     /// Pods of this node to mesh whose network namespace is not known.

@@ -139,7 +139,7 @@ pub fn resolve(
     candidates: &[Candidate],
     ips: &[IpAddr],
     forbidden: &[(u64, u64)],
-) -> Result<HeldNetns, NotFound> {
+) -> Result<(HeldNetns, Candidate), NotFound> {
     if candidates.is_empty() {
         return Err(NotFound::NoProcess);
     }
@@ -151,7 +151,7 @@ pub fn resolve(
             continue;
         }
         tried.push(ino);
-        opened.push((c.pid, fd, ino));
+        opened.push((*c, fd, ino));
     }
     if opened.is_empty() {
         return Err(NotFound::HostNetns);
@@ -162,7 +162,8 @@ pub fn resolve(
         .name("netns-probe".into())
         .spawn(move || {
             // In age order: the first namespace holding the address wins.
-            for (pid, fd, ino) in opened {
+            for (witness, fd, ino) in opened {
+                let pid = witness.pid;
                 nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
                     NotFound::Check(format!("entering the namespace of pid {pid}: {e} (needs CAP_SYS_ADMIN)"))
                 })?;
@@ -176,13 +177,25 @@ pub fn resolve(
                     })
                     .any(|ip| wanted.contains(&ip));
                 if held {
-                    return Ok(HeldNetns::new(fd, ino, &format!("/proc/{pid}/ns/net")));
+                    return Ok((HeldNetns::new(fd, ino, &format!("/proc/{pid}/ns/net")), witness));
                 }
             }
             Err(NotFound::WrongAddress { ips: wanted })
         })
         .map_err(|e| NotFound::Check(format!("starting the probe thread: {e}")))?;
     checked.join().unwrap_or_else(|_| Err(NotFound::Check("the probe thread failed".into())))
+}
+
+/// Whether the process a pod's namespace was taken from still runs (the
+/// same process: same start time) in that namespace. When the sandbox is
+/// recreated — even with the same address — it is not, and the pod's new
+/// namespace must be looked for. Two small reads per pod, no scan.
+pub fn still_holds(proc: &Path, witness: Candidate, inode: (u64, u64)) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let dir = proc.join(witness.pid.to_string());
+    let same_process =
+        std::fs::read_to_string(dir.join("stat")).ok().as_deref().and_then(start_time) == Some(witness.start);
+    same_process && std::fs::metadata(dir.join("ns/net")).is_ok_and(|m| (m.dev(), m.ino()) == inode)
 }
 
 #[cfg(test)]

@@ -438,13 +438,38 @@ impl Source {
         }
     }
 
-    fn found(&mut self, pending: Pending, result: Result<crate::model::HeldNetns, procfs::NotFound>, started: Instant) {
+    /// Releases the namespaces whose sandbox process is gone or moved (a
+    /// recreated sandbox, even with the same address): those pods wait for
+    /// their new namespace, looked for at once.
+    async fn check_held(&mut self) {
+        let held = self.cluster.held();
+        if held.is_empty() {
+            return;
+        }
+        let proc = self.settings.host_proc.clone();
+        let stale = tokio::task::spawn_blocking(move || {
+            held.into_iter().filter(|(_, w, inode)| !procfs::still_holds(&proc, *w, *inode)).map(|(k, ..)| k).collect()
+        })
+        .await
+        .unwrap_or_else(|_| Vec::new());
+        for key in stale {
+            tracing::info!(pod = %key, "the pod's sandbox process left its network namespace (sandbox recreated?): looking for its namespace again");
+            self.cluster.forget_netns(&key, &mut self.out);
+        }
+    }
+
+    fn found(
+        &mut self,
+        pending: Pending,
+        result: Result<(crate::model::HeldNetns, procfs::Candidate), procfs::NotFound>,
+        started: Instant,
+    ) {
         match result {
-            Ok(netns) => {
+            Ok((netns, witness)) => {
                 tracing::info!(pod = %pending.key, netns = %netns.origin, scan_ms = started.elapsed().as_millis() as u64,
                     "network namespace found for the pod");
                 self.netns_reasons.remove(&pending.key);
-                self.cluster.put_netns(&pending, netns, &mut self.out);
+                self.cluster.put_netns(&pending, netns, witness, &mut self.out);
             }
             Err(why) => {
                 let why = format!("network namespace not found: {why}");
@@ -508,6 +533,7 @@ pub async fn run(
                 }
             }
             _ = ticker.tick() => {
+                source.check_held().await;
                 source.rescan().await;
             }
         }
