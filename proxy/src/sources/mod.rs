@@ -37,7 +37,12 @@ pub fn apply(store: &Mutex<Store>, changes: Vec<Change>, publish: bool) -> usize
     if publish {
         store.publish();
     }
-    rejected
+    if rejected > 0 {
+        tracing::debug!(rejected, "objects of this batch rejected");
+    }
+    // Everything the store refuses now, not just this batch: a status
+    // must not forget an earlier refusal because a later batch was clean.
+    store.rejected().count()
 }
 
 /// Problems with single objects a source reports, at most this many (the
@@ -140,5 +145,46 @@ impl SourceStatus {
             Some(e) => format!("waiting for the {}: {e}", self.source),
             None => format!("waiting for the {}", self.source),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        balance::BalanceSettings,
+        model::{Object, ObjectKey, Workload},
+        store::StoreSettings,
+    };
+
+    fn pod(name: &str, ip: &str) -> Change {
+        Change::Upsert(Object::Workload(Workload {
+            uid: format!("uid-{name}").into(),
+            key: ObjectKey::new("default", name),
+            service_account: name.into(),
+            node: Some("elsewhere".into()),
+            ips: vec![ip.parse().expect("ip")],
+            labels: Default::default(),
+            netns: None,
+        }))
+    }
+
+    #[test]
+    fn the_rejected_count_is_what_the_store_refuses_now_not_the_last_batch() {
+        let store = Mutex::new(Store::new(StoreSettings {
+            trust_domain: "cluster.local".into(),
+            balance: BalanceSettings::default(),
+        }));
+        assert_eq!(apply(&store, vec![pod("a", "10.0.0.1"), pod("b", "10.0.0.1")], true), 1);
+        // A clean later batch does not make the earlier refusal disappear.
+        assert_eq!(apply(&store, vec![pod("c", "10.0.0.3")], true), 1);
+        assert_eq!(
+            apply(
+                &store,
+                vec![Change::Delete(crate::model::ObjectRef::Workload(ObjectKey::new("default", "a")))],
+                true
+            ),
+            0
+        );
     }
 }

@@ -164,6 +164,9 @@ struct Source {
     /// Why each pending pod's namespace was not found, last time.
     netns_reasons: HashMap<crate::model::PodKey, String>,
     forbidden: Vec<(u64, u64)>,
+    /// Why the last /proc scan failed, kept until one succeeds (shown as the
+    /// source's error when no watch has one).
+    scan_error: Option<String>,
     /// Changes not yet applied to the store.
     out: Vec<Change>,
 }
@@ -357,7 +360,7 @@ impl Source {
     fn flush(&mut self, store: &Mutex<Store>) {
         let all_synced = KINDS.iter().all(|k| self.synced.contains(k));
         if self.out.is_empty() && (self.published_once || !all_synced) {
-            self.update_status(0);
+            self.update_status(None);
             return;
         }
         let changes = std::mem::take(&mut self.out);
@@ -366,10 +369,11 @@ impl Source {
             self.published_once = true;
             tracing::info!("Kubernetes state applied: every watch has listed");
         }
-        self.update_status(rejected);
+        self.update_status(Some(rejected));
     }
 
-    fn update_status(&self, rejected: usize) {
+    /// `rejected`: what the store refuses now, when it was just applied to.
+    fn update_status(&self, rejected: Option<usize>) {
         let counts = [
             (Kind::Namespaces, self.cluster.namespace_count()),
             (Kind::LocalPods, self.cluster.pod_count(Side::Local)),
@@ -387,9 +391,12 @@ impl Source {
             status.watches.entry(kind.name()).or_default().objects = n;
         }
         status.objects = total;
-        status.rejected_objects = rejected;
+        if let Some(rejected) = rejected {
+            status.rejected_objects = rejected;
+        }
         status.synced = self.published_once;
-        status.last_error = status.watches.values().find_map(|w| w.last_error.clone());
+        status.last_error =
+            status.watches.values().find_map(|w| w.last_error.clone()).or_else(|| self.scan_error.clone());
         status.local_pods_not_meshed =
             self.cluster.unmeshed.iter().map(|(k, why)| (k.to_string(), why.to_string())).collect();
         for (key, why) in &self.netns_reasons {
@@ -425,11 +432,15 @@ impl Source {
         .await
         .unwrap_or_else(|e| Err(format!("the /proc scan failed: {e}")));
         let found = match found {
-            Ok(found) => found,
+            Ok(found) => {
+                self.scan_error = None;
+                found
+            }
             Err(e) => {
-                if self.status().failed(e.clone()) {
+                if self.scan_error.as_ref() != Some(&e) {
                     tracing::error!(error = %e, "cannot look for pods' network namespaces (mount the host's /proc at --host-proc)");
                 }
+                self.scan_error = Some(e);
                 return;
             }
         };
@@ -515,6 +526,7 @@ pub async fn run(
         published_once: false,
         status,
         netns_reasons: HashMap::new(),
+        scan_error: None,
         out: Vec::new(),
     };
     let mut pending_before: BTreeMap<crate::model::PodKey, ()> = BTreeMap::new();
