@@ -32,6 +32,13 @@ fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
+/// curl from `client` to `url` (with `extra` flags): "<status> <HTTP version>".
+fn curl(mesh: &Mesh, client: &Pod, extra: &[&str], url: &str) -> Result<String> {
+    let mut args = extra.to_vec();
+    args.extend(["-sS", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", "--max-time", "10", url]);
+    Ok(text(&run(mesh, client, "curl", &args)?))
+}
+
 fn detections(proxy: &ProxyProcess, result: &str) -> f64 {
     proxy.metrics().map(|m| m.sum("outrigger_protocol_detections_total", &[("result", result)])).unwrap_or(f64::NAN)
 }
@@ -65,44 +72,16 @@ fn http_h2_tls_and_server_first_protocols_are_told_apart_and_all_work() -> Resul
     nginx(&mesh.sb, server, HTTP, Some(H2C))?;
     sshd(&mesh.sb, server, SSH)?;
     tls_server(&mesh.sb, server, TLS)?;
-    let proxy = mesh.start(0, &["--protocol-detect-timeout", "1s"])?;
+    // A long detection timeout: a server-first protocol that waited it out
+    // would show (30 s, and a `timeout` count instead of `server_first`).
+    let proxy = mesh.start(0, &["--protocol-detect-timeout", "30s"])?;
 
-    let out = run(
-        &mesh,
-        client,
-        "curl",
-        &[
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{http_version}",
-            "--max-time",
-            "10",
-            &format!("http://{}:{HTTP}/", server.ip4),
-        ],
-    )?;
-    ensure!(text(&out) == "200 1.1", "HTTP/1.1: {}", text(&out));
+    let out = curl(&mesh, client, &[], &format!("http://{}:{HTTP}/", server.ip4))?;
+    ensure!(out == "200 1.1", "HTTP/1.1: {out}");
     expect_detections(&proxy, "http1", 1.0)?;
 
-    let url = format!("http://{}:{H2C}/", server.ip4);
-    let out = run(
-        &mesh,
-        client,
-        "curl",
-        &[
-            "--http2-prior-knowledge",
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{http_version}",
-            "--max-time",
-            "10",
-            &url,
-        ],
-    )?;
-    ensure!(text(&out) == "200 2", "h2c prior knowledge: {}", text(&out));
+    let out = curl(&mesh, client, &["--http2-prior-knowledge"], &format!("http://{}:{H2C}/", server.ip4))?;
+    ensure!(out == "200 2", "h2c prior knowledge: {out}");
     expect_detections(&proxy, "h2", 1.0)?;
 
     let target = format!("{}:{TLS}", server.ip4);

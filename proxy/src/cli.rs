@@ -269,7 +269,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         current_netns_cookie().context("reading the proxy's own netns cookie (needs Linux 5.14+)")?;
     let metrics = Arc::new(
         Metrics::new(args.connection_metrics, args.metrics_destination_addresses as usize)
-            .with_detection_results(&outrigger_detect_labels()),
+            .with_detection_results(&detection_labels()),
     );
 
     // The store, fed by the mesh file. A bad file at start stops the proxy:
@@ -550,6 +550,6 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
 }
 
 /// The detection counters' labels, in `Outcome::ALL` order.
-fn outrigger_detect_labels() -> Vec<&'static str> {
+fn detection_labels() -> Vec<&'static str> {
     crate::outbound::detect::Outcome::ALL.iter().map(|o| o.label()).collect()
 }

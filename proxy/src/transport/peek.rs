@@ -15,27 +15,23 @@ pub struct Peekable<T> {
     io: T,
     prefix: BytesMut,
     eof: bool,
+    /// A read error met while peeking, kept for the relay: it must see the
+    /// failure (and pass a reset on), not a clean end of stream — a socket
+    /// read again after a reset reports end of stream.
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 impl<T: Duplex> Peekable<T> {
     pub fn new(io: T) -> Self {
-        Self { io, prefix: BytesMut::new(), eof: false }
+        Self { io, prefix: BytesMut::new(), eof: false, failed: None }
     }
 
     /// Reads until at least `want` bytes are buffered or the peer ends its
     /// side, and returns what is buffered. Wrap it in a timeout: a peer
     /// that speaks second sends nothing.
     pub async fn peek(&mut self, want: usize) -> io::Result<&[u8]> {
-        let mut rb = ReadBuffer::new(want.max(1), want.max(1));
         while self.prefix.len() < want && !self.eof {
-            let (mut read, _) = self.io.halves();
-            match poll_fn(|cx| read.poll_chunk(cx, &mut rb)).await? {
-                Some(chunk) => {
-                    self.prefix.extend_from_slice(&chunk);
-                    read.release(chunk.len());
-                }
-                None => self.eof = true,
-            }
+            self.peek_more(want).await?;
         }
         Ok(&self.prefix)
     }
@@ -44,16 +40,23 @@ impl<T: Duplex> Peekable<T> {
     /// ended its side; returns what is buffered and whether the peer
     /// ended. For detection, which decides as soon as it can.
     pub async fn peek_more(&mut self, max: usize) -> io::Result<(&[u8], bool)> {
+        if let Some((kind, message)) = &self.failed {
+            return Err(io::Error::new(*kind, message.clone()));
+        }
         if self.prefix.len() < max && !self.eof {
             let room = max - self.prefix.len();
             let mut rb = ReadBuffer::new(room, room);
             let (mut read, _) = self.io.halves();
-            match poll_fn(|cx| read.poll_chunk(cx, &mut rb)).await? {
-                Some(chunk) => {
+            match poll_fn(|cx| read.poll_chunk(cx, &mut rb)).await {
+                Ok(Some(chunk)) => {
                     self.prefix.extend_from_slice(&chunk);
                     read.release(chunk.len());
                 }
-                None => self.eof = true,
+                Ok(None) => self.eof = true,
+                Err(e) => {
+                    self.failed = Some((e.kind(), e.to_string()));
+                    return Err(e);
+                }
             }
         }
         Ok((&self.prefix, self.eof))
@@ -72,6 +75,7 @@ impl<T: Duplex> Peekable<T> {
 pub struct PeekRead<'a, R> {
     prefix: &'a mut BytesMut,
     eof: bool,
+    failed: &'a mut Option<(io::ErrorKind, String)>,
     inner: R,
 }
 
@@ -79,6 +83,10 @@ impl<R: ChunkRead> ChunkRead for PeekRead<'_, R> {
     fn poll_chunk(&mut self, cx: &mut Context<'_>, rb: &mut ReadBuffer) -> Poll<io::Result<Option<Bytes>>> {
         if !self.prefix.is_empty() {
             return Poll::Ready(Ok(Some(self.prefix.split().freeze())));
+        }
+        // Once, after what was peeked: the error the peek met.
+        if let Some((kind, message)) = self.failed.take() {
+            return Poll::Ready(Err(io::Error::new(kind, message)));
         }
         if self.eof {
             return Poll::Ready(Ok(None));
@@ -104,7 +112,7 @@ impl<T: Duplex> Duplex for Peekable<T> {
 
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
         let (inner, write) = self.io.halves();
-        (PeekRead { prefix: &mut self.prefix, eof: self.eof, inner }, write)
+        (PeekRead { prefix: &mut self.prefix, eof: self.eof, failed: &mut self.failed, inner }, write)
     }
 
     fn abort(&mut self) {
@@ -122,6 +130,27 @@ mod tests {
 
     use super::*;
     use crate::transport::{relay, RelayOptions, Stream};
+
+    /// A reset met while peeking is a reset for the relay too: read
+    /// again, the socket would report a clean end of stream.
+    #[tokio::test]
+    async fn a_reset_met_while_peeking_reaches_the_relay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let dialled = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"));
+        let (ours, accepted) = tokio::join!(dialled, listener.accept());
+        let (theirs, _) = accepted.expect("accept");
+        socket2::SockRef::from(&theirs).set_linger(Some(std::time::Duration::ZERO)).expect("linger");
+        drop(theirs);
+        let mut a = Peekable::new(ours.expect("connect"));
+        let err = a.peek_more(16).await.expect_err("reset");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        let (other_far, other) = tokio::io::duplex(64);
+        drop(other_far);
+        let mut b = Stream::new(other);
+        let cut = tokio_util::sync::CancellationToken::new();
+        let relayed = relay(&mut a, &mut b, RelayOptions::default(), &cut, |_| {}).await;
+        assert_eq!(relayed.end, crate::transport::End::Reset, "{:?}", relayed.error);
+    }
 
     #[tokio::test]
     async fn peeked_bytes_are_relayed_first() {

@@ -34,15 +34,11 @@ pub mod procfs;
 pub mod reduce;
 mod watch;
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
-    time::Duration,
-};
+pub use watch::run;
 
-use tokio_util::sync::CancellationToken;
+use std::{path::PathBuf, time::Duration};
 
-use crate::{sources::SourceStatus, store::Store};
+use crate::sources::SourceStatus;
 
 /// What `--kubernetes` needs beyond the client.
 #[derive(Debug, Clone)]
@@ -78,17 +74,6 @@ pub async fn client() -> Result<kube::Client, KubeError> {
 /// The status a fresh Kubernetes source reports.
 pub fn status() -> SourceStatus {
     SourceStatus::new("Kubernetes API".into())
-}
-
-/// Watches the API and applies what it says to `store` until `stop`.
-pub async fn run(
-    client: kube::Client,
-    settings: KubeSettings,
-    store: Arc<Mutex<Store>>,
-    status: Arc<RwLock<SourceStatus>>,
-    stop: CancellationToken,
-) {
-    watch::run(client, settings, store, status, stop).await
 }
 
 #[cfg(test)]

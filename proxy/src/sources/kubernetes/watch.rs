@@ -499,6 +499,7 @@ impl Source {
     }
 }
 
+/// Watches the API and applies what it says to `store` until `stop`.
 pub async fn run(
     client: kube::Client,
     settings: KubeSettings,
