@@ -19,6 +19,7 @@
 
 mod accept;
 mod h2;
+mod hyper_io;
 mod io;
 mod peek;
 mod relay;
@@ -26,6 +27,7 @@ mod socket;
 
 pub use self::h2::{h2_io, H2Recv, H2Send, H2Stream};
 pub use accept::accept_until;
+pub use hyper_io::HyperIo;
 pub use io::{ChunkRead, ChunkWrite, Duplex, Either, ReadBuffer, Stream};
 pub use peek::Peekable;
 pub use relay::{relay, End, RelayOptions, Relayed};
