@@ -113,3 +113,56 @@ fn http_h2_tls_and_server_first_protocols_are_told_apart_and_all_work() -> Resul
     eprintln!("FIGURE ssh-keyscan on a port in --opaque-ports: {:.0} ms", took.as_secs_f64() * 1e3);
     Ok(())
 }
+
+/// The HTTP layer (`--http true`, being built): detected HTTP/1.1 and h2 are
+/// served by hyper and forwarded request by request, with keep-alive; what
+/// the client sees is unchanged.
+#[test]
+fn the_http_layer_forwards_http1_keepalive() -> Result<()> {
+    let mesh = Mesh::new(&[&["client", "server"]], &[])?;
+    let (client, server) = (mesh.pod("client"), mesh.pod("server"));
+    let log = nginx(&mesh.sb, server, HTTP, Some(H2C))?;
+    let proxy = mesh.start(0, &["--http", "true"])?;
+    let base = format!("http://{}:{HTTP}", server.ip4);
+    // Three requests over one connection (curl reuses it).
+    let out = run(
+        &mesh,
+        client,
+        "curl",
+        &[
+            "-sS",
+            "-w",
+            " %{http_code}\n",
+            "--max-time",
+            "10",
+            &format!("{base}/a"),
+            &format!("{base}/b"),
+            &format!("{base}/c"),
+        ],
+    )?;
+    ensure!(text(&out).matches("ok 200").count() == 3, "three HTTP/1.1 requests: {}", text(&out));
+    expect_detections(&proxy, "http1", 1.0)?;
+    let seen = std::fs::read_to_string(&log)?;
+    ensure!(seen.lines().count() == 3 && seen.lines().all(|l| l == client.ip4.to_string()), "nginx saw: {seen}");
+    Ok(())
+}
+
+/// KNOWN FAILING (WIP): curl's second h2c request over one connection
+/// fails with "Error in the HTTP2 framing layer" through the HTTP layer
+/// (the proxy logs the connection closed "ok" after ~2 ms: the serving
+/// future ends after the first stream). The in-memory h2 unit test with
+/// concurrent streams passes; nginx + curl sequential streams do not.
+#[test]
+#[ignore = "WIP: the h2 connection ends after its first stream through the HTTP layer"]
+fn the_http_layer_forwards_h2c_streams() -> Result<()> {
+    let mesh = Mesh::new(&[&["client", "server"]], &[])?;
+    let (client, server) = (mesh.pod("client"), mesh.pod("server"));
+    nginx(&mesh.sb, server, HTTP, Some(H2C))?;
+    let _proxy = mesh.start(0, &["--http", "true"])?;
+    let url = format!("http://{}:{H2C}/", server.ip4);
+    let args =
+        ["--http2-prior-knowledge", "-sS", "-w", " %{http_code} %{http_version}", "--max-time", "10", &url, &url];
+    let out = run(&mesh, client, "curl", &args)?;
+    ensure!(text(&out).matches("ok 200 2").count() == 2, "h2c: {}", text(&out));
+    Ok(())
+}

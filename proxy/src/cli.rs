@@ -333,6 +333,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 relay,
                 detect_timeout: args.protocol.protocol_detect_timeout,
                 opaque_ports: args.protocol.opaque_ports.clone().into(),
+                http: args.protocol.http,
             },
             drain_cut: drain_cut.clone(),
         },

@@ -26,6 +26,11 @@ pub struct ProtocolArgs {
     /// opaque, http / http2 / h2c / grpc are HTTP.
     #[arg(long, env = "OUTRIGGER_OPAQUE_PORTS", value_delimiter = ',', default_value = DEFAULT_OPAQUE_PORTS)]
     pub opaque_ports: Vec<u16>,
+
+    /// Serve connections detected as HTTP/1 or h2 with the HTTP layer (hyper on
+    /// both sides; experimental, being built). Off: HTTP is relayed as opaque TCP.
+    #[arg(long, env = "OUTRIGGER_HTTP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub http: bool,
 }
 
 impl ProtocolArgs {

@@ -80,7 +80,12 @@ async fn protocol<I: Duplex, U: Duplex, C: Connect>(
 }
 
 /// Runs one connection to its end.
-pub async fn run<I: Duplex, C: Connect>(client: I, conn: Accepted, core: &Core<C>) {
+pub async fn run<I, C>(client: I, conn: Accepted, core: &Core<C>)
+where
+    I: Duplex + Unpin + Send,
+    C: Connect,
+    C::Io: Unpin,
+{
     let mut client = Peekable::new(client);
     let start = Instant::now();
     let pod = &conn.pod;
@@ -162,9 +167,25 @@ pub async fn run<I: Duplex, C: Connect>(client: I, conn: Accepted, core: &Core<C
             route.balancer.observe(*i, latency);
         }
     };
-    let relayed = relay(&mut client, &mut link, core.settings.relay, &core.drain_cut, first_response).await;
-    let rtt = link.get_mut().rtt();
-    drop(link);
+    let (relayed, rtt) = match protocol {
+        Detected::Http1 | Detected::H2 if core.settings.http => {
+            let rtt = link.get_mut().rtt();
+            let end = match super::http::serve(client, link, protocol).await {
+                Ok(()) => crate::transport::End::Completed,
+                Err(e) => {
+                    tracing::debug!(pod = %pod.key, error = %e, "HTTP connection ended with an error");
+                    crate::transport::End::Error
+                }
+            };
+            (crate::transport::Relayed { sent: 0, received: 0, end, error: None }, rtt)
+        }
+        _ => {
+            let relayed = relay(&mut client, &mut link, core.settings.relay, &core.drain_cut, first_response).await;
+            let rtt = link.get_mut().rtt();
+            drop(link);
+            (relayed, rtt)
+        }
+    };
     drop(endpoint);
     let duration = start.elapsed();
     if let Some(record) = &record {

@@ -24,6 +24,7 @@ pub mod detect;
 mod endpoint;
 mod failure;
 mod forward;
+pub mod http;
 #[cfg(test)]
 mod tests;
 
@@ -75,6 +76,9 @@ pub struct OutboundSettings {
     pub detect_timeout: Duration,
     /// `--opaque-ports`: never detected.
     pub opaque_ports: Arc<[u16]>,
+    /// `--http`: detected HTTP is served by the HTTP layer (else relayed
+    /// as opaque TCP).
+    pub http: bool,
 }
 
 /// What every outbound connection shares; generic over the connector so

@@ -167,6 +167,7 @@ fn harness(dest: &str, behaviour: &[(&str, Behaviour)], endpoints: &[&str]) -> H
             relay: crate::transport::RelayOptions::default(),
             detect_timeout: Duration::from_secs(1),
             opaque_ports: Arc::from(&[5432u16][..]),
+            http: false,
         },
         drain_cut: tokio_util::sync::CancellationToken::new(),
     };
