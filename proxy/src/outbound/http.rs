@@ -172,6 +172,13 @@ mod tests {
             }
         });
         let bodies = futures_util::future::join_all(calls).await;
+        // Then one after the other on the same connection.
+        for i in 10..13 {
+            let req = Request::get(format!("http://cart.shop/{i}")).body(Full::new(Bytes::new())).expect("req");
+            let resp = sender.clone().send_request(req).await.expect("sequential response");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(body, format!("cart.shop/{i}").as_bytes());
+        }
         for (i, b) in bodies.iter().enumerate() {
             assert_eq!(b, format!("cart.shop/{i}").as_bytes());
         }
