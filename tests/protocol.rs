@@ -158,11 +158,11 @@ fn the_http_layer_forwards_h2c_streams() -> Result<()> {
     let mesh = Mesh::new(&[&["client", "server"]], &[])?;
     let (client, server) = (mesh.pod("client"), mesh.pod("server"));
     nginx(&mesh.sb, server, HTTP, Some(H2C))?;
-    let _proxy = mesh.start(0, &["--http", "true"])?;
+    let proxy = mesh.start(0, &["--http", "true"])?;
     let url = format!("http://{}:{H2C}/", server.ip4);
     let args =
-        ["--http2-prior-knowledge", "-sS", "-w", " %{http_code} %{http_version}", "--max-time", "10", &url, &url];
+        ["--http2-prior-knowledge", "-v", "-sS", "-w", " %{http_code} %{http_version}", "--max-time", "10", &url, &url];
     let out = run(&mesh, client, "curl", &args)?;
-    ensure!(text(&out).matches("ok 200 2").count() == 2, "h2c: {}", text(&out));
+    ensure!(text(&out).matches("ok 200 2").count() == 2, "h2c: {}\n{}", text(&out), proxy.log_text());
     Ok(())
 }

@@ -27,6 +27,7 @@ pub mod netns;
 pub mod node;
 pub mod outbound;
 pub mod pod;
+pub mod routing;
 pub mod policy;
 pub mod sources;
 pub mod stats;

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod policy;
+mod route;
 mod service;
 pub mod validate;
 mod workload;
@@ -19,6 +20,10 @@ mod workload;
 use std::{fmt, sync::Arc};
 
 pub use policy::{parse_ip_block, Action, AuthorizationPolicy, Rule, Selector};
+pub use route::{
+    BackendRef, Fault, Filter, HeaderModifier, HttpRoute, ParentRef, PathMatch, RouteMatch, RouteRule, Share, StringMatch,
+    ValueMatch,
+};
 pub use service::{AppProtocol, Endpoint, EndpointPort, EndpointSlice, Service, ServicePort, TargetPort};
 pub use workload::{HeldNetns, NetnsRef, Workload};
 
@@ -59,6 +64,7 @@ pub enum ObjectRef {
     /// An endpoint slice, keyed by its own name (a service may have several).
     Endpoints(ObjectKey),
     Policy(ObjectKey),
+    Route(ObjectKey),
 }
 
 impl fmt::Display for ObjectRef {
@@ -68,17 +74,19 @@ impl fmt::Display for ObjectRef {
             Self::Service(k) => write!(f, "service {k}"),
             Self::Endpoints(k) => write!(f, "endpoint slice {k}"),
             Self::Policy(k) => write!(f, "authorization policy {k}"),
+            Self::Route(k) => write!(f, "HTTP route {k}"),
         }
     }
 }
 
-/// One object of the model. Routes (HTTP) are the next kind.
+/// One object of the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Object {
     Workload(Workload),
     Service(Service),
     Endpoints(EndpointSlice),
     Policy(AuthorizationPolicy),
+    Route(HttpRoute),
 }
 
 impl Object {
@@ -88,6 +96,7 @@ impl Object {
             Self::Service(s) => ObjectRef::Service(s.key.clone()),
             Self::Endpoints(e) => ObjectRef::Endpoints(e.key.clone()),
             Self::Policy(p) => ObjectRef::Policy(p.key.clone()),
+            Self::Route(r) => ObjectRef::Route(r.key.clone()),
         }
     }
 }

@@ -3,7 +3,10 @@
 
 use std::net::IpAddr;
 
-use super::{AuthorizationPolicy, EndpointSlice, Object, Service, TargetPort, Workload};
+use super::{
+    AuthorizationPolicy, EndpointSlice, Filter, HeaderModifier, HttpRoute, Object, PathMatch, Service, StringMatch,
+    TargetPort, Workload,
+};
 
 /// The largest endpoint weight: enough range for any traffic split.
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -31,6 +34,7 @@ pub fn object(object: &Object) -> Result<(), String> {
         Object::Service(s) => service(s),
         Object::Endpoints(e) => endpoints(e),
         Object::Policy(p) => policy(p),
+        Object::Route(r) => route(r),
     }
 }
 
@@ -124,6 +128,116 @@ pub fn policy(p: &AuthorizationPolicy) -> Result<(), String> {
         }
         if rule.ports.contains(&0) || rule.not_ports.contains(&0) {
             return Err(format!("policy {} rules[{j}]: port 0 is not a port", p.key));
+        }
+    }
+    Ok(())
+}
+
+/// Gateway API's own limits on an HTTPRoute: they bound what one route
+/// can make the proxy do per request.
+pub const MAX_ROUTE_RULES: usize = 16;
+pub const MAX_RULE_MATCHES: usize = 64;
+pub const MAX_RULE_FILTERS: usize = 16;
+pub const MAX_RULE_BACKENDS: usize = 16;
+pub const MAX_MATCH_VALUES: usize = 16;
+pub const MAX_HEADER_MODIFICATIONS: usize = 16;
+/// A regular expression's compiled size: no pattern may cost a request
+/// more than this much matching machinery.
+pub const MAX_REGEX_SIZE: usize = 64 * 1024;
+/// The largest backend weight (Gateway API: 1 000 000).
+pub const MAX_BACKEND_WEIGHT: u32 = 1_000_000;
+
+/// Compiles a route's regular expression under the size bound.
+pub fn regex(pattern: &str) -> Result<regex::Regex, String> {
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(MAX_REGEX_SIZE)
+        .build()
+        .map_err(|e| format!("regular expression {pattern:?}: {e}"))
+}
+
+fn header_name(what: &str, name: &str) -> Result<(), String> {
+    http::HeaderName::from_bytes(name.as_bytes()).map(|_| ()).map_err(|_| format!("{what}: {name:?} is not a header name"))
+}
+
+fn header_modifier(what: &str, m: &HeaderModifier) -> Result<(), String> {
+    if m.set.len() + m.add.len() + m.remove.len() > MAX_HEADER_MODIFICATIONS {
+        return Err(format!("{what}: more than {MAX_HEADER_MODIFICATIONS} header changes"));
+    }
+    for (name, value) in m.set.iter().chain(&m.add) {
+        header_name(what, name)?;
+        http::HeaderValue::from_str(value).map_err(|_| format!("{what}: {value:?} is not a header value"))?;
+    }
+    for name in &m.remove {
+        header_name(what, name)?;
+    }
+    Ok(())
+}
+
+pub fn route(r: &HttpRoute) -> Result<(), String> {
+    check_name("route name", &r.key.name)?;
+    check_name("namespace", &r.key.namespace)?;
+    let key = &r.key;
+    if r.parents.is_empty() {
+        return Err(format!("route {key} has no parentRefs: attach it to a service"));
+    }
+    if r.rules.len() > MAX_ROUTE_RULES {
+        return Err(format!("route {key} has {} rules; at most {MAX_ROUTE_RULES}", r.rules.len()));
+    }
+    for (i, rule) in r.rules.iter().enumerate() {
+        let what = format!("route {key} rules[{i}]");
+        if let Some(name) = &rule.name {
+            check_name("rule name", name)?;
+        }
+        if rule.matches.len() > MAX_RULE_MATCHES
+            || rule.filters.len() > MAX_RULE_FILTERS
+            || rule.backends.len() > MAX_RULE_BACKENDS
+        {
+            return Err(format!(
+                "{what}: at most {MAX_RULE_MATCHES} matches, {MAX_RULE_FILTERS} filters and {MAX_RULE_BACKENDS} backendRefs"
+            ));
+        }
+        for m in &rule.matches {
+            if m.headers.len() > MAX_MATCH_VALUES || m.query.len() > MAX_MATCH_VALUES {
+                return Err(format!("{what}: at most {MAX_MATCH_VALUES} header and query matches per match"));
+            }
+            match &m.path {
+                Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) if !p.starts_with('/') => {
+                    return Err(format!("{what}: path {p:?} must start with '/'"));
+                }
+                Some(PathMatch::RegularExpression(p)) => {
+                    regex(p).map_err(|e| format!("{what}: {e}"))?;
+                }
+                _ => {}
+            }
+            for h in &m.headers {
+                header_name(&what, &h.name)?;
+            }
+            for v in m.headers.iter().chain(&m.query) {
+                if let StringMatch::RegularExpression(p) = &v.value {
+                    regex(p).map_err(|e| format!("{what}: {e}"))?;
+                }
+            }
+        }
+        for b in &rule.backends {
+            if b.port == 0 || b.weight > MAX_BACKEND_WEIGHT {
+                return Err(format!("{what}: backend {}:{} weight {} (port 1..65535, weight 0..={MAX_BACKEND_WEIGHT})", b.service, b.port, b.weight));
+            }
+        }
+        for f in &rule.filters {
+            match f {
+                Filter::RequestHeaderModifier(m) | Filter::ResponseHeaderModifier(m) => header_modifier(&what, m)?,
+                Filter::RequestMirror { backend, .. } if backend.port == 0 => {
+                    return Err(format!("{what}: the mirror's backendRef needs a port"));
+                }
+                Filter::Fault(fault) => {
+                    if let Some((status, _)) = fault.abort {
+                        if !(200..=599).contains(&status) {
+                            return Err(format!("{what}: fault abort status {status} is outside 200..=599"));
+                        }
+                    }
+                }
+                Filter::RequestMirror { .. } => {}
+            }
         }
     }
     Ok(())

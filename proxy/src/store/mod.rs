@@ -33,7 +33,9 @@ use tokio::sync::watch;
 use crate::{
     balance::BalanceSettings,
     identity::Identity,
-    model::{self, canonical_ip, AuthorizationPolicy, EndpointSlice, Object, ObjectKey, ObjectRef, Service, Workload},
+    model::{
+        self, canonical_ip, AuthorizationPolicy, EndpointSlice, HttpRoute, Object, ObjectKey, ObjectRef, Service, Workload,
+    },
 };
 
 pub use routes::{EndpointStatus, RouteStatus, ServiceRoute};
@@ -208,6 +210,13 @@ impl Store {
                     self.reindex_policies(&key.namespace);
                 }
             }
+            ObjectRef::Route(key) => {
+                if let Some(old) = self.state.http_routes.remove(key) {
+                    for parent in self.unlink_route(&old) {
+                        self.rebuild_routes(&parent);
+                    }
+                }
+            }
         }
     }
 
@@ -285,7 +294,7 @@ impl Store {
                 }
                 Ok(())
             }
-            Object::Endpoints(_) | Object::Policy(_) => Ok(()),
+            Object::Endpoints(_) | Object::Policy(_) | Object::Route(_) => Ok(()),
         }
     }
 
@@ -295,6 +304,7 @@ impl Store {
             Object::Service(svc) => self.put_service(svc),
             Object::Endpoints(slice) => self.put_slice(slice),
             Object::Policy(p) => self.put_policy(p),
+            Object::Route(r) => self.put_route(r),
         }
     }
 
@@ -429,6 +439,48 @@ impl Store {
                 self.state.slices_of.insert(service.clone(), of.into());
             }
         }
+    }
+
+    /// A route is compiled into the tables of the services it attaches
+    /// to: those (old parents and new) are rebuilt.
+    fn put_route(&mut self, r: HttpRoute) {
+        if self.state.http_routes.get(&r.key).is_some_and(|old| **old == r) {
+            return;
+        }
+        let mut affected = match self.state.http_routes.get(&r.key).cloned() {
+            Some(old) => self.unlink_route(&old),
+            None => BTreeSet::new(),
+        };
+        for parent in &r.parents {
+            let mut of: Vec<ObjectKey> =
+                self.state.routes_of.get(&parent.service).map(|o| o.to_vec()).unwrap_or_default();
+            if !of.contains(&r.key) {
+                of.push(r.key.clone());
+                self.state.routes_of.insert(parent.service.clone(), of.into());
+            }
+            affected.insert(parent.service.clone());
+        }
+        self.state.http_routes.insert(r.key.clone(), Arc::new(r));
+        for service in affected {
+            self.rebuild_routes(&service);
+        }
+    }
+
+    /// Takes `route` out of its parents' lists; returns the parents.
+    fn unlink_route(&mut self, route: &HttpRoute) -> BTreeSet<ObjectKey> {
+        let mut parents = BTreeSet::new();
+        for parent in &route.parents {
+            if let Some(of) = self.state.routes_of.get(&parent.service) {
+                let of: Vec<ObjectKey> = of.iter().filter(|k| **k != route.key).cloned().collect();
+                if of.is_empty() {
+                    self.state.routes_of.remove(&parent.service);
+                } else {
+                    self.state.routes_of.insert(parent.service.clone(), of.into());
+                }
+            }
+            parents.insert(parent.service.clone());
+        }
+        parents
     }
 
     fn put_policy(&mut self, p: AuthorizationPolicy) {

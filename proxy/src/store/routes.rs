@@ -10,6 +10,7 @@ use super::Store;
 use crate::{
     balance::{Balancer, Endpoint, Health, HealthStatus},
     model::{canonical_ip, AppProtocol, ServiceKey, ServicePort},
+    routing::RouteTable,
 };
 
 /// One VIP:port of a service and the balancer over its endpoints.
@@ -22,6 +23,9 @@ pub struct ServiceRoute {
     /// What the port speaks, when declared.
     pub app_protocol: Option<AppProtocol>,
     pub balancer: Balancer,
+    /// The HTTP routes attached to this port, compiled; `None`: requests
+    /// are balanced over the endpoints.
+    pub http: Option<Arc<RouteTable>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -30,6 +34,9 @@ pub struct RouteStatus {
     pub vip: SocketAddr,
     pub algorithm: String,
     pub endpoints: Vec<EndpointStatus>,
+    /// The HTTP route rules attached, in precedence order of their rules.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub http_rules: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -66,6 +73,7 @@ impl ServiceRoute {
                     },
                 })
                 .collect(),
+            http_rules: self.http.iter().flat_map(|t| t.rules().iter().map(|r| r.label.to_string())).collect(),
         }
     }
 }
@@ -107,10 +115,17 @@ impl Store {
             .get(key)
             .map(|keys| keys.iter().filter_map(|k| self.state.slices.get(k).cloned()).collect())
             .unwrap_or_default();
+        let attached: Vec<_> = self
+            .state
+            .routes_of
+            .get(key)
+            .map(|keys| keys.iter().filter_map(|k| self.state.http_routes.get(k).cloned()).collect())
+            .unwrap_or_default();
         let mut indexed = Indexed { id: entry.id, ..Indexed::default() };
         let headless = svc.vips.is_empty();
         for port in &svc.ports {
             let candidates = candidates(port, &slices);
+            let http = RouteTable::compile(key, port.port, &attached).map(Arc::new);
             // A headless service has no routes to find its endpoints in
             // later: it remembers them (few services are headless).
             if headless {
@@ -137,6 +152,7 @@ impl Store {
                     vip: vip_addr,
                     app_protocol: port.app_protocol.clone(),
                     balancer: Balancer::new(endpoints, self.settings.balance.clone()),
+                    http: http.clone(),
                 };
                 self.state.routes.insert(vip_addr, Arc::new(route));
                 indexed.routes.push(vip_addr);

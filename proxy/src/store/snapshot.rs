@@ -12,7 +12,7 @@ use super::routes::{RouteStatus, ServiceRoute};
 use crate::{
     identity::Identity,
     model::{
-        canonical, canonical_ip, AuthorizationPolicy, EndpointSlice, ObjectKey, PodKey, Service, ServiceKey, Workload,
+        canonical, canonical_ip, AuthorizationPolicy, EndpointSlice, HttpRoute, ObjectKey, PodKey, Service, ServiceKey, Workload,
     },
 };
 
@@ -60,6 +60,10 @@ pub struct Snapshot {
     /// (endpoint address, service id): which services an endpoint serves.
     pub(super) endpoint_services: OrdSet<(SocketAddr, u32)>,
     pub(super) policies: OrdMap<ObjectKey, Arc<AuthorizationPolicy>>,
+    /// HTTP routes, and the routes attached to each service (compiled into
+    /// that service's `ServiceRoute`s).
+    pub(super) http_routes: OrdMap<ObjectKey, Arc<HttpRoute>>,
+    pub(super) routes_of: OrdMap<ServiceKey, Arc<[ObjectKey]>>,
     pub(super) policies_by_ns: OrdMap<Arc<str>, Arc<[Arc<AuthorizationPolicy>]>>,
     /// Objects refused (`ObjectRef` as text → why), for /config_dump.
     pub(super) rejected: Arc<BTreeMap<String, String>>,
