@@ -154,7 +154,7 @@ async fn sweep_metrics(metrics: Arc<Metrics>, mesh: MeshReader, idle: Duration, 
         }
         let local: std::collections::HashSet<(String, String)> =
             mesh.load().local_workloads().keys().map(|k| (k.namespace.to_string(), k.name.to_string())).collect();
-        let dropped = metrics.conns.sweep(&local, idle);
+        let dropped = metrics.conns.sweep(&local, idle) + metrics.requests.sweep(&local);
         if dropped > 0 {
             tracing::debug!(dropped, "metric series of departed pods dropped");
         }
@@ -260,7 +260,12 @@ fn raise_fd_limit() -> u64 {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let log = telemetry::init(args.log_format, &args.log_level)?;
+    // `--access-log off`: the access-log target is filtered out entirely.
+    let filter = match args.protocol.access_log {
+        crate::config::AccessLog::Off => format!("{},outrigger::access=off", args.log_level),
+        _ => args.log_level.clone(),
+    };
+    let log = telemetry::init(args.log_format, &filter)?;
     let open_files = raise_fd_limit();
     let pod_limits = args.pod_limits(open_files);
     tracing::info!(open_files, max_connections_per_pod = pod_limits.connections, "limits");
@@ -334,7 +339,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 detect_timeout: args.protocol.protocol_detect_timeout,
                 opaque_ports: args.protocol.opaque_ports.clone().into(),
                 http: args.protocol.http,
+                http_layer: args.protocol.http_settings(),
             },
+            pools: Default::default(),
             drain_cut: drain_cut.clone(),
         },
         connections.clone(),

@@ -17,6 +17,12 @@ use serde::Serialize;
 use super::BalanceSettings;
 use crate::clock::now_nanos;
 
+/// How long an estimate stays current without a new sample: a twentieth
+/// of the decay (0.5 s by default). Past it the endpoint is probed.
+pub fn probe_after(decay: Duration) -> Duration {
+    decay / 20
+}
+
 #[derive(Debug)]
 struct Estimate {
     /// Peak-EWMA latency estimate, nanoseconds.
@@ -25,6 +31,8 @@ struct Estimate {
     consecutive_failures: u32,
     /// Times ejected; the next ejection lasts `base × (ejections + 1)`.
     ejections: u32,
+    /// Whether any latency sample came yet.
+    measured: bool,
 }
 
 /// Health and load of one endpoint address, kept across reloads of the
@@ -48,6 +56,7 @@ impl Health {
                 updated: Instant::now(),
                 consecutive_failures: 0,
                 ejections: 0,
+                measured: false,
             }),
             pending: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
@@ -71,7 +80,12 @@ impl Health {
         let mut e = self.lock();
         let now = Instant::now();
         let sample = sample.as_nanos() as f64;
-        if sample > e.rtt_ns {
+        if !e.measured || now.saturating_duration_since(e.updated) > probe_after(decay) {
+            // The first sample replaces the default guess, and a sample
+            // after a long silence replaces a stale estimate.
+            e.measured = true;
+            e.rtt_ns = sample;
+        } else if sample > e.rtt_ns {
             e.rtt_ns = sample;
         } else {
             let elapsed = now.saturating_duration_since(e.updated).as_nanos() as f64;
@@ -81,16 +95,26 @@ impl Health {
         e.updated = now;
     }
 
-    /// The load a new connection would meet: the estimate, decayed towards
-    /// zero since its last sample (so an endpoint nobody picks is tried
-    /// again eventually), times connections in flight plus one.
+    /// The load a new connection (or request) would meet: the estimate,
+    /// decayed towards zero since its last sample, times what is in flight
+    /// plus one. An endpoint not measured yet, or not for
+    /// [`probe_after`]`(decay)`, costs nothing while idle — it is tried and
+    /// measured again — and its estimate per connection in flight
+    /// otherwise. Without that, one slow sample (a peak sticks) would keep
+    /// an endpoint unpicked, and so unmeasured, for many decay periods.
     pub fn load(&self, decay: Duration) -> f64 {
-        let rtt = {
+        let pending = f64::from(self.pending.load(Ordering::Relaxed));
+        let (rtt, fresh) = {
             let e = self.lock();
-            let elapsed = e.updated.elapsed().as_nanos() as f64;
-            e.rtt_ns * (-elapsed / decay.as_nanos().max(1) as f64).exp()
+            let elapsed = e.updated.elapsed();
+            let rtt = e.rtt_ns * (-(elapsed.as_nanos() as f64) / decay.as_nanos().max(1) as f64).exp();
+            (rtt, e.measured && elapsed <= probe_after(decay))
         };
-        rtt * f64::from(self.pending.load(Ordering::Relaxed) + 1)
+        if fresh {
+            rtt * (pending + 1.0)
+        } else {
+            rtt * pending
+        }
     }
 
     pub fn start(self: &Arc<Self>) -> InFlight {

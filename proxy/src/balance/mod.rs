@@ -124,8 +124,8 @@ impl Balancer {
                     let ep = &self.endpoints[i];
                     let load = match ep.health_if_used() {
                         Some(h) => h.load(self.settings.ewma_decay),
-                        // Never used: the default estimate, nothing in flight.
-                        None => self.settings.ewma_default_rtt.as_nanos() as f64,
+                        // Never used: not measured, nothing in flight.
+                        None => 0.0,
                     };
                     load / f64::from(ep.weight)
                 };

@@ -7,7 +7,7 @@ mod kubernetes;
 mod protocol;
 
 pub use kubernetes::KubeArgs;
-pub use protocol::ProtocolArgs;
+pub use protocol::{AccessLog, ProtocolArgs};
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 

@@ -72,7 +72,7 @@ pub struct FailLabels {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct Buckets(&'static [f64]);
+pub struct Buckets(pub(super) &'static [f64]);
 
 impl MetricConstructor<Histogram> for Buckets {
     fn new_metric(&self) -> Histogram {

@@ -8,6 +8,7 @@ mod connection;
 mod kernel;
 mod labels;
 mod process;
+mod requests;
 pub mod textfile;
 
 use std::sync::Arc;
@@ -22,6 +23,9 @@ pub use connection::{ConnLabels, ConnRecord, ConnectionMetrics, POD_FAMILIES};
 pub use kernel::KernelCounters;
 pub use labels::{EXTERNAL, UNKNOWN_SERVICE};
 pub use process::ProcessMetrics;
+pub use requests::{
+    Label, RequestLabels, RequestMetrics, RequestSeries, SeriesCache, GRPC_STATUS, REQUEST_BUCKETS, REQUEST_FAMILIES,
+};
 
 /// A service as a metric label: `name.namespace`, as Istio and Linkerd show it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -67,6 +71,10 @@ pub struct ResultLabels {
 #[derive(Debug)]
 pub struct Metrics {
     pub conns: ConnectionMetrics,
+    pub requests: RequestMetrics,
+    /// Mirrored requests by result (sent, skipped_busy, skipped_body,
+    /// failed), resolved once.
+    pub mirrors: Family<ResultLabels, Counter>,
     pub orig_dst_misses: Counter,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub pods_meshed: Gauge,
@@ -86,6 +94,8 @@ impl Metrics {
     pub fn new(connection_metrics: bool, addresses_per_pod: usize) -> Self {
         Self {
             conns: ConnectionMetrics::new(connection_metrics, addresses_per_pod),
+            requests: RequestMetrics::default(),
+            mirrors: Family::default(),
             orig_dst_misses: Counter::default(),
             config_reloads: Family::default(),
             pods_meshed: Gauge::default(),
@@ -117,6 +127,12 @@ impl Metrics {
     pub fn register(self: &Arc<Self>, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("outrigger");
         self.conns.register(r);
+        self.requests.register(r);
+        r.register(
+            "mirrored_requests",
+            "Requests copied to a RequestMirror backend, by result (sent, failed, skipped_busy, skipped_body)",
+            self.mirrors.clone(),
+        );
         r.register(
             "orig_dst_lookup_misses",
             "Accepted connections whose original destination the kernel maps did not hold",

@@ -74,7 +74,7 @@ impl<L: Upstream, R: Upstream> Upstream for Either<L, R> {
 /// Makes upstream connections. The real one dials from the pod's netns or
 /// opens tunnels; tests substitute in-memory connections.
 pub trait Connect: Send + Sync + 'static {
-    type Io: Upstream + Send + 'static;
+    type Io: Upstream + Send + Unpin + 'static;
     /// Whether tunnels can be opened (a certificate source is configured).
     fn mtls(&self) -> bool;
     /// `--mtls strict`: meshed pods of this node are tunnelled to as well.
@@ -175,7 +175,7 @@ pub struct ConnectContext<'a> {
     pub metrics: &'a Metrics,
 }
 
-async fn attempt<C: Connect>(c: &C, cx: &ConnectContext<'_>, target: &Target) -> Result<C::Io, Failure> {
+pub(super) async fn attempt<C: Connect>(c: &C, cx: &ConnectContext<'_>, target: &Target) -> Result<C::Io, Failure> {
     let dest = target.addr();
     // A tunnel bounds its own steps, each by the timeout: the dial it may
     // share with other streams to the peer, then its CONNECT. Cutting it

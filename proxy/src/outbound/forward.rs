@@ -3,7 +3,11 @@
 //! TCP today) → endpoint (direct or tunnel) → relay, accounted for once at
 //! the end.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc},
+    time::Instant,
+};
 
 use super::{
     detect::{self, Detected, Outcome},
@@ -80,9 +84,9 @@ async fn protocol<I: Duplex, U: Duplex, C: Connect>(
 }
 
 /// Runs one connection to its end.
-pub async fn run<I, C>(client: I, conn: Accepted, core: &Core<C>)
+pub async fn run<I, C>(client: I, conn: Accepted, core: &Arc<Core<C>>)
 where
-    I: Duplex + Unpin + Send,
+    I: Duplex + Unpin + Send + 'static,
     C: Connect,
     C::Io: Unpin,
 {
@@ -149,7 +153,7 @@ where
             return;
         }
     };
-    let Connected { io: link, addr: upstream_addr, security, workload, endpoint, attempts } = upstream;
+    let Connected { io: link, addr: upstream_addr, security, workload, mut endpoint, attempts } = upstream;
     let mut link = Peekable::new(link);
     // Decided once the upstream is connected, so that a server that speaks
     // first decides it at once (opaque) instead of waiting out the
@@ -161,25 +165,36 @@ where
     let labels = core.metrics.conns.outbound_labels(pod, dest, service.as_ref(), workload.as_deref(), security);
     drop(snapshot);
     let record = core.metrics.conns.opened(&labels, connect_time);
-    // The first response byte's delay is a latency sample for the endpoint.
-    let first_response = |latency| {
-        if let (Logical::Service(route), Some((i, _))) = (&logical, &endpoint) {
-            route.balancer.observe(*i, latency);
-        }
-    };
     let (relayed, rtt) = match protocol {
         Detected::Http1 | Detected::H2 if core.settings.http => {
+            // The connection made for detection becomes the pool's first to
+            // its endpoint; requests are balanced one by one from here.
+            drop(endpoint.take());
             let rtt = link.get_mut().rtt();
-            let end = match super::http::serve(client, link, protocol).await {
+            let http = Arc::new(super::http::HttpConn::new(
+                core.clone(),
+                conn.pod.clone(),
+                client_addr,
+                logical,
+                protocol,
+            ));
+            let end = match super::http::serve(client, link, upstream_addr, http.clone()).await {
                 Ok(()) => crate::transport::End::Completed,
                 Err(e) => {
                     tracing::debug!(pod = %pod.key, error = %e, "HTTP connection ended with an error");
                     crate::transport::End::Error
                 }
             };
-            (crate::transport::Relayed { sent: 0, received: 0, end, error: None }, rtt)
+            let (sent, received) = (http.sent.load(Ordering::Relaxed), http.received.load(Ordering::Relaxed));
+            (crate::transport::Relayed { sent, received, end, error: None }, rtt)
         }
         _ => {
+            // The first response byte's delay is a latency sample for the endpoint.
+            let first_response = |latency| {
+                if let (Logical::Service(route), Some((i, _))) = (&logical, &endpoint) {
+                    route.balancer.observe(*i, latency);
+                }
+            };
             let relayed = relay(&mut client, &mut link, core.settings.relay, &core.drain_cut, first_response).await;
             let rtt = link.get_mut().rtt();
             drop(link);

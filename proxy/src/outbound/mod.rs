@@ -10,8 +10,8 @@
 //!    maps in production);
 //! 2. logical destination — a service's VIP:port or a passthrough address;
 //! 3. protocol — declared by the port, or detected from the first bytes
-//!    ([`detect`]: HTTP/1, h2 or opaque; HTTP is relayed as opaque TCP until
-//!    the HTTP layer lands);
+//!    ([`detect`]: HTTP/1, h2 or opaque); HTTP goes to the HTTP layer
+//!    ([`http`], request by request) under `--http true`;
 //! 4. endpoint — direct or through a tunnel ([`Connect`]), with retries on
 //!    other endpoints and ejection for a service;
 //! 5. relay, then one metric update and one access-log line.
@@ -37,6 +37,7 @@ pub use detect::Detected;
 pub use endpoint::{Connect, Connector, Target, Upstream};
 pub use failure::{Failure, Reason};
 pub use forward::{Accepted, Logical};
+pub use http::HttpSettings;
 
 use crate::{capture::Capture, metrics::Metrics, pod::PodContext, store::MeshReader, transport::RelayOptions};
 
@@ -79,6 +80,7 @@ pub struct OutboundSettings {
     /// `--http`: detected HTTP is served by the HTTP layer (else relayed
     /// as opaque TCP).
     pub http: bool,
+    pub http_layer: HttpSettings,
 }
 
 /// What every outbound connection shares; generic over the connector so
@@ -92,18 +94,20 @@ pub struct Core<C> {
     /// Cancelled when the drain deadline passes: open connections are cut
     /// (reset, logged with flag `DC`).
     pub drain_cut: CancellationToken,
+    /// Each pod's upstream HTTP connections.
+    pub pools: http::Pools,
 }
 
 /// The outbound side of the proxy: the core plus the tasks it runs.
 pub struct Outbound {
-    core: Core<Connector>,
+    core: Arc<Core<Connector>>,
     /// Every connection task, so shutdown can wait for them to drain.
     tasks: TaskTracker,
 }
 
 impl Outbound {
     pub fn new(core: Core<Connector>, tasks: TaskTracker) -> Self {
-        Self { core, tasks }
+        Self { core: Arc::new(core), tasks }
     }
 
     /// Serves one pod-local listener until `stop` is cancelled.

@@ -111,6 +111,14 @@ impl Snapshot {
     }
 
     /// The route for a destination, if it is a service's VIP:port.
+    /// The route of port `port` of service `key`, on its VIP of the family
+    /// asked for (or its only one): where a route's backendRef goes.
+    pub fn service_route(&self, key: &ServiceKey, port: u16, v6: bool) -> Option<&Arc<ServiceRoute>> {
+        let vips = &self.services.get(key)?.service.vips;
+        let vip = vips.iter().find(|v| v.is_ipv6() == v6).or(vips.first())?;
+        self.routes.get(&SocketAddr::new(canonical_ip(*vip), port))
+    }
+
     pub fn route(&self, dest: SocketAddr) -> Option<&Arc<ServiceRoute>> {
         self.routes.get(&canonical(dest))
     }

@@ -14,6 +14,9 @@ pub struct MeshFile {
     pub services: Vec<ServiceSpec>,
     #[serde(default)]
     pub authorization: Vec<PolicySpec>,
+    /// HTTP routes attached to services (Gateway API HTTPRoute shape).
+    #[serde(default)]
+    pub routes: Vec<super::routes::RouteSpec>,
 }
 
 fn default_namespace() -> String {

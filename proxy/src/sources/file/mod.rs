@@ -36,6 +36,7 @@
 #![forbid(unsafe_code)]
 
 mod format;
+mod routes;
 mod translate;
 pub mod watch;
 

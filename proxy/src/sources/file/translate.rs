@@ -83,6 +83,14 @@ pub fn objects(file: MeshFile) -> Result<Vec<Object>, String> {
             rules,
         }));
     }
+    let mut routes = HashSet::new();
+    for (i, r) in file.routes.iter().enumerate() {
+        let route = super::routes::translate(r, i as u64)?;
+        if !routes.insert(route.key.clone()) {
+            return Err(format!("route {} is listed twice", route.key));
+        }
+        out.push(Object::Route(route));
+    }
     Ok(out)
 }
 

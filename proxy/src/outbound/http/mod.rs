@@ -1,0 +1,460 @@
+//! The HTTP layer of the outbound path: a captured connection detected as
+//! HTTP/1.1 or h2 is served by hyper, and every request goes through its
+//! own steps:
+//!
+//! 1. route — the first rule of the service port's [`RouteTable`] that
+//!    matches (Gateway API precedence), or the service itself;
+//! 2. filters — fault injection (delay, abort), request header changes, a
+//!    mirror copy sent aside;
+//! 3. backend — weighted among the rule's `backendRefs`;
+//! 4. endpoint — P2C over peak-EWMA × requests in flight over the
+//!    backend's endpoints, the estimate fed by each response's latency;
+//! 5. connection — from the pod's [`Pool`] (one per endpoint and version,
+//!    direct or through a tunnel, as the L4 path decides), or a new one;
+//! 6. response — header changes, then metrics and one access-log line
+//!    when its body ends.
+//!
+//! The upstream speaks the client's version (HTTP/1.1 → HTTP/1.1, h2 →
+//! h2). Upgrades (WebSocket, `CONNECT`) are forwarded, then the two
+//! upgraded connections are joined byte for byte.
+//!
+//! [`RouteTable`]: crate::routing::RouteTable
+
+mod body;
+mod exchange;
+mod filters;
+mod mirror;
+mod pool;
+#[cfg(test)]
+pub(crate) mod tests;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{atomic::AtomicU64, Arc},
+    time::{Duration, Instant},
+};
+
+use hyper::{body::Incoming, Request, Response};
+use hyper_util::rt::TokioExecutor;
+
+pub use body::DownBody;
+use body::Counted;
+use exchange::Exchange;
+pub use pool::{Pool, Pools};
+use pool::{Sender, Version};
+
+use super::{
+    detect::Detected,
+    endpoint::{attempt, target_for, Connect, ConnectContext},
+    failure::Failure,
+    Core, Logical,
+};
+use crate::{
+    balance::NoEndpoint,
+    metrics::{RequestSeries, SeriesCache},
+    pod::PodContext,
+    store::{ServiceRoute, Snapshot},
+    transport::{Duplex, HyperIo},
+};
+
+/// Read buffer sizes of the HTTP connections (as the relay's first read).
+const BUFFER: usize = 16 * 1024;
+/// The most a client may send as request line and headers (HTTP/1.1) or
+/// header list (h2): beyond it the request is refused (431 / stream reset).
+const MAX_HEADERS: usize = 64 * 1024;
+/// Concurrent streams a client h2 connection may open.
+const MAX_STREAMS: u32 = 256;
+/// Request series a connection keeps resolved.
+const SERIES_CACHE: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("HTTP handshake with the endpoint failed: {0}")]
+    Handshake(hyper::Error),
+    #[error("serving the client's HTTP connection failed: {0}")]
+    Serve(hyper::Error),
+}
+
+/// HTTP settings of the outbound path (from the command line).
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// `--access-log requests`: one line per request.
+    pub log_requests: bool,
+    /// `--trace-sampling`: the share of requests without a `traceparent`
+    /// that get one.
+    pub trace_sampling: crate::model::Share,
+    /// Idle upstream HTTP/1.1 connections kept per endpoint and pod.
+    pub max_idle_per_endpoint: usize,
+    pub idle_timeout: Duration,
+    /// Mirror copies in flight per pod; more are skipped (counted).
+    pub max_mirrors_in_flight: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            log_requests: false,
+            trace_sampling: crate::model::Share(0),
+            max_idle_per_endpoint: 64,
+            idle_timeout: Duration::from_secs(90),
+            max_mirrors_in_flight: 64,
+        }
+    }
+}
+
+/// One client connection's HTTP state, shared by its requests.
+pub struct HttpConn<C: Connect> {
+    core: Arc<Core<C>>,
+    pod: Arc<PodContext>,
+    /// The application's address (as without the mesh).
+    client: SocketAddr,
+    logical: Logical,
+    version: Version,
+    pool: Arc<Pool>,
+    cache: SeriesCache<(Arc<str>, SocketAddr, u16, Option<u8>)>,
+    /// Body bytes each way over the connection's life.
+    pub sent: Arc<AtomicU64>,
+    pub received: Arc<AtomicU64>,
+}
+
+/// Where one request goes.
+struct Destination {
+    route: Option<Arc<ServiceRoute>>,
+    /// Passthrough: the address dialled.
+    addr: Option<SocketAddr>,
+}
+
+impl<C: Connect> HttpConn<C> {
+    pub fn new(core: Arc<Core<C>>, pod: Arc<PodContext>, client: SocketAddr, logical: Logical, detected: Detected) -> Self {
+        let pool = core.pools.of(&pod, &core.settings.http_layer);
+        let version = if detected == Detected::H2 { Version::H2 } else { Version::Http1 };
+        Self {
+            core,
+            pod,
+            client,
+            logical,
+            version,
+            pool,
+            cache: Default::default(),
+            sent: Default::default(),
+            received: Default::default(),
+        }
+    }
+
+    /// The request series for this key, from the connection's cache.
+    fn series(&self, key: (Arc<str>, SocketAddr, u16, Option<u8>), make: impl FnOnce() -> crate::metrics::RequestLabels) -> Arc<RequestSeries> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = cache.get(&key) {
+            return s.clone();
+        }
+        let s = self.core.metrics.requests.series(&make());
+        if cache.len() < SERIES_CACHE {
+            cache.insert(key, s.clone());
+        }
+        s
+    }
+
+    /// A new upstream connection to `addr`, as the L4 path would reach it.
+    async fn connect(&self, snapshot: &Snapshot, addr: SocketAddr) -> Result<Sender, Failure> {
+        let strict = self.core.connector.strict();
+        let target = target_for(snapshot, &self.pod, addr, strict)?;
+        let cx = ConnectContext {
+            snapshot,
+            pod: &self.pod,
+            client: self.client,
+            timeout: self.core.settings.connect_timeout,
+            metrics: &self.core.metrics,
+        };
+        let io = attempt(&self.core.connector, &cx, &target).await?;
+        handshake(io, self.version).await.map_err(|e| Failure::Connect { dest: addr, reason: e.to_string() })
+    }
+}
+
+/// The client side of a new upstream connection; its driver runs as a task
+/// that ends when every sender is gone and the connection is idle.
+async fn handshake<T>(io: T, version: Version) -> Result<Sender, hyper::Error>
+where
+    T: Duplex + Unpin + Send + 'static,
+{
+    let io = HyperIo::new(io, BUFFER, BUFFER);
+    Ok(match version {
+        Version::Http1 => {
+            let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake(io).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+                }
+            });
+            Sender::Http1(sender)
+        }
+        Version::H2 => {
+            let (sender, conn) =
+                hyper::client::conn::http2::Builder::new(TokioExecutor::new()).handshake(io).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream h2 connection ended with an error");
+                }
+            });
+            Sender::H2(sender)
+        }
+    })
+}
+
+/// Serves `client` speaking `detected` (HTTP/1 or h2). `first`: the
+/// upstream connection the L4 path already made (to `first_addr`), which
+/// becomes the pool's first connection to that endpoint.
+pub async fn serve<I, U, C>(
+    client: I,
+    first: U,
+    first_addr: SocketAddr,
+    conn: Arc<HttpConn<C>>,
+) -> Result<(), HttpError>
+where
+    I: Duplex + Unpin + Send + 'static,
+    U: Duplex + Unpin + Send + 'static,
+    C: Connect,
+{
+    let sender = handshake(first, conn.version).await.map_err(HttpError::Handshake)?;
+    conn.pool.checkin(first_addr, sender);
+    let client = HyperIo::new(client, BUFFER, BUFFER);
+    let service = {
+        let conn = conn.clone();
+        hyper::service::service_fn(move |req| {
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(handle(conn, req).await) }
+        })
+    };
+    let cut = conn.core.drain_cut.clone();
+    let served = match conn.version {
+        Version::H2 => {
+            let server = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(MAX_STREAMS)
+                .max_header_list_size(MAX_HEADERS as u32)
+                .serve_connection(client, service);
+            tokio::select! {
+                r = server => r,
+                () = cut.cancelled() => Ok(()),
+            }
+        }
+        Version::Http1 => {
+            let server = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .max_buf_size(MAX_HEADERS.max(8192))
+                .serve_connection(client, service)
+                .with_upgrades();
+            tokio::select! {
+                r = server => r,
+                () = cut.cancelled() => Ok(()),
+            }
+        }
+    };
+    served.map_err(HttpError::Serve)
+}
+
+/// Whether the request asks to switch protocols (HTTP/1.1 `Upgrade`, or a
+/// `CONNECT` tunnel).
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.method() == http::Method::CONNECT
+        || (req.headers().contains_key(http::header::UPGRADE)
+            && req
+                .headers()
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))))
+}
+
+/// One request, start to response head; the rest is the [`Exchange`]'s.
+async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) -> Response<DownBody> {
+    let start = Instant::now();
+    let upgrade = is_upgrade(&req);
+    let connect = req.method() == http::Method::CONNECT;
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let settings = &conn.core.settings.http_layer;
+    if filters::trace_id(&parts.headers).is_none() && settings.trace_sampling.roll() {
+        filters::start_trace(&mut parts.headers);
+    }
+    let mut x = Exchange::new(conn.clone(), &parts, start);
+    let snapshot = conn.core.mesh.load_full();
+    // 1. Route: the table is the connection's service port's.
+    let table = match &conn.logical {
+        Logical::Service(route) => route.http.clone(),
+        Logical::Passthrough(_) => None,
+    };
+    let rule = table.as_deref().and_then(|t| t.find(&parts));
+    if let Some(rule) = rule {
+        x.route = rule.label.clone();
+    }
+    // 2. Filters, in the order Envoy runs them: fault first.
+    let mut response_modifier = None;
+    for f in rule.map(|r| &r.filters[..]).unwrap_or(&[]) {
+        match f {
+            crate::model::Filter::Fault(fault) => {
+                let d = filters::fault(fault, &parts.headers);
+                if let Some(delay) = d.delay {
+                    x.flag("DI");
+                    tokio::time::sleep(delay).await;
+                }
+                if let Some(status) = d.abort {
+                    x.flag("FI");
+                    let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
+                    return x.local(status, "fault filter abort");
+                }
+            }
+            crate::model::Filter::RequestHeaderModifier(m) => filters::modify_headers(&mut parts.headers, m),
+            crate::model::Filter::ResponseHeaderModifier(m) => response_modifier = Some(m),
+            crate::model::Filter::RequestMirror { backend, share } => {
+                if share.roll() {
+                    mirror::send(&conn, &snapshot, backend, &parts, &body);
+                }
+            }
+        }
+    }
+    // 3. Backend.
+    let v6 = conn.client.is_ipv6();
+    let destination = match rule.map(|r| r.pick_backend()) {
+        Some(Err(())) => {
+            x.flag("NR");
+            return x.local(http::StatusCode::INTERNAL_SERVER_ERROR, "every backend of the route has weight 0");
+        }
+        Some(Ok(Some(b))) => match snapshot.service_route(&b.service, b.port, v6) {
+            Some(route) => Destination { route: Some(route.clone()), addr: None },
+            None => {
+                x.flag("NR");
+                return x.local(http::StatusCode::INTERNAL_SERVER_ERROR, "the route's backend service does not exist");
+            }
+        },
+        Some(Ok(None)) | None => match &conn.logical {
+            Logical::Service(route) => Destination { route: Some(route.clone()), addr: None },
+            Logical::Passthrough(dest) => Destination { route: None, addr: Some(*dest) },
+        },
+    };
+    filters::strip_hop_by_hop(&mut parts.headers, upgrade);
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    x.request_bytes = Some(request_bytes.clone());
+    let up_body = body::UpBody::Left(Counted::new(body, Some(request_bytes), None));
+    let mut up_req = Some(Request::from_parts(parts, up_body));
+    // 4 + 5. Endpoint and connection: a connect failure moves to another
+    // endpoint (the request was not sent); a failure after sending does not.
+    let attempts = conn.core.settings.connect_attempts.max(1) as usize;
+    let mut tried = Vec::with_capacity(attempts);
+    let mut last_failure = None;
+    while tried.len() < attempts {
+        let (addr, index) = match (&destination.route, destination.addr) {
+            (Some(route), _) => match route.balancer.pick(&tried) {
+                Ok(i) => (route.balancer.endpoints()[i].addr, Some(i)),
+                Err(NoEndpoint::None) => {
+                    x.flag("UH");
+                    x.service = Some(route.service.clone());
+                    return x.local(http::StatusCode::SERVICE_UNAVAILABLE, "no endpoints");
+                }
+                Err(NoEndpoint::AllUnavailable) => break,
+            },
+            // A passthrough has one address: one attempt.
+            (None, Some(addr)) if tried.is_empty() => (addr, None),
+            (None, _) => break,
+        };
+        if let Some(i) = index {
+            tried.push(i);
+        } else {
+            tried.push(usize::MAX);
+        }
+        x.set_endpoint(&snapshot, destination.route.as_deref(), addr, index);
+        let sender = match conn.pool.checkout(addr, conn.version) {
+            Some(s) => Ok(s),
+            None => conn.connect(&snapshot, addr).await,
+        };
+        let mut sender = match sender {
+            Ok(mut s) => match s.ready().await {
+                Ok(()) => s,
+                Err(_) => match conn.connect(&snapshot, addr).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        endpoint_failed(&destination, index, &e);
+                        last_failure = Some(e);
+                        continue;
+                    }
+                },
+            },
+            Err(e) => {
+                endpoint_failed(&destination, index, &e);
+                last_failure = Some(e);
+                continue;
+            }
+        };
+        let Some(up_req) = up_req.take() else { break };
+        let sent_at = Instant::now();
+        let response = sender.send(up_req).await;
+        return match response {
+            Ok(mut resp) => {
+                if let (Some(route), Some(i)) = (&destination.route, index) {
+                    route.balancer.observe(i, sent_at.elapsed());
+                    route.balancer.succeeded(i);
+                }
+                let switching = upgrade && resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                filters::strip_hop_by_hop(resp.headers_mut(), switching);
+                if let Some(m) = response_modifier {
+                    filters::modify_headers(resp.headers_mut(), m);
+                }
+                let upgraded = match client_upgrade {
+                    Some(client_side) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                        || (connect && resp.status().is_success()) =>
+                    {
+                        join_upgrade(client_side, hyper::upgrade::on(&mut resp));
+                        true
+                    }
+                    _ => false,
+                };
+                // An HTTP/1.1 connection goes back once its response has
+                // been read to the end; an upgraded one is the tunnel's.
+                let back = (!upgraded && conn.version == Version::Http1).then_some((addr, sender));
+                x.response(resp, back)
+            }
+            Err(e) => {
+                x.flag("UC");
+                tracing::debug!(pod = %conn.pod.key, upstream = %addr, error = %e, "upstream request failed");
+                x.local(http::StatusCode::BAD_GATEWAY, "upstream connection failed")
+            }
+        };
+    }
+    match last_failure {
+        Some(e) => {
+            x.flag(e.reason().flag());
+            x.error = Some(e.to_string());
+            x.local(http::StatusCode::SERVICE_UNAVAILABLE, "upstream connect error")
+        }
+        None => {
+            x.flag("UH");
+            x.local(http::StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
+        }
+    }
+}
+
+/// A connect failure counts against the endpoint (and may eject it).
+fn endpoint_failed(destination: &Destination, index: Option<usize>, e: &Failure) {
+    if let (Some(route), Some(i)) = (&destination.route, index) {
+        if e.is_endpoint_fault() {
+            route.balancer.failed(i);
+        }
+    }
+}
+
+/// Joins the client's and the endpoint's upgraded connections (WebSocket,
+/// CONNECT) byte for byte until either ends.
+fn join_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(error = %e, "upgraded connection ended with an error");
+        }
+    });
+}
