@@ -89,15 +89,52 @@ pub fn tls_server(sb: &Sandbox, pod: &Pod, port: u16) -> Result<()> {
         .arg("-key")
         .arg(&key);
     let spawned = sb.spawn(&format!("tls-{}", pod.name), cmd)?;
-    // s_server prints nothing with -quiet until a client comes: wait for its
-    // listening socket in the pod's namespace.
-    let listening = wait_for(Duration::from_secs(10), || {
+    // s_server prints nothing with -quiet until a client comes.
+    wait_listening(pod, port).with_context(|| format!("openssl s_server did not start: {}", spawned.stderr()))
+}
+
+/// Waits for a listening socket on `port` in the pod's namespace (looked at
+/// with `ss` from outside: the host has no route into the pod).
+pub fn wait_listening(pod: &Pod, port: u16) -> Result<()> {
+    let listening = wait_for(Duration::from_secs(20), || {
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", &pod.netns, "ss", "-Hltn", &format!("sport = :{port}")])
             .output()
             .ok()?;
         (!String::from_utf8_lossy(&out.stdout).trim().is_empty()).then_some(())
     });
-    listening.with_context(|| format!("openssl s_server did not start: {}", spawned.stderr()))?;
-    Ok(())
+    listening.with_context(|| format!("nothing listens on {}:{port}", pod.name))
+}
+
+/// One of the Python peers of tests/harness/py (Debian's python3, whose
+/// websockets and grpcio come from Debian packages), run in `pod`.
+pub fn python(sb: &Sandbox, pod: &Pod, script: &str, args: &[&str]) -> std::process::Command {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("harness/py").join(script);
+    let mut cmd = sb.in_pod(pod, "/usr/bin/python3");
+    cmd.arg(path).args(args);
+    cmd
+}
+
+/// The HTTP/1.1 origin (py/origin.py) in `pod` on `port`: answers with
+/// `name` after `delay_ms`, logging "METHOD PATH" per request to the
+/// returned file.
+pub fn origin(sb: &Sandbox, pod: &Pod, port: u16, name: &str, delay_ms: u64) -> Result<PathBuf> {
+    let log = sb.dir.join(format!("origin-{name}-{port}.log"));
+    let cmd = python(
+        sb,
+        pod,
+        "origin.py",
+        &[name, &pod.ip4.to_string(), &port.to_string(), &log.display().to_string(), &delay_ms.to_string()],
+    );
+    let spawned = sb.spawn(&format!("origin-{name}"), cmd)?;
+    wait_listening(pod, port).with_context(|| format!("origin {name}: {}", spawned.stderr()))?;
+    Ok(log)
+}
+
+/// A Python peer serving on `port` (ws.py / grpc_peer.py `serve`).
+pub fn python_server(sb: &Sandbox, pod: &Pod, script: &str, port: u16) -> Result<crate::sandbox::Spawned> {
+    let cmd = python(sb, pod, script, &["serve", &pod.ip4.to_string(), &port.to_string()]);
+    let spawned = sb.spawn(&format!("{script}-{}", pod.name), cmd)?;
+    wait_listening(pod, port).with_context(|| format!("{script}: {}", spawned.stderr()))?;
+    Ok(spawned)
 }

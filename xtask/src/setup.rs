@@ -11,7 +11,8 @@ use crate::util::{exec, have, output};
 /// a system LLVM that Debian here lacks; 0.10.0–0.10.1 emit BTF the kernel rejects.
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
-/// Debian packages: (command that proves it is installed, package).
+/// Debian packages: (command that proves it is installed, or `py:MODULE`
+/// for a module of Debian's Python, package).
 const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
@@ -30,6 +31,15 @@ const PACKAGES: &[(&str, &str)] = &[
     ("sshd", "openssh-server"),
     ("ssh-keyscan", "openssh-client"),
     ("openssl", "openssl"),
+    // The HTTP layer's tests and benchmark (tests/http.rs): h2load (h2
+    // load and many streams over one connection), wrk, a WebSocket and a
+    // gRPC peer in Debian's Python (`py:` checks a module), redis for the
+    // opaque path.
+    ("h2load", "nghttp2-client"),
+    ("wrk", "wrk"),
+    ("py:websockets", "python3-websockets"),
+    ("py:grpc", "python3-grpcio"),
+    ("redis-server", "redis-server"),
     // The container image (`cargo xtask image`) and its test: buildah builds
     // it, podman runs it with runc (crun refuses hosts with hybrid cgroups),
     // strip takes the debug info out of the binary.
@@ -88,7 +98,15 @@ fn kubernetes_validate() -> Result<()> {
 }
 
 fn packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().filter(|(cmd, _)| !have(cmd)).map(|(_, pkg)| *pkg).collect();
+    let present = |check: &str| match check.strip_prefix("py:") {
+        Some(module) => Command::new("/usr/bin/python3")
+            .args(["-c", &format!("import {module}")])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success()),
+        None => have(check),
+    };
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(check, _)| !present(check)).map(|(_, pkg)| *pkg).collect();
     if missing.is_empty() {
         return Ok(());
     }

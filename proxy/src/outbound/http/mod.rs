@@ -331,6 +331,9 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
         },
     };
     filters::strip_hop_by_hop(&mut parts.headers, upgrade);
+    let idempotent = matches!(parts.method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE | http::Method::PUT | http::Method::DELETE);
+    // Kept only for a request without a body: what a resend rebuilds.
+    let mut resend_head = (http_body::Body::is_end_stream(&body) && !upgrade).then(|| Head::of(&parts));
     let request_bytes = Arc::new(AtomicU64::new(0));
     x.request_bytes = Some(request_bytes.clone());
     let up_body = body::UpBody::Left(Counted::new(body, Some(request_bytes), None));
@@ -383,40 +386,59 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
                 continue;
             }
         };
-        let Some(up_req) = up_req.take() else { break };
-        let sent_at = Instant::now();
-        let response = sender.send(up_req).await;
-        return match response {
-            Ok(mut resp) => {
-                if let (Some(route), Some(i)) = (&destination.route, index) {
-                    route.balancer.observe(i, sent_at.elapsed());
-                    route.balancer.succeeded(i);
+        // 6. Send; a request the endpoint provably did not process (h2
+        // REFUSED_STREAM or beyond a GOAWAY, a reused HTTP/1.1 connection
+        // closed under an idempotent request) is sent once more on a new
+        // connection, if it has no body to replay.
+        loop {
+            let Some(req) = up_req.take() else { break };
+            let sent_at = Instant::now();
+            let response = sender.send(req).await;
+            let mut resp = match response {
+                Ok(resp) => resp,
+                Err(e) if unprocessed(&e, idempotent) && resend_head.is_some() => {
+                    tracing::debug!(pod = %conn.pod.key, upstream = %addr, error = %e, "request not processed: sent again on a new connection");
+                    conn.pool.evict(addr, conn.version);
+                    up_req = resend_head.take().map(|h| h.request());
+                    let fresh = match conn.connect(&snapshot, addr).await {
+                        Ok(mut s) => s.ready().await.map(|()| s).ok(),
+                        Err(_) => None,
+                    };
+                    let Some(fresh) = fresh else {
+                        x.flag("UF");
+                        return x.local(http::StatusCode::SERVICE_UNAVAILABLE, "upstream connect error");
+                    };
+                    sender = fresh;
+                    continue;
                 }
-                let switching = upgrade && resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-                filters::strip_hop_by_hop(resp.headers_mut(), switching);
-                if let Some(m) = response_modifier {
-                    filters::modify_headers(resp.headers_mut(), m);
+                Err(e) => {
+                    x.flag("UC");
+                    tracing::debug!(pod = %conn.pod.key, upstream = %addr, error = %e, "upstream request failed");
+                    return x.local(http::StatusCode::BAD_GATEWAY, "upstream connection failed");
                 }
-                let upgraded = match client_upgrade {
-                    Some(client_side) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
-                        || (connect && resp.status().is_success()) =>
-                    {
-                        join_upgrade(client_side, hyper::upgrade::on(&mut resp));
-                        true
-                    }
-                    _ => false,
-                };
-                // An HTTP/1.1 connection goes back once its response has
-                // been read to the end; an upgraded one is the tunnel's.
-                let back = (!upgraded && conn.version == Version::Http1).then_some((addr, sender));
-                x.response(resp, back)
+            };
+            if let (Some(route), Some(i)) = (&destination.route, index) {
+                route.balancer.observe(i, sent_at.elapsed());
+                route.balancer.succeeded(i);
             }
-            Err(e) => {
-                x.flag("UC");
-                tracing::debug!(pod = %conn.pod.key, upstream = %addr, error = %e, "upstream request failed");
-                x.local(http::StatusCode::BAD_GATEWAY, "upstream connection failed")
+            let switching = upgrade && resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+            filters::strip_hop_by_hop(resp.headers_mut(), switching);
+            if let Some(m) = response_modifier {
+                filters::modify_headers(resp.headers_mut(), m);
             }
-        };
+            let upgraded = match client_upgrade {
+                Some(client_side) if switching || (connect && resp.status().is_success()) => {
+                    join_upgrade(client_side, hyper::upgrade::on(&mut resp));
+                    true
+                }
+                _ => false,
+            };
+            // An HTTP/1.1 connection goes back once its response has been
+            // read to the end; an upgraded one is the tunnel's.
+            let back = (!upgraded && conn.version == Version::Http1).then_some((addr, sender));
+            return x.response(resp, back);
+        }
+        break;
     }
     match last_failure {
         Some(e) => {
@@ -429,6 +451,47 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
             x.local(http::StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
         }
     }
+}
+
+/// A request's head, to send it again.
+struct Head {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Head {
+    fn of(parts: &http::request::Parts) -> Self {
+        Self { method: parts.method.clone(), uri: parts.uri.clone(), version: parts.version, headers: parts.headers.clone() }
+    }
+
+    fn request(self) -> Request<body::UpBody> {
+        let mut req = Request::new(body::UpBody::Right(http_body_util::Empty::new()));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// Whether the endpoint provably did not process the request: refused (h2
+/// REFUSED_STREAM, or a stream beyond the endpoint's GOAWAY), never sent,
+/// or — for an idempotent request — a kept-alive connection that closed
+/// before any response.
+fn unprocessed(e: &hyper::Error, idempotent: bool) -> bool {
+    if e.is_canceled() || (idempotent && e.is_incomplete_message()) {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote());
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// A connect failure counts against the endpoint (and may eject it).

@@ -130,6 +130,12 @@ impl Pool {
         }
     }
 
+    /// Forgets the connections to `endpoint` of `version` (an h2
+    /// connection going away must not take new requests).
+    pub fn evict(&self, endpoint: SocketAddr, version: Version) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).remove(&(endpoint, version));
+    }
+
     /// Idle connections held now (for tests and /config_dump).
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).values().map(Vec::len).sum()
