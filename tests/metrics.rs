@@ -16,6 +16,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use outrigger_e2e::{
     http,
+    prometheus::{dashboard_queries, Prometheus},
     proxy::{mesh_yaml, ServiceDef},
     wait_for, Pod, ProxyProcess, Sandbox,
 };
@@ -68,79 +69,6 @@ impl Traffic {
             &["--conns", &conns.to_string(), "--parallel", "4", "--bytes", &bytes.to_string()],
         )
     }
-}
-
-fn encode_query(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-struct Prometheus {
-    addr: SocketAddr,
-}
-
-impl Prometheus {
-    fn start(sb: &Sandbox, target: SocketAddr) -> Result<Self> {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let config = sb.dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: outrigger\n    metrics_path: /metrics\n    static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )?;
-        let mut cmd = Command::new("prometheus");
-        cmd.arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", sb.dir.join("tsdb").display()))
-            .arg(format!("--web.listen-address={addr}"));
-        sb.spawn("prometheus", cmd)?;
-        let prom = Self { addr };
-        let started = std::time::Instant::now();
-        let up = wait_for(Duration::from_secs(60), || {
-            let v = prom.query("up{job=\"outrigger\"}").ok()?;
-            (v.first()?["value"][1] == "1").then_some(())
-        })
-        .context("Prometheus never scraped the proxy");
-        eprintln!("Prometheus up and scraping after {:?}", started.elapsed());
-        up?;
-        Ok(prom)
-    }
-
-    /// An instant query's result vector.
-    fn query(&self, q: &str) -> Result<Vec<Value>> {
-        let (status, body) = http::get(self.addr, &format!("/api/v1/query?query={}", encode_query(q)))?;
-        ensure!(status == 200, "query {q} -> {status}: {body}");
-        let v: Value = serde_json::from_str(&body)?;
-        Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
-    }
-
-    /// `sum by (a, b) (...)` as a map from the two label values to the value.
-    fn by_two(&self, q: &str, a: &str, b: &str) -> Result<BTreeMap<(String, String), f64>> {
-        Ok(self
-            .query(q)?
-            .iter()
-            .filter_map(|r| {
-                let key = (r["metric"][a].as_str()?.to_string(), r["metric"][b].as_str()?.to_string());
-                Some((key, r["value"][1].as_str()?.parse().ok()?))
-            })
-            .collect())
-    }
-}
-
-fn dashboard_queries() -> Result<Vec<String>> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/outrigger-services.json");
-    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
-    let mut out = Vec::new();
-    for panel in dashboard["panels"].as_array().context("panels")? {
-        for target in panel["targets"].as_array().context("targets")? {
-            out.push(target["expr"].as_str().context("expr")?.to_string());
-        }
-    }
-    Ok(out)
 }
 
 #[test]
@@ -253,7 +181,7 @@ fn prometheus_sees_the_traffic_that_was_driven_and_the_dashboard_has_data() -> R
     ensure!(s3[3] == "1", "s3 failures: {s3:?}");
     ensure!(table.lines().next().is_some_and(|h| h.starts_with("SERVICE")), "{table}");
 
-    for expr in dashboard_queries()? {
+    for expr in dashboard_queries("outrigger-services.json")? {
         let started = std::time::Instant::now();
         let has_data = wait_for(Duration::from_secs(30), || (!prom.query(&expr).ok()?.is_empty()).then_some(()));
         eprintln!("dashboard query has data after {:?}: {expr}", started.elapsed());

@@ -66,8 +66,10 @@ fn report(e: &anyhow::Error) -> String {
 }
 
 fn stats_command(args: &StatsArgs) -> anyhow::Result<()> {
+    let mut previous = None;
     loop {
-        let table = stats::snapshot(args.admin_addr, &args.reporter)?;
+        let (table, taken) = stats::snapshot(args.admin_addr, &args.reporter, previous)?;
+        previous = taken;
         if !args.watch {
             print!("{table}");
             return Ok(());

@@ -15,6 +15,7 @@ pub mod kubeapi;
 pub mod kubelet;
 pub mod mesh;
 pub mod metrics;
+pub mod prometheus;
 pub mod proxy;
 pub mod sandbox;
 pub mod servers;

@@ -187,7 +187,8 @@ pub struct RunArgs {
     #[arg(long, env = "OUTRIGGER_CONNECT_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
     pub connect_attempts: u32,
 
-    /// How a service's endpoint is chosen for each new connection.
+    /// How a service's endpoint is chosen for each new connection (opaque TCP) and
+    /// each HTTP request (the HTTP layer).
     #[arg(long, env = "OUTRIGGER_LB_ALGORITHM", value_enum, default_value_t = LbAlgorithm::P2cEwma)]
     pub lb_algorithm: LbAlgorithm,
 
@@ -195,7 +196,10 @@ pub struct RunArgs {
     #[arg(long, env = "OUTRIGGER_LB_EWMA_DECAY", default_value = "10s", value_parser = humantime::parse_duration)]
     pub lb_ewma_decay: Duration,
 
-    /// p2c-ewma: latency assumed for an endpoint before its first sample.
+    /// p2c-ewma: latency assumed, per connection or request in flight, for an
+    /// endpoint not measured yet (while idle it costs nothing, so it is tried and
+    /// measured; an estimate older than a twentieth of --lb-ewma-decay is probed
+    /// the same way).
     #[arg(long, env = "OUTRIGGER_LB_EWMA_DEFAULT_RTT", default_value = "30ms", value_parser = humantime::parse_duration)]
     pub lb_ewma_default_rtt: Duration,
 

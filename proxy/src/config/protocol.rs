@@ -31,7 +31,7 @@ pub struct ProtocolArgs {
     /// layer: requests are routed (routes:), balanced one by one, filtered (header
     /// changes, mirrors, faults) and counted (outrigger_requests_total). false:
     /// HTTP is relayed as opaque TCP, as it was before detection.
-    #[arg(long, env = "OUTRIGGER_HTTP", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "OUTRIGGER_HTTP", default_value_t = true, action = clap::ArgAction::Set)]
     pub http: bool,
 
     /// What the access log (target outrigger::access) records: "connections" (one

@@ -72,9 +72,8 @@ pub struct RequestLabels {
 }
 
 /// Request duration, first byte in to last byte out: 0.5 ms to 60 s.
-pub const REQUEST_BUCKETS: Buckets = Buckets(&[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-]);
+pub const REQUEST_BUCKETS: Buckets =
+    Buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]);
 
 /// gRPC status codes as label values, resolved without allocating.
 pub const GRPC_STATUS: [&str; 17] =

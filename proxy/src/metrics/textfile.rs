@@ -17,7 +17,7 @@ use std::{
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use super::POD_FAMILIES;
+use super::{POD_FAMILIES, REQUEST_FAMILIES};
 
 pub const FILE_NAME: &str = "outrigger.prom";
 const TEMP_NAME: &str = ".outrigger.prom.tmp";
@@ -50,13 +50,13 @@ pub fn to_textfile(openmetrics: &str) -> String {
     for line in openmetrics.lines() {
         if let Some(rest) = line.strip_prefix("# HELP ") {
             let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
-            keep = POD_FAMILIES.contains(&name);
+            keep = POD_FAMILIES.contains(&name) || REQUEST_FAMILIES.contains(&name);
             if keep {
                 out.push_str(&format!("# HELP {} {help}\n", exposed(name)));
             }
         } else if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
-            keep = POD_FAMILIES.contains(&name);
+            keep = POD_FAMILIES.contains(&name) || REQUEST_FAMILIES.contains(&name);
             if keep {
                 out.push_str(&format!("# TYPE {} {kind}\n", exposed(name)));
             }

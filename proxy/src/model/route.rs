@@ -129,7 +129,10 @@ impl Fault {
 pub enum Filter {
     RequestHeaderModifier(HeaderModifier),
     ResponseHeaderModifier(HeaderModifier),
-    RequestMirror { backend: BackendRef, share: Share },
+    RequestMirror {
+        backend: BackendRef,
+        share: Share,
+    },
     /// An Outrigger extension (from Kubernetes: an `ExtensionRef`).
     Fault(Fault),
 }

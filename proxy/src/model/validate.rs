@@ -156,7 +156,9 @@ pub fn regex(pattern: &str) -> Result<regex::Regex, String> {
 }
 
 fn header_name(what: &str, name: &str) -> Result<(), String> {
-    http::HeaderName::from_bytes(name.as_bytes()).map(|_| ()).map_err(|_| format!("{what}: {name:?} is not a header name"))
+    http::HeaderName::from_bytes(name.as_bytes())
+        .map(|_| ())
+        .map_err(|_| format!("{what}: {name:?} is not a header name"))
 }
 
 fn header_modifier(what: &str, m: &HeaderModifier) -> Result<(), String> {
@@ -220,7 +222,10 @@ pub fn route(r: &HttpRoute) -> Result<(), String> {
         }
         for b in &rule.backends {
             if b.port == 0 || b.weight > MAX_BACKEND_WEIGHT {
-                return Err(format!("{what}: backend {}:{} weight {} (port 1..65535, weight 0..={MAX_BACKEND_WEIGHT})", b.service, b.port, b.weight));
+                return Err(format!(
+                    "{what}: backend {}:{} weight {} (port 1..65535, weight 0..={MAX_BACKEND_WEIGHT})",
+                    b.service, b.port, b.weight
+                ));
             }
         }
         for f in &rule.filters {

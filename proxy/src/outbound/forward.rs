@@ -171,13 +171,8 @@ where
             // its endpoint; requests are balanced one by one from here.
             drop(endpoint.take());
             let rtt = link.get_mut().rtt();
-            let http = Arc::new(super::http::HttpConn::new(
-                core.clone(),
-                conn.pod.clone(),
-                client_addr,
-                logical,
-                protocol,
-            ));
+            let http =
+                Arc::new(super::http::HttpConn::new(core.clone(), conn.pod.clone(), client_addr, logical, protocol));
             let end = match super::http::serve(client, link, upstream_addr, http.clone()).await {
                 Ok(()) => crate::transport::End::Completed,
                 Err(e) => {

@@ -32,25 +32,33 @@ pub struct Rule {
     total_weight: u64,
 }
 
+/// Where a rule sends one request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pick<'a> {
+    /// No backendRefs: the service the route is attached to.
+    Parent,
+    Backend(&'a BackendRef),
+    /// Every weight is 0: nowhere (Gateway API: answer 500).
+    Nowhere,
+}
+
 impl Rule {
-    /// A backend by weight (`weight / sum`), or `None` for the parent
-    /// service (no backendRefs). `Err` when every weight is 0: the rule
-    /// sends nothing anywhere (Gateway API: answer 500).
-    pub fn pick_backend(&self) -> Result<Option<&BackendRef>, ()> {
+    /// A backend by weight (`weight / sum`).
+    pub fn pick_backend(&self) -> Pick<'_> {
         if self.backends.is_empty() {
-            return Ok(None);
+            return Pick::Parent;
         }
         if self.total_weight == 0 {
-            return Err(());
+            return Pick::Nowhere;
         }
         let mut at = fastrand::u64(0..self.total_weight);
         for b in &self.backends {
             if at < b.weight as u64 {
-                return Ok(Some(b));
+                return Pick::Backend(b);
             }
             at -= b.weight as u64;
         }
-        Err(())
+        Pick::Nowhere
     }
 }
 
@@ -67,9 +75,7 @@ impl Path {
         match self {
             Self::Exact(p) => path == &**p,
             Self::Prefix(p) if &**p == "/" => true,
-            Self::Prefix(p) => {
-                path.starts_with(&**p) && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
-            }
+            Self::Prefix(p) => path.starts_with(&**p) && matches!(path.as_bytes().get(p.len()), None | Some(b'/')),
             Self::Regex(r) => r.is_match(path),
         }
     }
@@ -175,17 +181,13 @@ impl RouteTable {
                 let matches = if rule.matches.is_empty() { &default[..] } else { &rule.matches[..] };
                 for (mi, m) in matches.iter().enumerate() {
                     let Some(compiled) = compile_match(m) else { continue };
-                    let rank = (
-                        compiled.path.rank(),
-                        compiled.method.is_some(),
-                        compiled.headers.len(),
-                        compiled.query.len(),
-                    );
+                    let rank =
+                        (compiled.path.rank(), compiled.method.is_some(), compiled.headers.len(), compiled.query.len());
                     keyed.push(((Reverse(rank), order, ri, mi), compiled, index));
                 }
             }
         }
-        keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        keyed.sort_by_key(|k| k.0);
         table.entries = keyed.into_iter().map(|(_, m, i)| (m, i)).collect();
         Some(table)
     }

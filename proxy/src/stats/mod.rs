@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod exposition;
+mod routes;
 
 use std::{
     collections::BTreeMap,
@@ -13,6 +14,7 @@ use std::{
 };
 
 pub use exposition::{quantile, Exposition, Sample};
+pub use routes::{render_routes, route_rows, RouteRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
@@ -146,13 +148,41 @@ pub fn render(rows: &[ServiceRow]) -> String {
     out
 }
 
-/// Fetches and renders once.
-pub fn snapshot(addr: SocketAddr, reporter: &str) -> Result<String, StatsError> {
+fn scrape(addr: SocketAddr) -> Result<Exposition, StatsError> {
     let (status, body) = http_get(addr, "/metrics")?;
     if status != 200 {
         return Err(StatsError::Status { addr, path: "/metrics".into(), status: body.trim().to_string() });
     }
-    Ok(render(&rows(&Exposition::parse(&body), reporter)))
+    Ok(Exposition::parse(&body))
+}
+
+/// An earlier scrape and when it was taken (for request rates).
+pub type Previous = Option<(Exposition, std::time::Instant)>;
+
+/// Fetches and renders: the services table, and the HTTP routes table when
+/// the proxy has served requests. Requests per second are measured against
+/// `previous` (`--watch`), else over a second between two scrapes.
+pub fn snapshot(addr: SocketAddr, reporter: &str, previous: Previous) -> Result<(String, Previous), StatsError> {
+    let mut now = scrape(addr)?;
+    let mut taken = std::time::Instant::now();
+    let mut out = render(&rows(&now, reporter));
+    if now.matching("outrigger_requests_total", &[("reporter", reporter)]).next().is_none() {
+        return Ok((out, Some((now, taken))));
+    }
+    let previous = match previous {
+        Some(p) => p,
+        None => {
+            std::thread::sleep(Duration::from_secs(1));
+            let first = (now, taken);
+            now = scrape(addr)?;
+            taken = std::time::Instant::now();
+            first
+        }
+    };
+    let secs = taken.duration_since(previous.1).as_secs_f64();
+    out.push('\n');
+    out.push_str(&render_routes(&route_rows(&now, reporter, Some((&previous.0, secs)))));
+    Ok((out, Some((now, taken))))
 }
 
 #[cfg(test)]

@@ -34,7 +34,8 @@ use crate::{
     balance::BalanceSettings,
     identity::Identity,
     model::{
-        self, canonical_ip, AuthorizationPolicy, EndpointSlice, HttpRoute, Object, ObjectKey, ObjectRef, Service, Workload,
+        self, canonical_ip, AuthorizationPolicy, EndpointSlice, HttpRoute, Object, ObjectKey, ObjectRef, Service,
+        Workload,
     },
 };
 

@@ -12,7 +12,8 @@ use super::routes::{RouteStatus, ServiceRoute};
 use crate::{
     identity::Identity,
     model::{
-        canonical, canonical_ip, AuthorizationPolicy, EndpointSlice, HttpRoute, ObjectKey, PodKey, Service, ServiceKey, Workload,
+        canonical, canonical_ip, AuthorizationPolicy, EndpointSlice, HttpRoute, ObjectKey, PodKey, Service, ServiceKey,
+        Workload,
     },
 };
 

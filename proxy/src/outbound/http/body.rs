@@ -129,7 +129,10 @@ where
 }
 
 /// A response the proxy makes itself (no endpoint answered, a fault).
-pub fn local_response(status: http::StatusCode, text: &'static str) -> http::Response<http_body_util::Either<Incoming, Full<Bytes>>> {
+pub fn local_response(
+    status: http::StatusCode,
+    text: &'static str,
+) -> http::Response<http_body_util::Either<Incoming, Full<Bytes>>> {
     let mut resp = http::Response::new(http_body_util::Either::Right(Full::new(Bytes::from_static(text.as_bytes()))));
     *resp.status_mut() = status;
     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));

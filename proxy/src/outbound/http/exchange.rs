@@ -103,7 +103,13 @@ impl<C: Connect> Exchange<C> {
     }
 
     /// The endpoint tried now (counted in flight there until the end).
-    pub fn set_endpoint(&mut self, snapshot: &Snapshot, route: Option<&ServiceRoute>, addr: SocketAddr, index: Option<usize>) {
+    pub fn set_endpoint(
+        &mut self,
+        snapshot: &Snapshot,
+        route: Option<&ServiceRoute>,
+        addr: SocketAddr,
+        index: Option<usize>,
+    ) {
         self.endpoint = Some(addr);
         self.service = route.map(|r| r.service.clone()).or_else(|| snapshot.service_of_endpoint(addr).cloned());
         self.in_flight = match (route, index) {
@@ -186,7 +192,11 @@ impl<C: Connect> OnEnd for Record<C> {
                 None => EXTERNAL.into(),
             },
             destination_pod: x.pod.clone().map(Into::into).unwrap_or_else(|| UNKNOWN_SERVICE.into()),
-            destination_workload_namespace: x.pod_namespace.clone().map(Into::into).unwrap_or_else(|| UNKNOWN_SERVICE.into()),
+            destination_workload_namespace: x
+                .pod_namespace
+                .clone()
+                .map(Into::into)
+                .unwrap_or_else(|| UNKNOWN_SERVICE.into()),
             route: x.route.clone().into(),
             request_protocol: x.protocol,
             response_code: code,
@@ -200,7 +210,8 @@ impl<C: Connect> OnEnd for Record<C> {
             conn.pool.checkin(addr, sender);
         }
         if let Some(log) = &x.log {
-            let mut flags = x.flags.iter().chain(flag.iter()).filter(|f| !f.is_empty()).copied().collect::<Vec<_>>().join(",");
+            let mut flags =
+                x.flags.iter().chain(flag.iter()).filter(|f| !f.is_empty()).copied().collect::<Vec<_>>().join(",");
             if flags.is_empty() {
                 flags.push('-');
             }

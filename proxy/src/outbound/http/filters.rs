@@ -70,7 +70,8 @@ const ABORT_HEADER: &str = "x-envoy-fault-abort-request";
 pub fn fault(f: &Fault, headers: &HeaderMap) -> FaultDecision {
     let mut d = FaultDecision::default();
     if f.header_control {
-        let number = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+        let number =
+            |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
         if let Some(ms) = number(DELAY_HEADER) {
             d.delay = Some(Duration::from_millis(ms).min(Fault::MAX_HEADER_DELAY));
         }

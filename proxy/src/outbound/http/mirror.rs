@@ -14,12 +14,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::{body::Incoming, Request};
 
 use super::{body::UpBody, HttpConn};
-use crate::{
-    metrics::ResultLabels,
-    model::BackendRef,
-    outbound::Connect,
-    store::Snapshot,
-};
+use crate::{metrics::ResultLabels, model::BackendRef, outbound::Connect, store::Snapshot};
 
 /// How long one copy may take, response included.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);

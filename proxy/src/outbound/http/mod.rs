@@ -38,8 +38,8 @@ use std::{
 use hyper::{body::Incoming, Request, Response};
 use hyper_util::rt::TokioExecutor;
 
-pub use body::DownBody;
 use body::Counted;
+pub use body::DownBody;
 use exchange::Exchange;
 pub use pool::{Pool, Pools};
 use pool::{Sender, Version};
@@ -54,6 +54,7 @@ use crate::{
     balance::NoEndpoint,
     metrics::{RequestSeries, SeriesCache},
     pod::PodContext,
+    routing::Pick,
     store::{ServiceRoute, Snapshot},
     transport::{Duplex, HyperIo},
 };
@@ -126,7 +127,13 @@ struct Destination {
 }
 
 impl<C: Connect> HttpConn<C> {
-    pub fn new(core: Arc<Core<C>>, pod: Arc<PodContext>, client: SocketAddr, logical: Logical, detected: Detected) -> Self {
+    pub fn new(
+        core: Arc<Core<C>>,
+        pod: Arc<PodContext>,
+        client: SocketAddr,
+        logical: Logical,
+        detected: Detected,
+    ) -> Self {
         let pool = core.pools.of(&pod, &core.settings.http_layer);
         let version = if detected == Detected::H2 { Version::H2 } else { Version::Http1 };
         Self {
@@ -143,7 +150,11 @@ impl<C: Connect> HttpConn<C> {
     }
 
     /// The request series for this key, from the connection's cache.
-    fn series(&self, key: (Arc<str>, SocketAddr, u16, Option<u8>), make: impl FnOnce() -> crate::metrics::RequestLabels) -> Arc<RequestSeries> {
+    fn series(
+        &self,
+        key: (Arc<str>, SocketAddr, u16, Option<u8>),
+        make: impl FnOnce() -> crate::metrics::RequestLabels,
+    ) -> Arc<RequestSeries> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = cache.get(&key) {
             return s.clone();
@@ -189,8 +200,7 @@ where
             Sender::Http1(sender)
         }
         Version::H2 => {
-            let (sender, conn) =
-                hyper::client::conn::http2::Builder::new(TokioExecutor::new()).handshake(io).await?;
+            let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new()).handshake(io).await?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream h2 connection ended with an error");
@@ -276,6 +286,11 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
         filters::start_trace(&mut parts.headers);
     }
     let mut x = Exchange::new(conn.clone(), &parts, start);
+    // Until a backend is chosen (or when a filter answers first), the
+    // request is the service's that the client dialled.
+    if let Logical::Service(route) = &conn.logical {
+        x.service = Some(route.service.clone());
+    }
     let snapshot = conn.core.mesh.load_full();
     // 1. Route: the table is the connection's service port's.
     let table = match &conn.logical {
@@ -314,24 +329,32 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
     // 3. Backend.
     let v6 = conn.client.is_ipv6();
     let destination = match rule.map(|r| r.pick_backend()) {
-        Some(Err(())) => {
+        Some(Pick::Nowhere) => {
             x.flag("NR");
             return x.local(http::StatusCode::INTERNAL_SERVER_ERROR, "every backend of the route has weight 0");
         }
-        Some(Ok(Some(b))) => match snapshot.service_route(&b.service, b.port, v6) {
+        Some(Pick::Backend(b)) => match snapshot.service_route(&b.service, b.port, v6) {
             Some(route) => Destination { route: Some(route.clone()), addr: None },
             None => {
                 x.flag("NR");
                 return x.local(http::StatusCode::INTERNAL_SERVER_ERROR, "the route's backend service does not exist");
             }
         },
-        Some(Ok(None)) | None => match &conn.logical {
+        Some(Pick::Parent) | None => match &conn.logical {
             Logical::Service(route) => Destination { route: Some(route.clone()), addr: None },
             Logical::Passthrough(dest) => Destination { route: None, addr: Some(*dest) },
         },
     };
     filters::strip_hop_by_hop(&mut parts.headers, upgrade);
-    let idempotent = matches!(parts.method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE | http::Method::PUT | http::Method::DELETE);
+    let idempotent = matches!(
+        parts.method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::TRACE
+            | http::Method::PUT
+            | http::Method::DELETE
+    );
     // Kept only for a request without a body: what a resend rebuilds.
     let mut resend_head = (http_body::Body::is_end_stream(&body) && !upgrade).then(|| Head::of(&parts));
     let request_bytes = Arc::new(AtomicU64::new(0));
@@ -463,7 +486,12 @@ struct Head {
 
 impl Head {
     fn of(parts: &http::request::Parts) -> Self {
-        Self { method: parts.method.clone(), uri: parts.uri.clone(), version: parts.version, headers: parts.headers.clone() }
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        }
     }
 
     fn request(self) -> Request<body::UpBody> {

@@ -45,7 +45,10 @@ impl Sender {
         }
     }
 
-    pub fn send(&mut self, req: Request<UpBody>) -> impl std::future::Future<Output = Result<Response<Incoming>, hyper::Error>> {
+    pub fn send(
+        &mut self,
+        req: Request<UpBody>,
+    ) -> impl std::future::Future<Output = Result<Response<Incoming>, hyper::Error>> {
         match self {
             Self::Http1(s) => futures_util::future::Either::Left(s.send_request(req)),
             Self::H2(s) => futures_util::future::Either::Right(s.send_request(req)),
@@ -142,11 +145,14 @@ impl Pool {
     }
 }
 
+/// A pool and the pod context it belongs to.
+type Owned = (Weak<PodContext>, Arc<Pool>);
+
 /// The pool of each meshed pod, found once per client connection. A pool
 /// lives while its pod's context does (its connections close with it).
 #[derive(Default)]
 pub struct Pools {
-    by_pod: Mutex<HashMap<u32, (Weak<PodContext>, Arc<Pool>)>>,
+    by_pod: Mutex<HashMap<u32, Owned>>,
 }
 
 impl Pools {

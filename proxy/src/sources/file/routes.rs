@@ -240,7 +240,11 @@ fn modifier(m: &HeaderModifierSpec) -> HeaderModifier {
     let pairs = |v: &[NameValue]| -> Vec<(Arc<str>, Arc<str>)> {
         v.iter().map(|nv| (nv.name.as_str().into(), nv.value.as_str().into())).collect()
     };
-    HeaderModifier { set: pairs(&m.set), add: pairs(&m.add), remove: m.remove.iter().map(|n| n.as_str().into()).collect() }
+    HeaderModifier {
+        set: pairs(&m.set),
+        add: pairs(&m.add),
+        remove: m.remove.iter().map(|n| n.as_str().into()).collect(),
+    }
 }
 
 fn filter(what: &str, f: &FilterSpec, ns: &str) -> Result<Filter, String> {
@@ -288,7 +292,8 @@ pub fn translate(r: &RouteSpec, created: u64) -> Result<HttpRoute, String> {
     let mut parents = Vec::new();
     for p in &r.parent_refs {
         service_ref(&format!("route {key} parentRefs"), &p.kind, &p.group)?;
-        parents.push(ParentRef { service: ObjectKey::new(p.namespace.as_deref().unwrap_or(ns), &p.name), port: p.port });
+        parents
+            .push(ParentRef { service: ObjectKey::new(p.namespace.as_deref().unwrap_or(ns), &p.name), port: p.port });
     }
     let mut rules = Vec::new();
     for (i, rule) in r.rules.iter().enumerate() {
@@ -303,15 +308,17 @@ pub fn translate(r: &RouteSpec, created: u64) -> Result<HttpRoute, String> {
                         "Exact" => PathMatch::Exact(value),
                         "PathPrefix" => PathMatch::Prefix(value),
                         "RegularExpression" => PathMatch::RegularExpression(value),
-                        other => return Err(format!("{what}: path type {other:?} (Exact, PathPrefix, RegularExpression)")),
+                        other => {
+                            return Err(format!("{what}: path type {other:?} (Exact, PathPrefix, RegularExpression)"))
+                        }
                     })
                 }
             };
             let method = match &m.method {
                 None => None,
-                Some(name) => Some(
-                    http::Method::from_bytes(name.as_bytes()).map_err(|_| format!("{what}: method {name:?}"))?,
-                ),
+                Some(name) => {
+                    Some(http::Method::from_bytes(name.as_bytes()).map_err(|_| format!("{what}: method {name:?}"))?)
+                }
             };
             matches.push(RouteMatch {
                 path,
