@@ -15,6 +15,7 @@
 //! Figures without a peer: the Kubernetes source at cluster scale
 //! (`kubernetes`: the proxy fed by the test API server).
 
+mod http;
 mod idle;
 mod kube;
 mod measure;
@@ -47,7 +48,7 @@ pub struct BenchArgs {
     /// Extra flags for `outrigger run` (for experiments), e.g. --proxy-arg=--worker-threads=1.
     #[arg(long = "proxy-arg")]
     pub proxy_args: Vec<String>,
-    /// Only these tables (single_hop, service_vip, cross_node_mtls, metrics_cost, inbound_plaintext, store,
+    /// Only these tables (single_hop, service_vip, cross_node_mtls, metrics_cost, inbound_plaintext, http, store,
     /// idle_memory, kubernetes); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
@@ -62,8 +63,8 @@ impl BenchArgs {
 const PATHS: [&str; 3] = ["direct", "outrigger", "haproxy"];
 
 /// Tables that need the simulated nodes (all but `store`).
-const TOPOLOGY_TABLES: [&str; 6] =
-    ["single_hop", "service_vip", "cross_node_mtls", "metrics_cost", "inbound_plaintext", "idle_memory"];
+const TOPOLOGY_TABLES: [&str; 7] =
+    ["single_hop", "service_vip", "cross_node_mtls", "metrics_cost", "inbound_plaintext", "idle_memory", http::GROUP];
 
 /// A metric of a table: name, whether larger is better, and the bound a
 /// goal sets for it (at most, or at least when larger is better).
@@ -226,6 +227,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut store_tables = store::tables();
     let mut idle_table = idle::table();
     let mut kube_table = kube::table();
+    let mut http_tables = http::tables();
+    let http_peers = match &topo {
+        Some(t) if args.wants(http::GROUP) => Some(http::Peers::start(t)?),
+        _ => None,
+    };
     for round in 1..=args.rounds.max(1) {
         if let Some(bin) = &storebench {
             store::measure(bin, &mut store_tables, round)?;
@@ -241,6 +247,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             measure_inbound(topo, &mut inbound, secs, round)?;
         }
         let (sb, t) = (&topo.sb, &*topo);
+        if let Some(peers) = &http_peers {
+            http::measure(t, peers, &mut http_tables, secs, round)?;
+        }
         if args.wants("single_hop") {
             each_path(round, &mut hop, "single hop latency", 0, |p| {
                 let (from, to) = single_hop_target(t, p, SOCKPERF_PORT, HAPROXY_SOCKPERF);
@@ -293,6 +302,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let tables: Vec<Table> = [hop, svc, cross, cost, inbound]
         .into_iter()
+        .chain(http_tables)
         .chain(store_tables)
         .chain([idle_table, kube_table])
         .filter(|t| args.wants(t.group))

@@ -137,8 +137,17 @@ impl Topology {
         // Inbound capture off: the direct and HAProxy paths reach meshed
         // servers in plaintext and must stay one hop, as they were measured
         // before it existed. The inbound_plaintext table measures it alone.
-        let mut args =
-            vec!["--log-level", "warn,outrigger::cli=info", "--ca-dir", ca_arg.as_str(), "--inbound-capture", "false"];
+        let opaque = super::http::opaque_ports();
+        let mut args = vec![
+            "--log-level",
+            "warn,outrigger::cli=info",
+            "--ca-dir",
+            ca_arg.as_str(),
+            "--inbound-capture",
+            "false",
+            "--opaque-ports",
+            opaque.as_str(),
+        ];
         args.extend(proxy_args.iter().map(String::as_str));
         let proxy = ProxyProcess::start(&sb, 0, pods_file.clone(), &args)?;
         let remote_proxy = ProxyProcess::start(&sb, 1, remote_file.clone(), &args)?;
