@@ -69,6 +69,14 @@ async fn protocol<I: Duplex, U: Duplex, C: Connect>(
 ) -> Detected {
     let settings = &core.settings;
     let (detected, outcome) = match logical.declared(&settings.opaque_ports) {
+        // Declared HTTP: the version still comes from the client (a port
+        // declared `http` may be spoken to in h2 with prior knowledge).
+        Some(declared @ (Detected::Http1 | Detected::H2)) if !settings.detect_timeout.is_zero() => {
+            match detect::detect(client, settings.detect_timeout).await {
+                (found @ (Detected::Http1 | Detected::H2), _) => (found, Outcome::Declared),
+                _ => (declared, Outcome::Declared),
+            }
+        }
         Some(declared) => (declared, Outcome::Declared),
         None if settings.detect_timeout.is_zero() => (Detected::Opaque, Outcome::Declared),
         None => tokio::select! {

@@ -453,3 +453,31 @@ async fn http_routes_match_split_modify_and_inject_faults() {
     assert!(m.contains("route=\"web-route/split\""), "{m}");
     assert!(m.contains("route=\"web-route/broken\",request_protocol=\"http\",response_code=\"503\""), "{m}");
 }
+
+#[tokio::test]
+async fn a_port_declared_http_still_takes_h2_with_prior_knowledge() {
+    use http_body_util::BodyExt;
+    let mut extra = service("declared", "10.96.0.3", &["10.0.0.2"]);
+    if let Object::Service(svc) = &mut extra[0] {
+        svc.ports[0].app_protocol = Some(crate::model::AppProtocol::Http);
+    }
+    let h = harness_with("10.96.0.3:80", &[("10.0.0.2:8080", Behaviour::Http)], &[], extra);
+    let (client, proxy_side) = tokio::io::duplex(64 * 1024);
+    let conn = Accepted { pod: h.pod.clone(), peer: addr(CLIENT), local: addr(LISTENER) };
+    let core = h.core.clone();
+    let proxy = tokio::spawn(async move { forward::run(Stream::new(proxy_side), conn, &core).await });
+    let io = crate::transport::HyperIo::new(Stream::new(client), 4096, 4096);
+    let (mut sender, driver) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .handshake(io)
+        .await
+        .expect("h2 handshake");
+    let driver = tokio::spawn(driver);
+    let req = ::http::Request::get("http://declared.default/h2").body(http_body_util::Empty::<bytes::Bytes>::new()).expect("request");
+    let resp = sender.send_request(req).await.expect("an h2 response through a port declared http");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(body, "10.0.0.2:8080/h2");
+    drop(sender);
+    let _ = driver.await;
+    let _ = proxy.await;
+    assert!(h.metrics().contains("request_protocol=\"http2\""), "{}", h.metrics());
+}

@@ -6,10 +6,11 @@
 //!
 //! Reads hand hyper the chunk the transport read (copied into hyper's
 //! cursor; a chunk larger than the cursor is kept for the next read).
-//! Writes are taken one at a time: the bytes hyper passes are copied into
-//! one chunk, accepted at once, and written before the next write is
-//! accepted — so at most one write is buffered, and back-pressure reaches
-//! hyper as `Pending`.
+//! Writes are gathered until hyper flushes (vectored writes included) and
+//! go out as one chunk: an h2 frame header, its payload and the next frame
+//! are one syscall and one segment, not three. At most [`MAX_PENDING`]
+//! bytes are gathered; beyond that a write waits for the transport
+//! (back-pressure reaches hyper as `Pending`).
 
 use std::{
     io,
@@ -17,23 +18,34 @@ use std::{
     task::{ready, Context, Poll},
 };
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 
 use super::io::{ChunkRead, ChunkWrite, Duplex, ReadBuffer};
+
+/// Bytes gathered from hyper before a write must wait for the transport.
+pub const MAX_PENDING: usize = 64 * 1024;
 
 pub struct HyperIo<T> {
     io: T,
     read_buffer: ReadBuffer,
     /// Read but not yet handed to hyper.
     unread: Bytes,
-    /// Accepted from hyper but not yet written.
+    /// Accepted from hyper, not yet handed to the transport.
+    pending: BytesMut,
+    /// Handed to the transport, not yet all written.
     unwritten: Bytes,
 }
 
 impl<T: Duplex> HyperIo<T> {
     /// `initial`/`max`: the read buffer's sizes, as for the relay.
     pub fn new(io: T, initial: usize, max: usize) -> Self {
-        Self { io, read_buffer: ReadBuffer::new(initial, max), unread: Bytes::new(), unwritten: Bytes::new() }
+        Self {
+            io,
+            read_buffer: ReadBuffer::new(initial, max),
+            unread: Bytes::new(),
+            pending: BytesMut::new(),
+            unwritten: Bytes::new(),
+        }
     }
 
     pub fn get_mut(&mut self) -> &mut T {
@@ -44,13 +56,28 @@ impl<T: Duplex> HyperIo<T> {
         self.io
     }
 
-    /// Writes what was accepted earlier.
+    /// Writes everything accepted so far.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.unwritten.is_empty() {
-            return Poll::Ready(Ok(()));
+        loop {
+            if self.unwritten.is_empty() {
+                if self.pending.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                // The allocation is reclaimed by the next `extend` once the
+                // transport has let go of the chunk.
+                self.unwritten = self.pending.split().freeze();
+            }
+            let (_, mut write) = self.io.halves();
+            ready!(write.poll_write_chunk(cx, &mut self.unwritten))?;
         }
-        let (_, mut write) = self.io.halves();
-        write.poll_write_chunk(cx, &mut self.unwritten)
+    }
+
+    /// Room for `n` more bytes, writing what is gathered if there is none.
+    fn poll_room(&mut self, cx: &mut Context<'_>, n: usize) -> Poll<io::Result<()>> {
+        if !self.pending.is_empty() && self.pending.len() + n > MAX_PENDING {
+            ready!(self.poll_drain(cx))?;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -82,13 +109,34 @@ impl<T: Duplex + Unpin> hyper::rt::Read for HyperIo<T> {
 impl<T: Duplex + Unpin> hyper::rt::Write for HyperIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        ready!(this.poll_drain(cx))?;
-        this.unwritten = Bytes::copy_from_slice(buf);
-        // Started now; finished by the next write, flush or shutdown.
-        if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
-            return Poll::Ready(Err(e));
+        ready!(this.poll_room(cx, buf.len()))?;
+        let n = buf.len().min(MAX_PENDING);
+        this.pending.extend_from_slice(&buf[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        ready!(this.poll_room(cx, total.min(MAX_PENDING)))?;
+        let mut taken = 0;
+        for b in bufs {
+            let n = b.len().min(MAX_PENDING.saturating_sub(taken));
+            this.pending.extend_from_slice(&b[..n]);
+            taken += n;
+            if n < b.len() {
+                break;
+            }
         }
-        Poll::Ready(Ok(buf.len()))
+        Poll::Ready(Ok(taken))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
