@@ -59,7 +59,9 @@ pub enum Command {
     #[command(subcommand)]
     Ca(CaCommand),
     /// A running proxy's traffic per destination service: connections, bytes, failures,
-    /// connect latency p50/p99 (read from its admin server).
+    /// connect latency p50/p99; and, once it has served HTTP, requests per service and
+    /// route: total, requests/s, success rate, latency p50/p99 (read from its admin
+    /// server; requests/s over one second, or between refreshes with --watch).
     Stats(StatsArgs),
 }
 

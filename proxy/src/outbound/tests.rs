@@ -472,7 +472,9 @@ async fn a_port_declared_http_still_takes_h2_with_prior_knowledge() {
         .await
         .expect("h2 handshake");
     let driver = tokio::spawn(driver);
-    let req = ::http::Request::get("http://declared.default/h2").body(http_body_util::Empty::<bytes::Bytes>::new()).expect("request");
+    let req = ::http::Request::get("http://declared.default/h2")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
     let resp = sender.send_request(req).await.expect("an h2 response through a port declared http");
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(body, "10.0.0.2:8080/h2");

@@ -260,16 +260,16 @@ fn routes_translate_into_the_model_and_bad_ones_are_refused_by_location() {
     let routes = "routes:\n  - name: r\n    parentRefs: [{name: web, port: 80}]\n    rules:\n      - name: canary\n        matches: [{headers: [{name: x-version, value: v2}], method: GET}]\n        filters:\n          - {type: Fault, fault: {abort: {httpStatus: 503, percentage: 50}, headerControl: true}}\n          - {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}, fraction: {numerator: 1, denominator: 4}}}\n        backendRefs: [{name: web-v2, port: 80, weight: 10}]\n";
     let svc = "  - name: web\n    vips: [10.96.0.10]\n    ports: [{port: 80}]\n";
     let objects = parse(&format!("{}{routes}", with_services(svc))).expect("valid");
-    let route = objects
-        .iter()
-        .find_map(|o| if let Object::Route(r) = o { Some(r) } else { None })
-        .expect("a route object");
+    let route =
+        objects.iter().find_map(|o| if let Object::Route(r) = o { Some(r) } else { None }).expect("a route object");
     assert_eq!(route.parents[0].service, crate::model::ObjectKey::new("default", "web"));
     assert_eq!(route.parents[0].port, Some(80));
     let rule = &route.rules[0];
     assert_eq!(rule.matches[0].method, Some(http::Method::GET));
     assert_eq!(rule.backends[0].weight, 10);
-    assert!(matches!(&rule.filters[0], crate::model::Filter::Fault(f) if f.header_control && f.abort.map(|a| a.0) == Some(503)));
+    assert!(
+        matches!(&rule.filters[0], crate::model::Filter::Fault(f) if f.header_control && f.abort.map(|a| a.0) == Some(503))
+    );
     assert!(
         matches!(&rule.filters[1], crate::model::Filter::RequestMirror { share, .. } if share.0 == 250_000),
         "{:?}",
