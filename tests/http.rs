@@ -155,17 +155,39 @@ fn routes_split_mirror_inject_faults_and_change_headers() -> Result<()> {
     // A shadow that takes 1 s, and one that refuses: the client sees
     // neither in its answers or its latency.
     let baseline = drive(&mesh, client, web, "/plain", 100, &[])?["p50_ms"].as_f64().unwrap_or(0.0);
-    for path in ["/mirror/slow", "/mirror/down"] {
+    // Copies settled: every request's copy was sent, failed or skipped.
+    let copies = |result: &str| {
+        proxy.metrics().map(|m| m.sum("outrigger_mirrored_requests_total", &[("result", result)])).unwrap_or(0.0)
+    };
+    let settled = |total: f64| {
+        wait_for(Duration::from_secs(10), || {
+            let done = copies("sent") + copies("failed") + copies("skipped_busy") + copies("skipped_body");
+            (done >= total).then_some(())
+        })
+    };
+    for (i, path) in ["/mirror/slow", "/mirror/down"].into_iter().enumerate() {
         let r = drive(&mesh, client, web, path, 100, &[])?;
         let p50 = r["p50_ms"].as_f64().unwrap_or(f64::MAX);
         eprintln!("FIGURE {path}: client p50 {p50:.2} ms (no mirror: {baseline:.2} ms)");
         ensure!(n(&r, "statuses", "200") == 100 && p50 < baseline + 20.0, "{path}: {r}");
+        ensure!(settled(300.0 + 100.0 * i as f64).is_some(), "mirror copies never settled");
     }
+    // The slow shadow held every mirror slot (64 per pod): the rest of its
+    // copies were skipped, not queued.
+    eprintln!("FIGURE mirror copies skipped while the slow shadow held the slots: {}", copies("skipped_busy"));
+    ensure!(copies("skipped_busy") > 0.0, "the mirror bound was never reached");
     ensure!(lines(&slow_log) > 0, "the slow shadow got copies");
     let metrics = proxy.metrics()?;
+    ensure!(
+        copies("failed") >= 50.0,
+        "copies to shadow-down are counted failed: {:?}",
+        metrics
+            .matching("outrigger_mirrored_requests_total", &[])
+            .map(|s| (s.labels.clone(), s.value))
+            .collect::<Vec<_>>()
+    );
     let sent = metrics.sum("outrigger_mirrored_requests_total", &[("result", "sent")]);
     ensure!(sent >= 200.0, "mirrored sent {sent}");
-    ensure!(metrics.sum("outrigger_mirrored_requests_total", &[("result", "failed")]) > 0.0, "shadow-down copies fail");
 
     // Every request was counted under its route and status.
     let count =
@@ -314,6 +336,17 @@ fn h2_grpc_websocket_and_keepalive_work_through_the_http_layer() -> Result<()> {
         String::from_utf8_lossy(&out.stdout)
     );
 
+    // A request is counted when its response has ended in the proxy, which
+    // may trail the client's exit by a little.
+    let settled = wait_for(Duration::from_secs(5), || {
+        let m = proxy.metrics().ok()?;
+        (m.sum("outrigger_requests_total", &[]) >= 2006.0).then_some(())
+    });
+    ensure!(
+        settled.is_some(),
+        "requests counted: {:?}",
+        proxy.metrics().map(|m| m.sum("outrigger_requests_total", &[]))
+    );
     let m = proxy.metrics()?;
     let req = |labels: &[(&str, &str)]| m.sum("outrigger_requests_total", labels);
     ensure!(req(&[("request_protocol", "http2")]) == 2000.0, "h2 requests: {}", req(&[("request_protocol", "http2")]));

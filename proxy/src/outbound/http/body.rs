@@ -102,7 +102,9 @@ where
                 } else if let Some(trailers) = frame.trailers_ref() {
                     this.grpc_status = grpc_status(trailers);
                 }
-                if this.inner.is_end_stream() {
+                // Trailers are always the last frame: the body ends with
+                // them, before the peer can see them and act.
+                if this.inner.is_end_stream() || frame.is_trailers() {
                     this.finish(BodyEnd::Complete);
                 }
                 Poll::Ready(Some(Ok(frame)))
