@@ -207,7 +207,7 @@ impl<C: Connect> OnEnd for Record<C> {
         series.request_bytes.inc_by(request_bytes);
         series.response_bytes.inc_by(bytes);
         if let (Some((addr, sender)), BodyEnd::Complete) = (back, end) {
-            conn.pool.checkin(addr, sender);
+            conn.upstreams().checkin(addr, sender);
         }
         if let Some(log) = &x.log {
             let mut flags =

@@ -59,7 +59,7 @@ pub fn send<C: Connect>(
             let _in_flight = route.balancer.start(i);
             let mut sender = match conn.pool.checkout(addr, conn.version) {
                 Some(s) => s,
-                None => conn.connect(&snapshot, addr).await.map_err(|_| ())?,
+                None => conn.connect_detached(&snapshot, addr).await.map_err(|_| ())?,
             };
             sender.ready().await.map_err(|_| ())?;
             let resp = sender.send(req).await.map_err(|_| ())?;

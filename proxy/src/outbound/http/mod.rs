@@ -112,11 +112,31 @@ pub struct HttpConn<C: Connect> {
     client: SocketAddr,
     logical: Logical,
     version: Version,
+    /// The pod's pool: its h2 connections, and the connections mirror
+    /// copies use.
     pool: Arc<Pool>,
+    /// HTTP/1.1: this client connection's own upstream connections, driven
+    /// in its task (see [`serve`]).
+    local: Option<Local>,
     cache: SeriesCache<(Arc<str>, SocketAddr, u16, Option<u8>)>,
     /// Body bytes each way over the connection's life.
     pub sent: Arc<AtomicU64>,
     pub received: Arc<AtomicU64>,
+}
+
+/// A connection's driver, to be polled by the client connection's task.
+type Driver = futures_util::future::BoxFuture<'static, ()>;
+
+/// An HTTP/1.1 client connection's upstream connections. HTTP/1.1 has one
+/// request in flight per connection, so its upstream connections need not
+/// be shared: each is driven inside the client connection's own task, and a
+/// request's way to the endpoint and back wakes no other task (a pooled
+/// connection with its own task costs two cross-task wake-ups a request).
+struct Local {
+    pool: Pool,
+    drivers: tokio::sync::mpsc::UnboundedSender<Driver>,
+    /// Taken by [`serve`], which polls what arrives on it.
+    incoming: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Driver>>>,
 }
 
 /// Where one request goes.
@@ -134,8 +154,15 @@ impl<C: Connect> HttpConn<C> {
         logical: Logical,
         detected: Detected,
     ) -> Self {
-        let pool = core.pools.of(&pod, &core.settings.http_layer);
+        let settings = &core.settings.http_layer;
+        let pool = core.pools.of(&pod, settings);
         let version = if detected == Detected::H2 { Version::H2 } else { Version::Http1 };
+        // Unbounded, but a connection is made only when none to its
+        // endpoint is idle: at most one per endpoint in use at a time.
+        let local = (version == Version::Http1).then(|| {
+            let (drivers, incoming) = tokio::sync::mpsc::unbounded_channel();
+            Local { pool: Pool::new(settings), drivers, incoming: std::sync::Mutex::new(Some(incoming)) }
+        });
         Self {
             core,
             pod,
@@ -143,6 +170,7 @@ impl<C: Connect> HttpConn<C> {
             logical,
             version,
             pool,
+            local,
             cache: Default::default(),
             sent: Default::default(),
             received: Default::default(),
@@ -166,8 +194,30 @@ impl<C: Connect> HttpConn<C> {
         s
     }
 
-    /// A new upstream connection to `addr`, as the L4 path would reach it.
+    /// Where this connection's requests find upstream connections.
+    fn upstreams(&self) -> &Pool {
+        self.local.as_ref().map(|l| &l.pool).unwrap_or(&self.pool)
+    }
+
+    /// A new upstream connection to `addr` for this connection's requests.
     async fn connect(&self, snapshot: &Snapshot, addr: SocketAddr) -> Result<Sender, Failure> {
+        self.connect_driven(snapshot, addr, self.local.as_ref().map(|l| &l.drivers)).await
+    }
+
+    /// A new upstream connection whose driver is its own task (for
+    /// requests that may outlive this client connection: mirror copies).
+    async fn connect_detached(&self, snapshot: &Snapshot, addr: SocketAddr) -> Result<Sender, Failure> {
+        self.connect_driven(snapshot, addr, None).await
+    }
+
+    /// A new upstream connection to `addr`, as the L4 path would reach it;
+    /// its driver goes to `drivers`, or runs as its own task.
+    async fn connect_driven(
+        &self,
+        snapshot: &Snapshot,
+        addr: SocketAddr,
+        drivers: Option<&tokio::sync::mpsc::UnboundedSender<Driver>>,
+    ) -> Result<Sender, Failure> {
         let strict = self.core.connector.strict();
         let target = target_for(snapshot, &self.pod, addr, strict)?;
         let cx = ConnectContext {
@@ -178,13 +228,18 @@ impl<C: Connect> HttpConn<C> {
             metrics: &self.core.metrics,
         };
         let io = attempt(&self.core.connector, &cx, &target).await?;
-        handshake(io, self.version).await.map_err(|e| Failure::Connect { dest: addr, reason: e.to_string() })
+        handshake(io, self.version, drivers).await.map_err(|e| Failure::Connect { dest: addr, reason: e.to_string() })
     }
 }
 
-/// The client side of a new upstream connection; its driver runs as a task
-/// that ends when every sender is gone and the connection is idle.
-async fn handshake<T>(io: T, version: Version) -> Result<Sender, hyper::Error>
+/// The client side of a new upstream connection; its driver (which ends
+/// when every sender is gone and the connection is idle) goes to `drivers`
+/// or runs as its own task.
+async fn handshake<T>(
+    io: T,
+    version: Version,
+    drivers: Option<&tokio::sync::mpsc::UnboundedSender<Driver>>,
+) -> Result<Sender, hyper::Error>
 where
     T: Duplex + Unpin + Send + 'static,
 {
@@ -192,11 +247,17 @@ where
     Ok(match version {
         Version::Http1 => {
             let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake(io).await?;
-            tokio::spawn(async move {
+            let driver: Driver = Box::pin(async move {
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
                 }
             });
+            match drivers {
+                // If the client connection is gone, so is the driver (and
+                // the connection with it).
+                Some(d) => drop(d.send(driver)),
+                None => drop(tokio::spawn(driver)),
+            }
             Sender::Http1(sender)
         }
         Version::H2 => {
@@ -225,8 +286,10 @@ where
     U: Duplex + Unpin + Send + 'static,
     C: Connect,
 {
-    let sender = handshake(first, conn.version).await.map_err(HttpError::Handshake)?;
-    conn.pool.checkin(first_addr, sender);
+    let local = conn.local.as_ref();
+    let sender = handshake(first, conn.version, local.map(|l| &l.drivers)).await.map_err(HttpError::Handshake)?;
+    conn.upstreams().checkin(first_addr, sender);
+    let incoming = local.and_then(|l| l.incoming.lock().unwrap_or_else(|e| e.into_inner()).take());
     let client = HyperIo::new(client, BUFFER, BUFFER);
     let service = {
         let conn = conn.clone();
@@ -253,9 +316,16 @@ where
                 .max_buf_size(MAX_HEADERS.max(8192))
                 .serve_connection(client, service)
                 .with_upgrades();
-            tokio::select! {
-                r = server => r,
-                () = cut.cancelled() => Ok(()),
+            tokio::pin!(server);
+            let mut incoming = incoming;
+            let mut drivers = futures_util::stream::FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    r = &mut server => break r,
+                    Some(driver) = async { incoming.as_mut()?.recv().await } => drivers.push(driver),
+                    Some(()) = futures_util::StreamExt::next(&mut drivers), if !drivers.is_empty() => {}
+                    () = cut.cancelled() => break Ok(()),
+                }
             }
         }
     };
@@ -387,7 +457,7 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
             tried.push(usize::MAX);
         }
         x.set_endpoint(&snapshot, destination.route.as_deref(), addr, index);
-        let sender = match conn.pool.checkout(addr, conn.version) {
+        let sender = match conn.upstreams().checkout(addr, conn.version) {
             Some(s) => Ok(s),
             None => conn.connect(&snapshot, addr).await,
         };
@@ -421,7 +491,7 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
                 Ok(resp) => resp,
                 Err(e) if unprocessed(&e, idempotent) && resend_head.is_some() => {
                     tracing::debug!(pod = %conn.pod.key, upstream = %addr, error = %e, "request not processed: sent again on a new connection");
-                    conn.pool.evict(addr, conn.version);
+                    conn.upstreams().evict(addr, conn.version);
                     up_req = resend_head.take().map(|h| h.request());
                     let fresh = match conn.connect(&snapshot, addr).await {
                         Ok(mut s) => s.ready().await.map(|()| s).ok(),
