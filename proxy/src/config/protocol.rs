@@ -48,8 +48,9 @@ pub struct ProtocolArgs {
     #[arg(long, env = "OUTRIGGER_TRACE_SAMPLING", default_value_t = 0.0)]
     pub trace_sampling: f64,
 
-    /// Idle upstream HTTP/1.1 connections kept per endpoint and pod for reuse
-    /// (h2 uses one shared connection per endpoint and pod).
+    /// Idle upstream HTTP/1.1 connections a pod's pool keeps per endpoint for reuse
+    /// by mirror copies (a client's HTTP/1.1 connection keeps its own upstream
+    /// connections, one per endpoint; h2 shares one connection per endpoint and pod).
     #[arg(long, env = "OUTRIGGER_HTTP_MAX_IDLE_PER_ENDPOINT", default_value_t = 64)]
     pub http_max_idle_per_endpoint: usize,
 
