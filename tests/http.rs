@@ -338,14 +338,21 @@ fn h2_grpc_websocket_and_keepalive_work_through_the_http_layer() -> Result<()> {
 
     // A request is counted when its response has ended in the proxy, which
     // may trail the client's exit by a little.
-    let settled = wait_for(Duration::from_secs(5), || {
+    let settled = wait_for(Duration::from_secs(15), || {
         let m = proxy.metrics().ok()?;
         (m.sum("outrigger_requests_total", &[]) >= 2006.0).then_some(())
     });
+    let series = |name: &str| -> Vec<String> {
+        proxy
+            .metrics()
+            .map(|m| m.matching(name, &[]).map(|s| format!("{:?} {}", s.labels, s.value)).collect())
+            .unwrap_or_default()
+    };
     ensure!(
         settled.is_some(),
-        "requests counted: {:?}",
-        proxy.metrics().map(|m| m.sum("outrigger_requests_total", &[]))
+        "requests counted: {:#?}\ndetections: {:#?}",
+        series("outrigger_requests_total"),
+        series("outrigger_protocol_detections_total")
     );
     let m = proxy.metrics()?;
     let req = |labels: &[(&str, &str)]| m.sum("outrigger_requests_total", labels);

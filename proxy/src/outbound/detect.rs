@@ -27,6 +27,20 @@ pub const MAX_PEEK: usize = 1024;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// An h2 frame header's size.
+pub const H2_FRAME_HEADER: usize = 9;
+
+/// Whether a server's first bytes are an h2 SETTINGS frame (type 4 on
+/// stream 0, a payload of whole 6-byte settings): an h2 server that sent
+/// its preface first, not a protocol in which the server speaks first.
+pub fn is_h2_settings(buf: &[u8]) -> bool {
+    if buf.len() < H2_FRAME_HEADER {
+        return false;
+    }
+    let length = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]);
+    buf[3] == 0x04 && buf[4] & !0x01 == 0 && buf[5..9] == [0, 0, 0, 0] && length.is_multiple_of(6) && length <= 16_384
+}
+
 /// What a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Detected {
@@ -174,6 +188,16 @@ mod tests {
             Verdict::Decided(d, o) => Some((d, o)),
             Verdict::NeedMore => None,
         }
+    }
+
+    #[test]
+    fn an_h2_servers_settings_are_told_from_a_banner() {
+        // Empty SETTINGS, and SETTINGS with one setting (max concurrent streams 100).
+        assert!(is_h2_settings(&[0, 0, 0, 4, 0, 0, 0, 0, 0]));
+        assert!(is_h2_settings(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100]));
+        assert!(!is_h2_settings(b"SSH-2.0-OpenSSH_9.2"));
+        assert!(!is_h2_settings(b"220 smtp ready\r\n"));
+        assert!(!is_h2_settings(&[0, 0, 0, 4]), "too short to tell");
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct Exchange<C: Connect> {
     pub error: Option<String>,
     protocol: &'static str,
     log: Option<LogInfo>,
+    /// Counted already (its end, or its drop, counts it once).
+    recorded: bool,
 }
 
 impl<C: Connect> Exchange<C> {
@@ -92,6 +94,7 @@ impl<C: Connect> Exchange<C> {
             error: None,
             protocol,
             log,
+            recorded: false,
         }
     }
 
@@ -164,7 +167,29 @@ struct Record<C: Connect> {
 
 impl<C: Connect> OnEnd for Record<C> {
     fn ended(self: Box<Self>, bytes: u64, end: BodyEnd, grpc: Option<u8>) {
-        let Record { x, status, back } = *self;
+        let Record { mut x, status, back } = *self;
+        x.record(status, bytes, end, grpc);
+        if let (Some((addr, sender)), BodyEnd::Complete) = (back, end) {
+            x.conn.upstreams().checkin(addr, sender);
+        }
+    }
+}
+
+/// A request dropped before it had a response (the client went away, or
+/// the connection was cut) is counted too: code 0, flag `DC`.
+impl<C: Connect> Drop for Exchange<C> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.record(0, 0, BodyEnd::Abandoned, None);
+        }
+    }
+}
+
+impl<C: Connect> Exchange<C> {
+    /// The request's metrics and access-log line, once.
+    fn record(&mut self, status: u16, bytes: u64, end: BodyEnd, grpc: Option<u8>) {
+        self.recorded = true;
+        let x = &*self;
         let conn = &x.conn;
         let duration = x.start.elapsed();
         let request_bytes = x.request_bytes.as_ref().map(|b| b.load(Ordering::Relaxed)).unwrap_or(0);
@@ -206,9 +231,6 @@ impl<C: Connect> OnEnd for Record<C> {
         series.duration.observe(duration.as_secs_f64());
         series.request_bytes.inc_by(request_bytes);
         series.response_bytes.inc_by(bytes);
-        if let (Some((addr, sender)), BodyEnd::Complete) = (back, end) {
-            conn.upstreams().checkin(addr, sender);
-        }
         if let Some(log) = &x.log {
             let mut flags =
                 x.flags.iter().chain(flag.iter()).filter(|f| !f.is_empty()).copied().collect::<Vec<_>>().join(",");
@@ -227,6 +249,7 @@ impl<C: Connect> OnEnd for Record<C> {
                 "request"
             );
         }
-        drop(x.in_flight);
+        // What was in flight to the endpoint ends with the request.
+        self.in_flight = None;
     }
 }
