@@ -495,3 +495,23 @@ fn prometheus_sees_requests_per_route_and_the_dashboard_has_data() -> Result<()>
     ensure!(row.split_whitespace().nth(2) == Some("20") && row.contains("0.0%"), "broken route row: {row}");
     Ok(())
 }
+
+/// `--access-log off`: no access-log lines, connections or requests, while
+/// the requests are still served and counted.
+#[test]
+fn access_log_off_logs_nothing_but_still_counts() -> Result<()> {
+    let mesh = Mesh::new(&[&["client", "v1"]], &[])?;
+    origin(&mesh.sb, mesh.pod("v1"), PORT, "v1", 0)?;
+    let meshed: Vec<&Pod> = mesh.pods.iter().collect();
+    mesh.write_files(&meshed, &services_yaml(&[("web", "10.96.1.1", &["v1"])]))?;
+    let proxy = mesh.start(0, &["--access-log", "off"])?;
+    let got = drive(&mesh, mesh.pod("client"), "10.96.1.1", "/", 3, &[])?;
+    ensure!(n(&got, "bodies", "v1") == 3, "{got}");
+    let counted = wait_for(Duration::from_secs(5), || {
+        (proxy.metrics().ok()?.sum("outrigger_requests_total", &[]) >= 3.0).then_some(())
+    });
+    ensure!(counted.is_some(), "requests are counted with the access log off");
+    let log = proxy.log_text();
+    ensure!(!log.contains("outrigger::access"), "access-log lines with --access-log off:\n{log}");
+    Ok(())
+}
