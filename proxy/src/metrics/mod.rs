@@ -23,9 +23,7 @@ pub use connection::{ConnLabels, ConnRecord, ConnectionMetrics, POD_FAMILIES};
 pub use kernel::KernelCounters;
 pub use labels::{EXTERNAL, UNKNOWN_SERVICE};
 pub use process::ProcessMetrics;
-pub use requests::{
-    Label, RequestLabels, RequestMetrics, RequestSeries, SeriesCache, GRPC_STATUS, REQUEST_BUCKETS, REQUEST_FAMILIES,
-};
+pub use requests::{Label, RequestLabels, RequestMetrics, RequestSeries, SeriesCache, GRPC_STATUS, REQUEST_FAMILIES};
 
 /// A service as a metric label: `name.namespace`, as Istio and Linkerd show it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

@@ -28,8 +28,9 @@ use crate::{
     store::{ServiceRoute, Snapshot},
 };
 
-/// The route label of a request no route rule took.
-pub const DEFAULT_ROUTE: &str = "default";
+/// The route label of a request no route rule took: made once, so a
+/// request clones a reference count instead of allocating the text.
+static DEFAULT_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "default".into());
 
 /// What the access log says of a request (only made when it is logged).
 struct LogInfo {
@@ -83,7 +84,7 @@ impl<C: Connect> Exchange<C> {
         Self {
             conn,
             start,
-            route: DEFAULT_ROUTE.into(),
+            route: DEFAULT_ROUTE.clone(),
             flags: ["", "", ""],
             service: None,
             endpoint: None,

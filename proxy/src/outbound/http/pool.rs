@@ -138,11 +138,6 @@ impl Pool {
     pub fn evict(&self, endpoint: SocketAddr, version: Version) {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).remove(&(endpoint, version));
     }
-
-    /// Idle connections held now (for tests and /config_dump).
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).values().map(Vec::len).sum()
-    }
 }
 
 /// A pool and the pod context it belongs to.
