@@ -215,11 +215,15 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
     args.validate()?;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("outrigger");
-    if let Some(n) = args.worker_threads {
-        builder.worker_threads(n);
-    }
+    builder.worker_threads(args.worker_threads.unwrap_or_else(default_worker_threads));
     let runtime = builder.build().context("starting the async runtime")?;
     runtime.block_on(run(args))
+}
+
+/// Half the CPUs this process may run on, at least one (see
+/// `--worker-threads`).
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get() / 2).unwrap_or(1).max(1)
 }
 
 /// The addresses of the proxy's own network namespace (loopback aside): the

@@ -15,14 +15,14 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf},
+    io::{AsyncRead, AsyncWrite, Interest, ReadHalf, WriteHalf},
     net::TcpStream,
 };
 
 /// The read buffer of one direction of a connection. It holds memory only
 /// while data flows: it is allocated when the socket becomes readable,
-/// doubles (up to `max`) while reads fill it, and is released when a read
-/// finds nothing — so an idle connection pins no buffer.
+/// doubles (up to `max`) while reads fill it, and is released when the
+/// socket has nothing more to read — so an idle connection pins no buffer.
 #[derive(Debug)]
 pub struct ReadBuffer {
     buf: BytesMut,
@@ -139,10 +139,30 @@ pub struct TcpWrite<'a>(&'a TcpStream);
 impl ChunkRead for TcpRead<'_> {
     fn poll_chunk(&mut self, cx: &mut Context<'_>, rb: &mut ReadBuffer) -> Poll<io::Result<Option<Bytes>>> {
         loop {
-            ready!(self.0.poll_read_ready(cx))?;
-            match self.0.try_read_buf(rb.space()) {
+            if let Poll::Ready(ready) = self.0.poll_read_ready(cx) {
+                ready?;
+            } else {
+                rb.idle();
+                return Poll::Pending;
+            }
+            let space = rb.space();
+            let room = space.capacity() - space.len();
+            match self.0.try_read_buf(space) {
                 Ok(0) => return Poll::Ready(Ok(None)),
-                Ok(n) => return Poll::Ready(Ok(Some(rb.take(n)))),
+                Ok(n) => {
+                    if n < room {
+                        // A read that did not fill the buffer drained the
+                        // socket (edge-triggered epoll; tokio's own reads
+                        // assume the same): forget the readiness so the next
+                        // read waits for the next edge, rather than making a
+                        // recv that finds nothing (one syscall per message
+                        // each way: half the recvs of an HTTP exchange).
+                        // The closure makes no call: reporting WouldBlock
+                        // only clears the readiness this read consumed.
+                        let _ = self.0.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                    }
+                    return Poll::Ready(Ok(Some(rb.take(n))));
+                }
                 // Readiness is cleared: the next poll registers for wake-up.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => rb.idle(),
                 Err(e) => return Poll::Ready(Err(e)),

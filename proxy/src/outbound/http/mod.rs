@@ -23,6 +23,7 @@
 mod body;
 mod exchange;
 mod filters;
+mod local;
 mod mirror;
 mod pool;
 #[cfg(test)]
@@ -36,11 +37,11 @@ use std::{
 };
 
 use hyper::{body::Incoming, Request, Response};
-use hyper_util::rt::TokioExecutor;
 
 use body::Counted;
 pub use body::DownBody;
 use exchange::Exchange;
+use local::{Exec, Spawner};
 pub use pool::{Pool, Pools};
 use pool::{Sender, Version};
 
@@ -113,30 +114,18 @@ pub struct HttpConn<C: Connect> {
     logical: Logical,
     version: Version,
     /// The pod's pool: its h2 connections, and the connections mirror
-    /// copies use.
+    /// copies use (which may outlive this client connection).
     pool: Arc<Pool>,
-    /// HTTP/1.1: this client connection's own upstream connections, driven
-    /// in its task (see [`serve`]).
-    local: Option<Local>,
+    /// HTTP/1.1: this client connection's own upstream connections, idle
+    /// between its requests.
+    own: Pool,
+    /// Runs the connection's h2 streams and its HTTP/1.1 upstream
+    /// connections inside its own task (see [`local`]).
+    spawner: Spawner,
     cache: SeriesCache<(Arc<str>, SocketAddr, u16, Option<u8>)>,
     /// Body bytes each way over the connection's life.
     pub sent: Arc<AtomicU64>,
     pub received: Arc<AtomicU64>,
-}
-
-/// A connection's driver, to be polled by the client connection's task.
-type Driver = futures_util::future::BoxFuture<'static, ()>;
-
-/// An HTTP/1.1 client connection's upstream connections. HTTP/1.1 has one
-/// request in flight per connection, so its upstream connections need not
-/// be shared: each is driven inside the client connection's own task, and a
-/// request's way to the endpoint and back wakes no other task (a pooled
-/// connection with its own task costs two cross-task wake-ups a request).
-struct Local {
-    pool: Pool,
-    drivers: tokio::sync::mpsc::UnboundedSender<Driver>,
-    /// Taken by [`serve`], which polls what arrives on it.
-    incoming: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Driver>>>,
 }
 
 /// Where one request goes.
@@ -157,12 +146,17 @@ impl<C: Connect> HttpConn<C> {
         let settings = &core.settings.http_layer;
         let pool = core.pools.of(&pod, settings);
         let version = if detected == Detected::H2 { Version::H2 } else { Version::Http1 };
-        // Unbounded, but a connection is made only when none to its
-        // endpoint is idle: at most one per endpoint in use at a time.
-        let local = (version == Version::Http1).then(|| {
-            let (drivers, incoming) = tokio::sync::mpsc::unbounded_channel();
-            Local { pool: Pool::new(settings), drivers, incoming: std::sync::Mutex::new(Some(incoming)) }
-        });
+        // HTTP/1.1 has one request in flight per connection, so its
+        // upstream connections need not be shared: they are the client
+        // connection's own, driven in its task, and a request's way to the
+        // endpoint and back wakes no other task (a pooled connection with
+        // its own task costs two cross-task wake-ups a request). A
+        // connection is made only when none to its endpoint is idle: at
+        // most one per endpoint in use at a time. h2 connections are the
+        // pod's: many clients' streams share one, and under load their
+        // frames share reads and writes, which costs less than the
+        // wake-ups it adds.
+        let own = Pool::new(settings);
         Self {
             core,
             pod,
@@ -170,7 +164,8 @@ impl<C: Connect> HttpConn<C> {
             logical,
             version,
             pool,
-            local,
+            own,
+            spawner: Spawner::default(),
             cache: Default::default(),
             sent: Default::default(),
             received: Default::default(),
@@ -196,28 +191,35 @@ impl<C: Connect> HttpConn<C> {
 
     /// Where this connection's requests find upstream connections.
     fn upstreams(&self) -> &Pool {
-        self.local.as_ref().map(|l| &l.pool).unwrap_or(&self.pool)
+        match self.version {
+            Version::Http1 => &self.own,
+            Version::H2 => &self.pool,
+        }
+    }
+
+    /// Where this connection's upstream connections run: HTTP/1.1 ones in
+    /// its own task, shared h2 ones in theirs.
+    fn upstream_exec(&self) -> Exec {
+        match self.version {
+            Version::Http1 => Exec::Local(self.spawner.clone()),
+            Version::H2 => Exec::Task,
+        }
     }
 
     /// A new upstream connection to `addr` for this connection's requests.
     async fn connect(&self, snapshot: &Snapshot, addr: SocketAddr) -> Result<Sender, Failure> {
-        self.connect_driven(snapshot, addr, self.local.as_ref().map(|l| &l.drivers)).await
+        self.connect_driven(snapshot, addr, self.upstream_exec()).await
     }
 
     /// A new upstream connection whose driver is its own task (for
     /// requests that may outlive this client connection: mirror copies).
     async fn connect_detached(&self, snapshot: &Snapshot, addr: SocketAddr) -> Result<Sender, Failure> {
-        self.connect_driven(snapshot, addr, None).await
+        self.connect_driven(snapshot, addr, Exec::Task).await
     }
 
-    /// A new upstream connection to `addr`, as the L4 path would reach it;
-    /// its driver goes to `drivers`, or runs as its own task.
-    async fn connect_driven(
-        &self,
-        snapshot: &Snapshot,
-        addr: SocketAddr,
-        drivers: Option<&tokio::sync::mpsc::UnboundedSender<Driver>>,
-    ) -> Result<Sender, Failure> {
+    /// A new upstream connection to `addr`, as the L4 path would reach it,
+    /// its futures run by `exec`.
+    async fn connect_driven(&self, snapshot: &Snapshot, addr: SocketAddr, exec: Exec) -> Result<Sender, Failure> {
         let strict = self.core.connector.strict();
         let target = target_for(snapshot, &self.pod, addr, strict)?;
         let cx = ConnectContext {
@@ -228,18 +230,14 @@ impl<C: Connect> HttpConn<C> {
             metrics: &self.core.metrics,
         };
         let io = attempt(&self.core.connector, &cx, &target).await?;
-        handshake(io, self.version, drivers).await.map_err(|e| Failure::Connect { dest: addr, reason: e.to_string() })
+        handshake(io, self.version, exec).await.map_err(|e| Failure::Connect { dest: addr, reason: e.to_string() })
     }
 }
 
 /// The client side of a new upstream connection; its driver (which ends
-/// when every sender is gone and the connection is idle) goes to `drivers`
-/// or runs as its own task.
-async fn handshake<T>(
-    io: T,
-    version: Version,
-    drivers: Option<&tokio::sync::mpsc::UnboundedSender<Driver>>,
-) -> Result<Sender, hyper::Error>
+/// when every sender is gone and the connection is idle) and its h2
+/// request-body pipes run on `exec`.
+async fn handshake<T>(io: T, version: Version, exec: Exec) -> Result<Sender, hyper::Error>
 where
     T: Duplex + Unpin + Send + 'static,
 {
@@ -247,22 +245,18 @@ where
     Ok(match version {
         Version::Http1 => {
             let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake(io).await?;
-            let driver: Driver = Box::pin(async move {
+            // If the client connection is gone, so is a local driver (and
+            // the connection with it).
+            hyper::rt::Executor::execute(&exec, async move {
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
                 }
             });
-            match drivers {
-                // If the client connection is gone, so is the driver (and
-                // the connection with it).
-                Some(d) => drop(d.send(driver)),
-                None => drop(tokio::spawn(driver)),
-            }
             Sender::Http1(sender)
         }
         Version::H2 => {
-            let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new()).handshake(io).await?;
-            tokio::spawn(async move {
+            let (sender, conn) = hyper::client::conn::http2::Builder::new(exec.clone()).handshake(io).await?;
+            hyper::rt::Executor::execute(&exec, async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream h2 connection ended with an error");
                 }
@@ -286,10 +280,8 @@ where
     U: Duplex + Unpin + Send + 'static,
     C: Connect,
 {
-    let local = conn.local.as_ref();
-    let sender = handshake(first, conn.version, local.map(|l| &l.drivers)).await.map_err(HttpError::Handshake)?;
+    let sender = handshake(first, conn.version, conn.upstream_exec()).await.map_err(HttpError::Handshake)?;
     conn.upstreams().checkin(first_addr, sender);
-    let incoming = local.and_then(|l| l.incoming.lock().unwrap_or_else(|e| e.into_inner()).take());
     let client = HyperIo::new(client, BUFFER, BUFFER);
     let service = {
         let conn = conn.clone();
@@ -299,14 +291,15 @@ where
         })
     };
     let cut = conn.core.drain_cut.clone();
+    let spawner = &conn.spawner;
     let served = match conn.version {
         Version::H2 => {
-            let server = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let server = hyper::server::conn::http2::Builder::new(Exec::Local(spawner.clone()))
                 .max_concurrent_streams(MAX_STREAMS)
                 .max_header_list_size(MAX_HEADERS as u32)
                 .serve_connection(client, service);
             tokio::select! {
-                r = server => r,
+                r = spawner.run(server) => r,
                 () = cut.cancelled() => Ok(()),
             }
         }
@@ -316,16 +309,9 @@ where
                 .max_buf_size(MAX_HEADERS.max(8192))
                 .serve_connection(client, service)
                 .with_upgrades();
-            tokio::pin!(server);
-            let mut incoming = incoming;
-            let mut drivers = futures_util::stream::FuturesUnordered::new();
-            loop {
-                tokio::select! {
-                    r = &mut server => break r,
-                    Some(driver) = async { incoming.as_mut()?.recv().await } => drivers.push(driver),
-                    Some(()) = futures_util::StreamExt::next(&mut drivers), if !drivers.is_empty() => {}
-                    () = cut.cancelled() => break Ok(()),
-                }
+            tokio::select! {
+                r = spawner.run(server) => r,
+                () = cut.cancelled() => Ok(()),
             }
         }
     };
