@@ -224,6 +224,36 @@ fn pod_to_pod_across_nodes_never_crosses_the_wire_in_plaintext() -> Result<()> {
 }
 
 #[test]
+fn requests_are_counted_by_the_proxy_that_serves_them() -> Result<()> {
+    let nodes = TwoNodes::new(&["a"], &["b"], &[])?;
+    let (a, b) = (nodes.pod("a"), nodes.pod("b"));
+    let _log = outrigger_e2e::servers::origin(&nodes.sb, b, APP, "b", 0)?;
+    let n0 = nodes.start(0, &[])?;
+    let n1 = nodes.start(1, &[])?;
+    let target = b.ip4.to_string();
+    let args = [target.as_str(), "8080", "/counted", "20"];
+    let out = nodes.sb.run(outrigger_e2e::servers::python(&nodes.sb, a, "client.py", &args))?;
+    let summary: Value = serde_json::from_slice(&out.stdout).context("client.py output")?;
+    ensure!(summary["statuses"]["200"] == 20, "a -> b over the tunnel: {summary}");
+    // Both ends count the 20 requests: the caller's proxy as outbound, the
+    // server's as inbound (the server pod's view).
+    let inbound = [("reporter", "inbound"), ("source_pod", "a"), ("destination_pod", "b"), ("response_code", "200")];
+    let outbound = [("reporter", "outbound"), ("source_pod", "a"), ("destination_pod", "b"), ("response_code", "200")];
+    let settled = wait_for(Duration::from_secs(5), || {
+        let (m0, m1) = (n0.metrics().ok()?, n1.metrics().ok()?);
+        let counts = (m0.sum("outrigger_requests_total", &outbound), m1.sum("outrigger_requests_total", &inbound));
+        (counts == (20.0, 20.0)).then_some(counts)
+    });
+    ensure!(
+        settled.is_some(),
+        "requests counted (outbound on node 0, inbound on node 1): {:?} {:?}",
+        n0.metrics().map(|m| m.sum("outrigger_requests_total", &outbound)),
+        n1.metrics().map(|m| m.sum("outrigger_requests_total", &inbound))
+    );
+    Ok(())
+}
+
+#[test]
 fn the_tunnel_port_refuses_untrusted_clients_and_foreign_addresses() -> Result<()> {
     let nodes = TwoNodes::new(&["a"], &["b"], &[(0, "tester")])?;
     let (a, b, tester) = (nodes.pod("a"), nodes.pod("b"), nodes.pod("tester"));

@@ -19,6 +19,7 @@ pub mod capture;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod httpcore;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;

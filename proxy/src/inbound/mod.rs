@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod deliver;
+mod http_layer;
 mod plaintext;
 mod stream;
 
@@ -40,7 +41,7 @@ use crate::{
 };
 
 /// Knobs of the inbound path.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct InboundSettings {
     /// Connecting to the application inside the pod.
     pub connect_timeout: Duration,
@@ -58,6 +59,13 @@ pub struct InboundSettings {
     /// inbound): never delivered to.
     pub reserved_ports: [u16; 3],
     pub relay: RelayOptions,
+    /// `--http`: streams that speak HTTP are served request by request
+    /// (for inbound request metrics).
+    pub http: bool,
+    /// `--protocol-detect-timeout`.
+    pub detect_timeout: std::time::Duration,
+    /// `--opaque-ports`: never detected.
+    pub opaque_ports: Arc<[u16]>,
 }
 
 pub struct Inbound {

@@ -18,7 +18,7 @@ use crate::{
     identity::Identity,
     pod::PodContext,
     policy::{self, Decision},
-    transport::{relay, H2Stream},
+    transport::H2Stream,
 };
 
 /// The authenticated peer of a tunnel connection.
@@ -206,9 +206,16 @@ impl Inbound {
                 return;
             }
         };
-        let mut tunnel = H2Stream::new(send, request.into_body());
+        let tunnel = H2Stream::new(send, request.into_body());
         self.metrics.inbound(&pod.key, "ok").inc();
-        let relayed = relay(&mut app, &mut tunnel, self.settings.relay, &self.drain_cut, |_| {}).await;
+        let parties = super::http_layer::Parties {
+            source_pod: labels.source_pod.clone().into(),
+            source_namespace: labels.source_workload_namespace.clone().into(),
+            destination_service: labels.destination_service.clone().into(),
+            destination_pod: labels.destination_pod.clone().into(),
+            destination_namespace: labels.destination_workload_namespace.clone().into(),
+        };
+        let relayed = self.deliver(tunnel, app, authority.port(), parties).await;
         if let Some(record) = &record {
             // Seen from the source: what it sent reached the app (`received`
             // by the relay from the stream).

@@ -179,6 +179,32 @@ pub async fn detect<I: Duplex>(client: &mut Peekable<I>, timeout: Duration) -> (
     tokio::time::timeout(timeout, decide).await.unwrap_or((Detected::Opaque, Outcome::Timeout))
 }
 
+/// Detects what `client` speaks, unless `upstream` speaks first (a
+/// server-speaks-first protocol, never HTTP: opaque at once instead of
+/// after the timeout). What either side sent stays buffered.
+pub async fn client_or_server_first<I: Duplex, U: Duplex>(
+    client: &mut Peekable<I>,
+    upstream: &mut Peekable<U>,
+    timeout: Duration,
+) -> (Detected, Outcome) {
+    let first = tokio::select! {
+        biased;
+        decided = detect(client, timeout) => Some(decided),
+        _ = upstream.peek_more(H2_FRAME_HEADER) => None,
+    };
+    match first {
+        Some(decided) => decided,
+        // An h2 server may send its SETTINGS before the client's preface
+        // arrives (gRPC servers do): still the client's call.
+        None if is_h2_settings(upstream.buffered()) => detect(client, timeout).await,
+        // Anything else from the server before the client decided.
+        None => {
+            tracing::debug!(first = ?&upstream.buffered()[..upstream.buffered().len().min(16)], "the server spoke first: opaque");
+            (Detected::Opaque, Outcome::ServerFirst)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,27 +79,7 @@ async fn protocol<I: Duplex, U: Duplex, C: Connect>(
         }
         Some(declared) => (declared, Outcome::Declared),
         None if settings.detect_timeout.is_zero() => (Detected::Opaque, Outcome::Declared),
-        None => {
-            let first = tokio::select! {
-                biased;
-                decided = detect::detect(client, settings.detect_timeout) => Some(decided),
-                _ = upstream.peek_more(detect::H2_FRAME_HEADER) => None,
-            };
-            match first {
-                Some(decided) => decided,
-                // An h2 server may send its SETTINGS before the client's
-                // preface arrives (gRPC servers do): still the client's call.
-                None if detect::is_h2_settings(upstream.buffered()) => {
-                    detect::detect(client, settings.detect_timeout).await
-                }
-                // Anything else from the server before the client decided:
-                // a server-speaks-first protocol, never HTTP.
-                None => {
-                    tracing::debug!(first = ?&upstream.buffered()[..upstream.buffered().len().min(16)], "the server spoke first: opaque");
-                    (Detected::Opaque, Outcome::ServerFirst)
-                }
-            }
-        }
+        None => detect::client_or_server_first(client, upstream, settings.detect_timeout).await,
     };
     core.metrics.detected(outcome.index());
     detected

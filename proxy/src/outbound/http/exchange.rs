@@ -15,11 +15,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, Response};
 
-use super::{
-    body::{grpc_status, local_response, BodyEnd, Counted, DownBody, OnEnd},
-    pool::Sender,
-    HttpConn,
-};
+use super::{pool::Sender, HttpConn};
+use crate::httpcore::body::{grpc_status, local_response, BodyEnd, Counted, DownBody, OnEnd};
 use crate::{
     balance::InFlight,
     metrics::{service_label, RequestLabels, EXTERNAL, GRPC_STATUS, UNKNOWN_SERVICE},

@@ -13,7 +13,8 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Empty};
 use hyper::{body::Incoming, Request};
 
-use super::{body::UpBody, HttpConn};
+use super::HttpConn;
+use crate::httpcore::body::UpBody;
 use crate::{metrics::ResultLabels, model::BackendRef, outbound::Connect, store::Snapshot};
 
 /// How long one copy may take, response included.

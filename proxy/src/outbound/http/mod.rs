@@ -20,10 +20,8 @@
 //!
 //! [`RouteTable`]: crate::routing::RouteTable
 
-mod body;
 mod exchange;
 mod filters;
-mod local;
 mod mirror;
 mod pool;
 #[cfg(test)]
@@ -38,10 +36,10 @@ use std::{
 
 use hyper::{body::Incoming, Request, Response};
 
-use body::Counted;
-pub use body::DownBody;
+pub use crate::httpcore::body::DownBody;
+use crate::httpcore::body::{self, Counted};
+use crate::httpcore::local::{Exec, Spawner};
 use exchange::Exchange;
-use local::{Exec, Spawner};
 pub use pool::{Pool, Pools};
 use pool::{Sender, Version};
 
@@ -60,13 +58,7 @@ use crate::{
     transport::{Duplex, HyperIo},
 };
 
-/// Read buffer sizes of the HTTP connections (as the relay's first read).
-const BUFFER: usize = 16 * 1024;
-/// The most a client may send as request line and headers (HTTP/1.1) or
-/// header list (h2): beyond it the request is refused (431 / stream reset).
-const MAX_HEADERS: usize = 64 * 1024;
-/// Concurrent streams a client h2 connection may open.
-const MAX_STREAMS: u32 = 256;
+use crate::httpcore::BUFFER;
 /// Request series a connection keeps resolved.
 const SERIES_CACHE: usize = 256;
 
@@ -120,7 +112,7 @@ pub struct HttpConn<C: Connect> {
     /// between its requests.
     own: Pool,
     /// Runs the connection's h2 streams and its HTTP/1.1 upstream
-    /// connections inside its own task (see [`local`]).
+    /// connections inside its own task (see [`crate::httpcore::local`]).
     spawner: Spawner,
     cache: SeriesCache<(Arc<str>, SocketAddr, u16, Option<u8>)>,
     /// Body bytes each way over the connection's life.
@@ -282,7 +274,6 @@ where
 {
     let sender = handshake(first, conn.version, conn.upstream_exec()).await.map_err(HttpError::Handshake)?;
     conn.upstreams().checkin(first_addr, sender);
-    let client = HyperIo::new(client, BUFFER, BUFFER);
     let service = {
         let conn = conn.clone();
         hyper::service::service_fn(move |req| {
@@ -290,31 +281,14 @@ where
             async move { Ok::<_, Infallible>(handle(conn, req).await) }
         })
     };
-    let cut = conn.core.drain_cut.clone();
-    let spawner = &conn.spawner;
-    let served = match conn.version {
-        Version::H2 => {
-            let server = hyper::server::conn::http2::Builder::new(Exec::Local(spawner.clone()))
-                .max_concurrent_streams(MAX_STREAMS)
-                .max_header_list_size(MAX_HEADERS as u32)
-                .serve_connection(client, service);
-            tokio::select! {
-                r = spawner.run(server) => r,
-                () = cut.cancelled() => Ok(()),
-            }
-        }
-        Version::Http1 => {
-            let server = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .max_buf_size(MAX_HEADERS.max(8192))
-                .serve_connection(client, service)
-                .with_upgrades();
-            tokio::select! {
-                r = spawner.run(server) => r,
-                () = cut.cancelled() => Ok(()),
-            }
-        }
-    };
+    let served = crate::httpcore::serve_client(
+        client,
+        conn.version == Version::H2,
+        &conn.spawner,
+        service,
+        &conn.core.drain_cut,
+    )
+    .await;
     served.map_err(HttpError::Serve)
 }
 

@@ -22,7 +22,8 @@ use hyper::{
     Request, Response,
 };
 
-use super::{body::UpBody, HttpSettings};
+use super::HttpSettings;
+use crate::httpcore::body::UpBody;
 use crate::pod::PodContext;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

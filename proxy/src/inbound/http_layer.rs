@@ -1,0 +1,260 @@
+//! The inbound HTTP layer: a tunnel stream (or plaintext arrival) detected
+//! as HTTP/1.1 or h2 is served by hyper, and each request is passed on to
+//! the application over the one connection made to it, so that requests
+//! are measured where they are served (`reporter="inbound"`): the server
+//! pod's view, which also counts callers whose node runs no Outrigger.
+//!
+//! No routing happens here (the caller's side did it); the request and
+//! the response pass unchanged apart from hop-by-hop headers.
+
+use std::{
+    convert::Infallible,
+    sync::{atomic::AtomicU64, Arc},
+    time::Instant,
+};
+
+use hyper::{body::Incoming, Request, Response};
+
+use crate::{
+    httpcore::{
+        body::{grpc_status, local_response, BodyEnd, Counted, DownBody, OnEnd},
+        local::{Exec, Spawner},
+        BUFFER,
+    },
+    metrics::{Label, Metrics, RequestLabels, GRPC_STATUS},
+    outbound::detect::Detected,
+    transport::{Duplex, HyperIo},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InboundHttpError {
+    #[error("HTTP handshake with the application failed: {0}")]
+    Handshake(hyper::Error),
+    #[error("serving the tunnel's HTTP failed: {0}")]
+    Serve(hyper::Error),
+}
+
+/// Who is talking to whom on this connection: the label values every
+/// request of it shares.
+#[derive(Clone)]
+pub struct Parties {
+    pub source_pod: Label,
+    pub source_namespace: Label,
+    pub destination_service: Label,
+    pub destination_pod: Label,
+    pub destination_namespace: Label,
+}
+
+enum AppSender {
+    Http1(hyper::client::conn::http1::SendRequest<Counted<Incoming>>),
+    H2(hyper::client::conn::http2::SendRequest<Counted<Incoming>>),
+}
+
+struct Conn {
+    metrics: Arc<Metrics>,
+    parties: Parties,
+    h2: bool,
+    /// The application connection: HTTP/1.1 takes one request at a time
+    /// (hyper's server side serves them in order), h2 multiplexes.
+    app: tokio::sync::Mutex<AppSender>,
+    pub sent: Arc<AtomicU64>,
+    pub received: Arc<AtomicU64>,
+}
+
+/// Serves `client` (speaking `detected`) against `app` until either ends.
+/// Returns the body bytes (from the client, to the client).
+pub async fn serve<I, A>(
+    client: I,
+    app: A,
+    detected: Detected,
+    metrics: Arc<Metrics>,
+    parties: Parties,
+    cut: tokio_util::sync::CancellationToken,
+) -> Result<(u64, u64), InboundHttpError>
+where
+    I: Duplex + Unpin + Send + 'static,
+    A: Duplex + Unpin + Send + 'static,
+{
+    let spawner = Spawner::default();
+    let exec = Exec::Local(spawner.clone());
+    let h2 = detected == Detected::H2;
+    let app_io = HyperIo::new(app, BUFFER, BUFFER);
+    let sender = if h2 {
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(exec.clone())
+            .handshake(app_io)
+            .await
+            .map_err(InboundHttpError::Handshake)?;
+        hyper::rt::Executor::execute(&exec, async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "inbound h2 connection to the application ended with an error");
+            }
+        });
+        AppSender::H2(sender)
+    } else {
+        let (sender, conn) =
+            hyper::client::conn::http1::Builder::new().handshake(app_io).await.map_err(InboundHttpError::Handshake)?;
+        hyper::rt::Executor::execute(&exec, async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "inbound HTTP/1.1 connection to the application ended with an error");
+            }
+        });
+        AppSender::Http1(sender)
+    };
+    let conn = Arc::new(Conn {
+        metrics,
+        parties,
+        h2,
+        app: tokio::sync::Mutex::new(sender),
+        sent: Default::default(),
+        received: Default::default(),
+    });
+    let service = {
+        let conn = conn.clone();
+        hyper::service::service_fn(move |req| {
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(handle(&conn, req).await) }
+        })
+    };
+    let served = crate::httpcore::serve_client(client, h2, &spawner, service, &cut).await;
+    served.map_err(InboundHttpError::Serve)?;
+    let load = |a: &AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    Ok((load(&conn.sent), load(&conn.received)))
+}
+
+async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<DownBody> {
+    let start = Instant::now();
+    let grpc =
+        req.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let protocol = match (grpc, conn.h2) {
+        (true, _) => "grpc",
+        (false, true) => "http2",
+        (false, false) => "http",
+    };
+    let req = req.map(|b| Counted::new(b, Some(conn.sent.clone()), None));
+    let response = {
+        let mut app = conn.app.lock().await;
+        match &mut *app {
+            AppSender::Http1(s) => match s.ready().await {
+                Ok(()) => s.send_request(req).await,
+                Err(e) => Err(e),
+            },
+            AppSender::H2(s) => {
+                let mut s = s.clone();
+                drop(app);
+                match s.ready().await {
+                    Ok(()) => s.send_request(req).await,
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    };
+    let record = |status: u16| Record { conn: conn.clone(), start, protocol, status };
+    match response {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let trailers_only = grpc_status(resp.headers());
+            resp.map(|b| {
+                let mut counted = Counted::new(
+                    http_body_util::Either::Left(b),
+                    Some(conn.received.clone()),
+                    Some(Box::new(record(status)) as Box<dyn OnEnd>),
+                );
+                counted.set_grpc_status(trailers_only);
+                counted
+            })
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "inbound request to the application failed");
+            let resp = local_response(http::StatusCode::BAD_GATEWAY, "the application's connection failed");
+            resp.map(|b| Counted::new(b, None, Some(Box::new(record(502)) as Box<dyn OnEnd>)))
+        }
+    }
+}
+
+/// One request's account, made when its response body ends.
+struct Record {
+    conn: Arc<Conn>,
+    start: Instant,
+    protocol: &'static str,
+    status: u16,
+}
+
+impl OnEnd for Record {
+    fn ended(self: Box<Self>, bytes: u64, end: BodyEnd, grpc: Option<u8>) {
+        let code = if end == BodyEnd::Complete { self.status } else { 0 };
+        let grpc_label = match (self.protocol, grpc) {
+            ("grpc", Some(g)) => GRPC_STATUS[g as usize],
+            ("grpc", None) => "unknown",
+            _ => "",
+        };
+        let p = &self.conn.parties;
+        // TODO(inbound-http): cache the series per connection, as the
+        // outbound side does.
+        let series = self.conn.metrics.requests.series(&RequestLabels {
+            reporter: "inbound",
+            source_pod: p.source_pod.clone(),
+            source_workload_namespace: p.source_namespace.clone(),
+            destination_service: p.destination_service.clone(),
+            destination_pod: p.destination_pod.clone(),
+            destination_workload_namespace: p.destination_namespace.clone(),
+            route: "default".into(),
+            request_protocol: self.protocol,
+            response_code: code,
+            grpc_response_status: grpc_label,
+        });
+        series.requests.inc();
+        series.duration.observe(self.start.elapsed().as_secs_f64());
+        series.response_bytes.inc_by(bytes);
+    }
+}
+
+impl super::Inbound {
+    /// Passes what arrived for the application on: request by request
+    /// when it speaks HTTP (and `--http` is on and the port not declared
+    /// opaque), else as bytes.
+    pub(super) async fn deliver<I, A>(
+        &self,
+        client: I,
+        app: A,
+        port: u16,
+        parties: Parties,
+    ) -> crate::transport::Relayed
+    where
+        I: Duplex + Unpin + Send + 'static,
+        A: Duplex + Unpin + Send + 'static,
+    {
+        let settings = &self.settings;
+        let mut client = crate::transport::Peekable::new(client);
+        let mut app = crate::transport::Peekable::new(app);
+        let detected = if settings.http && !settings.detect_timeout.is_zero() && !settings.opaque_ports.contains(&port)
+        {
+            // TODO(inbound-http): count inbound detection outcomes (the
+            // detection counters have no direction label yet).
+            crate::outbound::detect::client_or_server_first(&mut client, &mut app, settings.detect_timeout).await.0
+        } else {
+            Detected::Opaque
+        };
+        match detected {
+            Detected::Http1 | Detected::H2 => {
+                match serve(client, app, detected, self.metrics.clone(), parties, self.drain_cut.clone()).await {
+                    Ok((from_client, to_client)) => crate::transport::Relayed {
+                        sent: to_client,
+                        received: from_client,
+                        end: crate::transport::End::Completed,
+                        error: None,
+                    },
+                    Err(e) => {
+                        tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
+                        crate::transport::Relayed {
+                            sent: 0,
+                            received: 0,
+                            end: crate::transport::End::Error,
+                            error: None,
+                        }
+                    }
+                }
+            }
+            _ => crate::transport::relay(&mut app, &mut client, settings.relay, &self.drain_cut, |_| {}).await,
+        }
+    }
+}
