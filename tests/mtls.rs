@@ -235,14 +235,21 @@ fn requests_are_counted_by_the_proxy_that_serves_them() -> Result<()> {
     let out = nodes.sb.run(outrigger_e2e::servers::python(&nodes.sb, a, "client.py", &args))?;
     let summary: Value = serde_json::from_slice(&out.stdout).context("client.py output")?;
     ensure!(summary["statuses"]["200"] == 20, "a -> b over the tunnel: {summary}");
-    // Both ends count the 20 requests: the caller's proxy as outbound, the
+    // The application closing its connection after each answer: the
+    // client's requests still all succeed (the tunnel side winds down and
+    // the caller's proxy opens a new one).
+    let args = [target.as_str(), "8080", "/close", "10"];
+    let out = nodes.sb.run(outrigger_e2e::servers::python(&nodes.sb, a, "client.py", &args))?;
+    let closing: Value = serde_json::from_slice(&out.stdout).context("client.py output")?;
+    ensure!(closing["statuses"]["200"] == 10, "a -> b, the application closing each connection: {closing}");
+    // Both ends count the 30 requests: the caller's proxy as outbound, the
     // server's as inbound (the server pod's view).
     let inbound = [("reporter", "inbound"), ("source_pod", "a"), ("destination_pod", "b"), ("response_code", "200")];
     let outbound = [("reporter", "outbound"), ("source_pod", "a"), ("destination_pod", "b"), ("response_code", "200")];
     let settled = wait_for(Duration::from_secs(5), || {
         let (m0, m1) = (n0.metrics().ok()?, n1.metrics().ok()?);
         let counts = (m0.sum("outrigger_requests_total", &outbound), m1.sum("outrigger_requests_total", &inbound));
-        (counts == (20.0, 20.0)).then_some(counts)
+        (counts == (30.0, 30.0)).then_some(counts)
     });
     ensure!(
         settled.is_some(),

@@ -17,13 +17,15 @@ pub const MAX_STREAMS: u32 = 256;
 
 /// Serves `client` (h2 when `h2`, else HTTP/1.1 with upgrades) with
 /// `service` on `spawner`, until the connection ends or `cut` is cancelled
-/// (the drain deadline).
+/// (the drain deadline). When `wind_down` completes, the connection is shut
+/// down gracefully: what is in flight finishes, nothing new is taken.
 pub async fn serve_client<I, S, B>(
     client: I,
     h2: bool,
     spawner: &Spawner,
     service: S,
     cut: &tokio_util::sync::CancellationToken,
+    wind_down: impl std::future::Future<Output = ()>,
 ) -> Result<(), hyper::Error>
 where
     I: Duplex + Unpin + Send + 'static,
@@ -42,19 +44,72 @@ where
             .max_concurrent_streams(MAX_STREAMS)
             .max_header_list_size(MAX_HEADERS as u32)
             .serve_connection(client, service);
-        tokio::select! {
-            r = spawner.run(server) => r,
-            () = cut.cancelled() => Ok(()),
-        }
+        drive(spawner, server, wind_down, |s| s.graceful_shutdown(), cut).await
     } else {
         let server = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
             .max_buf_size(MAX_HEADERS.max(8192))
             .serve_connection(client, service)
             .with_upgrades();
-        tokio::select! {
-            r = spawner.run(server) => r,
-            () = cut.cancelled() => Ok(()),
-        }
+        drive(spawner, server, wind_down, |s| s.graceful_shutdown(), cut).await
     }
+}
+
+/// Runs a server connection on `spawner`; shuts it down gracefully (with
+/// `shutdown`) once `wind_down` completes; drops it at `cut`.
+async fn drive<F>(
+    spawner: &Spawner,
+    server: F,
+    wind_down: impl std::future::Future<Output = ()>,
+    mut shutdown: impl FnMut(std::pin::Pin<&mut F>),
+    cut: &tokio_util::sync::CancellationToken,
+) -> Result<(), hyper::Error>
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>>,
+{
+    let mut server = std::pin::pin!(server);
+    let mut wind_down = std::pin::pin!(wind_down);
+    let mut winding = false;
+    let run = std::future::poll_fn(|cx| {
+        if !winding && wind_down.as_mut().poll(cx).is_ready() {
+            winding = true;
+            shutdown(server.as_mut());
+        }
+        server.as_mut().poll(cx)
+    });
+    tokio::select! {
+        r = spawner.run(run) => r,
+        () = cut.cancelled() => Ok(()),
+    }
+}
+
+/// Whether the request asks to switch protocols (HTTP/1.1 `Upgrade`, or a
+/// `CONNECT` tunnel).
+pub fn is_upgrade<B>(req: &http::Request<B>) -> bool {
+    req.method() == http::Method::CONNECT
+        || (req.headers().contains_key(http::header::UPGRADE)
+            && req
+                .headers()
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))))
+}
+
+/// Joins the client's and the endpoint's upgraded connections (WebSocket,
+/// CONNECT) byte for byte until either ends.
+pub fn join_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(error = %e, "upgraded connection ended with an error");
+        }
+    });
 }

@@ -79,12 +79,15 @@ where
     let exec = Exec::Local(spawner.clone());
     let h2 = detected == Detected::H2;
     let app_io = HyperIo::new(app, BUFFER, BUFFER);
+    let app_closed = tokio_util::sync::CancellationToken::new();
+    let closed = app_closed.clone().drop_guard();
     let sender = if h2 {
         let (sender, conn) = hyper::client::conn::http2::Builder::new(exec.clone())
             .handshake(app_io)
             .await
             .map_err(InboundHttpError::Handshake)?;
         hyper::rt::Executor::execute(&exec, async move {
+            let _closed = closed;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "inbound h2 connection to the application ended with an error");
             }
@@ -94,6 +97,7 @@ where
         let (sender, conn) =
             hyper::client::conn::http1::Builder::new().handshake(app_io).await.map_err(InboundHttpError::Handshake)?;
         hyper::rt::Executor::execute(&exec, async move {
+            let _closed = closed;
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "inbound HTTP/1.1 connection to the application ended with an error");
             }
@@ -115,14 +119,21 @@ where
             async move { Ok::<_, Infallible>(handle(&conn, req).await) }
         })
     };
-    let served = crate::httpcore::serve_client(client, h2, &spawner, service, &cut).await;
+    // The application closing its connection (an idle or request limit)
+    // winds the tunnel side down the same way: the request in flight
+    // finishes, then the client sees the connection close, as it would
+    // talking to the application itself, and opens a new one.
+    let served = crate::httpcore::serve_client(client, h2, &spawner, service, &cut, app_closed.cancelled()).await;
     served.map_err(InboundHttpError::Serve)?;
     let load = |a: &AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     Ok((load(&conn.sent), load(&conn.received)))
 }
 
-async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<DownBody> {
+async fn handle(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<DownBody> {
     let start = Instant::now();
+    let upgrade = crate::httpcore::is_upgrade(&req);
+    let connect = req.method() == http::Method::CONNECT;
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let grpc =
         req.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let protocol = match (grpc, conn.h2) {
@@ -150,8 +161,14 @@ async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<DownBody> 
     };
     let record = |status: u16| Record { conn: conn.clone(), start, protocol, status };
     match response {
-        Ok(resp) => {
+        Ok(mut resp) => {
             let status = resp.status().as_u16();
+            let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+            if let Some(client_side) = client_upgrade {
+                if switching || (connect && resp.status().is_success()) {
+                    crate::httpcore::join_upgrade(client_side, hyper::upgrade::on(&mut resp));
+                }
+            }
             let trailers_only = grpc_status(resp.headers());
             resp.map(|b| {
                 let mut counted = Counted::new(

@@ -38,6 +38,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("content-type", "text/plain")
         self.send_header("content-length", str(len(body)))
+        # /close...: the application ends the connection after answering
+        # (as a server at its keep-alive request limit does).
+        if self.path.startswith("/close"):
+            self.send_header("connection", "close")
+            self.close_connection = True
         for name in (self.headers.get("x-echo") or "").split(","):
             name = name.strip()
             if name:

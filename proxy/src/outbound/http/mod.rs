@@ -58,7 +58,7 @@ use crate::{
     transport::{Duplex, HyperIo},
 };
 
-use crate::httpcore::BUFFER;
+use crate::httpcore::{is_upgrade, join_upgrade, BUFFER};
 /// Request series a connection keeps resolved.
 const SERIES_CACHE: usize = 256;
 
@@ -281,27 +281,18 @@ where
             async move { Ok::<_, Infallible>(handle(conn, req).await) }
         })
     };
+    // Upstream connections are this connection's own: one closing ends
+    // nothing here (the next request makes a new one).
     let served = crate::httpcore::serve_client(
         client,
         conn.version == Version::H2,
         &conn.spawner,
         service,
         &conn.core.drain_cut,
+        std::future::pending(),
     )
     .await;
     served.map_err(HttpError::Serve)
-}
-
-/// Whether the request asks to switch protocols (HTTP/1.1 `Upgrade`, or a
-/// `CONNECT` tunnel).
-fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.method() == http::Method::CONNECT
-        || (req.headers().contains_key(http::header::UPGRADE)
-            && req
-                .headers()
-                .get_all(http::header::CONNECTION)
-                .iter()
-                .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))))
 }
 
 /// One request, start to response head; the rest is the [`Exchange`]'s.
@@ -559,23 +550,4 @@ fn endpoint_failed(destination: &Destination, index: Option<usize>, e: &Failure)
             route.balancer.failed(i);
         }
     }
-}
-
-/// Joins the client's and the endpoint's upgraded connections (WebSocket,
-/// CONNECT) byte for byte until either ends.
-fn join_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(both) => both,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade did not complete");
-                return;
-            }
-        };
-        let mut client = hyper_util::rt::TokioIo::new(client);
-        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            tracing::debug!(error = %e, "upgraded connection ended with an error");
-        }
-    });
 }
