@@ -7,6 +7,30 @@ pub mod local;
 use crate::transport::{Duplex, HyperIo};
 use local::{Exec, Spawner};
 
+/// The route label of a request no route rule took: made once, so a
+/// request clones a reference count instead of allocating the text.
+pub static DEFAULT_ROUTE: std::sync::LazyLock<std::sync::Arc<str>> = std::sync::LazyLock::new(|| "default".into());
+
+/// The `request_protocol` label: `grpc` by content type, else by version.
+pub fn request_protocol(headers: &http::HeaderMap, h2: bool) -> &'static str {
+    let grpc = headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    match (grpc, h2) {
+        (true, _) => "grpc",
+        (false, true) => "http2",
+        (false, false) => "http",
+    }
+}
+
+/// The `grpc_response_status` label: the status of a gRPC request's
+/// response (`unknown` without one), empty for other protocols.
+pub fn grpc_label(protocol: &str, grpc: Option<u8>) -> &'static str {
+    match (protocol, grpc) {
+        ("grpc", Some(g)) => crate::metrics::GRPC_STATUS[g as usize],
+        ("grpc", None) => "unknown",
+        _ => "",
+    }
+}
+
 /// Read buffer sizes of HTTP connections (as the relay's first read).
 pub const BUFFER: usize = 16 * 1024;
 /// The most a client may send as request line and headers (HTTP/1.1) or

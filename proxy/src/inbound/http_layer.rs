@@ -21,10 +21,14 @@ use crate::{
         local::{Exec, Spawner},
         BUFFER,
     },
-    metrics::{Label, Metrics, RequestLabels, GRPC_STATUS},
+    metrics::{Label, Metrics, RequestLabels, SeriesCache},
     outbound::detect::Detected,
     transport::{Duplex, HyperIo},
 };
+
+/// Request series a connection keeps resolved (an application answering
+/// with ever new status codes finds the rest in the metrics' own map).
+const SERIES_CACHE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InboundHttpError {
@@ -57,8 +61,11 @@ struct Conn {
     /// The application connection: HTTP/1.1 takes one request at a time
     /// (hyper's server side serves them in order), h2 multiplexes.
     app: tokio::sync::Mutex<AppSender>,
-    pub sent: Arc<AtomicU64>,
-    pub received: Arc<AtomicU64>,
+    /// Request series by (protocol, code, grpc status), up to
+    /// [`SERIES_CACHE`] of them.
+    cache: SeriesCache<(&'static str, u16, Option<u8>)>,
+    sent: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
 }
 
 /// Serves `client` (speaking `detected`) against `app` until either ends.
@@ -109,6 +116,7 @@ where
         parties,
         h2,
         app: tokio::sync::Mutex::new(sender),
+        cache: Default::default(),
         sent: Default::default(),
         received: Default::default(),
     });
@@ -134,13 +142,7 @@ async fn handle(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<DownBo
     let upgrade = crate::httpcore::is_upgrade(&req);
     let connect = req.method() == http::Method::CONNECT;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let grpc =
-        req.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let protocol = match (grpc, conn.h2) {
-        (true, _) => "grpc",
-        (false, true) => "http2",
-        (false, false) => "http",
-    };
+    let protocol = crate::httpcore::request_protocol(req.headers(), conn.h2);
     let req = req.map(|b| Counted::new(b, Some(conn.sent.clone()), None));
     let response = {
         let mut app = conn.app.lock().await;
@@ -199,26 +201,34 @@ struct Record {
 impl OnEnd for Record {
     fn ended(self: Box<Self>, bytes: u64, end: BodyEnd, grpc: Option<u8>) {
         let code = if end == BodyEnd::Complete { self.status } else { 0 };
-        let grpc_label = match (self.protocol, grpc) {
-            ("grpc", Some(g)) => GRPC_STATUS[g as usize],
-            ("grpc", None) => "unknown",
-            _ => "",
-        };
+        let grpc_label = crate::httpcore::grpc_label(self.protocol, grpc);
         let p = &self.conn.parties;
-        // TODO(inbound-http): cache the series per connection, as the
-        // outbound side does.
-        let series = self.conn.metrics.requests.series(&RequestLabels {
-            reporter: "inbound",
-            source_pod: p.source_pod.clone(),
-            source_workload_namespace: p.source_namespace.clone(),
-            destination_service: p.destination_service.clone(),
-            destination_pod: p.destination_pod.clone(),
-            destination_workload_namespace: p.destination_namespace.clone(),
-            route: "default".into(),
-            request_protocol: self.protocol,
-            response_code: code,
-            grpc_response_status: grpc_label,
-        });
+        // Resolved once per connection and outcome: every request of a
+        // connection shares its parties.
+        let key = (self.protocol, code, grpc);
+        let mut cache = self.conn.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let series = match cache.get(&key) {
+            Some(s) => s.clone(),
+            None => {
+                let s = self.conn.metrics.requests.series(&RequestLabels {
+                    reporter: "inbound",
+                    source_pod: p.source_pod.clone(),
+                    source_workload_namespace: p.source_namespace.clone(),
+                    destination_service: p.destination_service.clone(),
+                    destination_pod: p.destination_pod.clone(),
+                    destination_workload_namespace: p.destination_namespace.clone(),
+                    route: crate::httpcore::DEFAULT_ROUTE.clone().into(),
+                    request_protocol: self.protocol,
+                    response_code: code,
+                    grpc_response_status: grpc_label,
+                });
+                if cache.len() < SERIES_CACHE {
+                    cache.insert(key, s.clone());
+                }
+                s
+            }
+        };
+        drop(cache);
         series.requests.inc();
         series.duration.observe(self.start.elapsed().as_secs_f64());
         series.response_bytes.inc_by(bytes);

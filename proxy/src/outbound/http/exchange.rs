@@ -19,15 +19,11 @@ use super::{pool::Sender, HttpConn};
 use crate::httpcore::body::{grpc_status, local_response, BodyEnd, Counted, DownBody, OnEnd};
 use crate::{
     balance::InFlight,
-    metrics::{service_label, RequestLabels, EXTERNAL, GRPC_STATUS, UNKNOWN_SERVICE},
+    metrics::{service_label, RequestLabels, EXTERNAL, UNKNOWN_SERVICE},
     model::ServiceKey,
     outbound::Connect,
     store::{ServiceRoute, Snapshot},
 };
-
-/// The route label of a request no route rule took: made once, so a
-/// request clones a reference count instead of allocating the text.
-static DEFAULT_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "default".into());
 
 /// What the access log says of a request (only made when it is logged).
 struct LogInfo {
@@ -58,15 +54,7 @@ pub struct Exchange<C: Connect> {
 
 impl<C: Connect> Exchange<C> {
     pub fn new(conn: Arc<HttpConn<C>>, parts: &http::request::Parts, start: Instant) -> Self {
-        let grpc = parts
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        let protocol = match (grpc, conn.version) {
-            (true, _) => "grpc",
-            (false, super::Version::H2) => "http2",
-            (false, super::Version::Http1) => "http",
-        };
+        let protocol = crate::httpcore::request_protocol(&parts.headers, conn.version == super::Version::H2);
         let log = conn.core.settings.http_layer.log_requests.then(|| LogInfo {
             method: parts.method.clone(),
             authority: parts
@@ -81,7 +69,7 @@ impl<C: Connect> Exchange<C> {
         Self {
             conn,
             start,
-            route: DEFAULT_ROUTE.clone(),
+            route: crate::httpcore::DEFAULT_ROUTE.clone(),
             flags: ["", "", ""],
             service: None,
             endpoint: None,
@@ -199,11 +187,7 @@ impl<C: Connect> Exchange<C> {
             BodyEnd::Error => (0, Some("UPE")),
             BodyEnd::Abandoned => (0, Some("DC")),
         };
-        let grpc_label = match (x.protocol, grpc) {
-            ("grpc", Some(g)) => GRPC_STATUS[g as usize],
-            ("grpc", None) => "unknown",
-            _ => "",
-        };
+        let grpc_label = crate::httpcore::grpc_label(x.protocol, grpc);
         let endpoint = x.endpoint.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
         let series = conn.series((x.route.clone(), endpoint, code, grpc), || RequestLabels {
             reporter: "outbound",
