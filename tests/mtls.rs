@@ -225,8 +225,8 @@ fn pod_to_pod_across_nodes_never_crosses_the_wire_in_plaintext() -> Result<()> {
 
 #[test]
 fn requests_are_counted_by_the_proxy_that_serves_them() -> Result<()> {
-    let nodes = TwoNodes::new(&["a"], &["b"], &[])?;
-    let (a, b) = (nodes.pod("a"), nodes.pod("b"));
+    let nodes = TwoNodes::new(&["a"], &["b"], &[(0, "outside")])?;
+    let (a, b, outside) = (nodes.pod("a"), nodes.pod("b"), nodes.pod("outside"));
     let _log = outrigger_e2e::servers::origin(&nodes.sb, b, APP, "b", 0)?;
     let n0 = nodes.start(0, &[])?;
     let n1 = nodes.start(1, &[])?;
@@ -242,21 +242,40 @@ fn requests_are_counted_by_the_proxy_that_serves_them() -> Result<()> {
     let out = nodes.sb.run(outrigger_e2e::servers::python(&nodes.sb, a, "client.py", &args))?;
     let closing: Value = serde_json::from_slice(&out.stdout).context("client.py output")?;
     ensure!(closing["statuses"]["200"] == 10, "a -> b, the application closing each connection: {closing}");
-    // Both ends count the 30 requests: the caller's proxy as outbound, the
-    // server's as inbound (the server pod's view).
+    // Request bodies: 5 POSTs of 1 000 bytes.
+    let args = [target.as_str(), "8080", "/posted", "5", "method:POST", "body:1000"];
+    let out = nodes.sb.run(outrigger_e2e::servers::python(&nodes.sb, a, "client.py", &args))?;
+    let posted: Value = serde_json::from_slice(&out.stdout).context("client.py output")?;
+    ensure!(posted["statuses"]["200"] == 5, "a -> b, POST with a body: {posted}");
+    // A client outside the mesh (plaintext arriving at b): 5 requests.
+    let out = nodes.sb.run(outrigger_e2e::servers::python(&nodes.sb, outside, "client.py", &args[..4]))?;
+    let plain: Value = serde_json::from_slice(&out.stdout).context("client.py output")?;
+    ensure!(plain["statuses"]["200"] == 5, "outside -> b in plaintext: {plain}");
+    // Both ends count the 35 requests from a: the caller's proxy as
+    // outbound, the server's as inbound (the server pod's view); the
+    // server's proxy alone counts the plaintext ones.
     let inbound = [("reporter", "inbound"), ("source_pod", "a"), ("destination_pod", "b"), ("response_code", "200")];
     let outbound = [("reporter", "outbound"), ("source_pod", "a"), ("destination_pod", "b"), ("response_code", "200")];
-    let settled = wait_for(Duration::from_secs(5), || {
+    let plaintext = [("reporter", "inbound"), ("source_pod", ""), ("destination_pod", "b"), ("response_code", "200")];
+    let counts = || -> Option<(f64, f64, f64)> {
         let (m0, m1) = (n0.metrics().ok()?, n1.metrics().ok()?);
-        let counts = (m0.sum("outrigger_requests_total", &outbound), m1.sum("outrigger_requests_total", &inbound));
-        (counts == (30.0, 30.0)).then_some(counts)
-    });
+        let requests =
+            |m: &outrigger_e2e::MetricsText, labels: &[(&str, &str)]| m.sum("outrigger_requests_total", labels);
+        Some((requests(&m0, &outbound), requests(&m1, &inbound), requests(&m1, &plaintext)))
+    };
+    let settled = wait_for(Duration::from_secs(5), || counts().filter(|c| *c == (35.0, 35.0, 5.0)));
     ensure!(
         settled.is_some(),
-        "requests counted (outbound on node 0, inbound on node 1): {:?} {:?}",
-        n0.metrics().map(|m| m.sum("outrigger_requests_total", &outbound)),
-        n1.metrics().map(|m| m.sum("outrigger_requests_total", &inbound))
+        "requests counted (outbound on node 0, inbound and plaintext on node 1): {:?}",
+        counts()
     );
+    let m1 = n1.metrics()?;
+    let posted_bytes = m1.sum("outrigger_request_bytes_total", &[("reporter", "inbound"), ("source_pod", "a")]);
+    ensure!(posted_bytes == 5000.0, "inbound request body bytes: {posted_bytes} (want 5 000)");
+    // Each tunnel stream and plaintext arrival was detected as HTTP/1.1 by
+    // the server's proxy: at least one per client run.
+    let inbound_http1 = m1.sum("outrigger_protocol_detections_total", &[("direction", "inbound"), ("result", "http1")]);
+    ensure!(inbound_http1 >= 4.0, "inbound http1 detections: {inbound_http1}");
     Ok(())
 }
 

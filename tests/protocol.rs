@@ -40,7 +40,10 @@ fn curl(mesh: &Mesh, client: &Pod, extra: &[&str], url: &str) -> Result<String> 
 }
 
 fn detections(proxy: &ProxyProcess, result: &str) -> f64 {
-    proxy.metrics().map(|m| m.sum("outrigger_protocol_detections_total", &[("result", result)])).unwrap_or(f64::NAN)
+    proxy
+        .metrics()
+        .map(|m| m.sum("outrigger_protocol_detections_total", &[("direction", "outbound"), ("result", result)]))
+        .unwrap_or(f64::NAN)
 }
 
 /// Waits until the counter reaches `want` (it is updated as connections

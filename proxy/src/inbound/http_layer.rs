@@ -9,7 +9,10 @@
 
 use std::{
     convert::Infallible,
-    sync::{atomic::AtomicU64, Arc},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Instant,
 };
 
@@ -22,7 +25,7 @@ use crate::{
         BUFFER,
     },
     metrics::{Label, Metrics, RequestLabels, SeriesCache},
-    outbound::detect::Detected,
+    outbound::detect::{Detected, Outcome},
     transport::{Duplex, HyperIo},
 };
 
@@ -47,6 +50,20 @@ pub struct Parties {
     pub destination_service: Label,
     pub destination_pod: Label,
     pub destination_namespace: Label,
+}
+
+impl Parties {
+    /// The request labels a connection's own labels imply.
+    pub fn of(labels: &crate::metrics::ConnLabels) -> Self {
+        let label = |s: &String| Label(Arc::from(s.as_str()));
+        Self {
+            source_pod: label(&labels.source_pod),
+            source_namespace: label(&labels.source_workload_namespace),
+            destination_service: label(&labels.destination_service),
+            destination_pod: label(&labels.destination_pod),
+            destination_namespace: label(&labels.destination_workload_namespace),
+        }
+    }
 }
 
 enum AppSender {
@@ -133,7 +150,7 @@ where
     // talking to the application itself, and opens a new one.
     let served = crate::httpcore::serve_client(client, h2, &spawner, service, &cut, app_closed.cancelled()).await;
     served.map_err(InboundHttpError::Serve)?;
-    let load = |a: &AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     Ok((load(&conn.sent), load(&conn.received)))
 }
 
@@ -143,7 +160,10 @@ async fn handle(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<DownBo
     let connect = req.method() == http::Method::CONNECT;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let protocol = crate::httpcore::request_protocol(req.headers(), conn.h2);
-    let req = req.map(|b| Counted::new(b, Some(conn.sent.clone()), None));
+    // A counter of its own only for a request that has a body (most have
+    // none): the bytes go to the request's series when it is accounted.
+    let request_bytes = (!http_body::Body::is_end_stream(req.body())).then(|| Arc::new(AtomicU64::new(0)));
+    let req = req.map(|b| Counted::new(b, request_bytes.clone(), None));
     let response = {
         let mut app = conn.app.lock().await;
         match &mut *app {
@@ -161,7 +181,7 @@ async fn handle(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<DownBo
             }
         }
     };
-    let record = |status: u16| Record { conn: conn.clone(), start, protocol, status };
+    let record = |status: u16| Record { conn: conn.clone(), start, protocol, status, request_bytes };
     match response {
         Ok(mut resp) => {
             let status = resp.status().as_u16();
@@ -196,10 +216,13 @@ struct Record {
     start: Instant,
     protocol: &'static str,
     status: u16,
+    request_bytes: Option<Arc<AtomicU64>>,
 }
 
 impl OnEnd for Record {
     fn ended(self: Box<Self>, bytes: u64, end: BodyEnd, grpc: Option<u8>) {
+        let request_bytes = self.request_bytes.as_ref().map_or(0, |b| b.load(Ordering::Relaxed));
+        self.conn.sent.fetch_add(request_bytes, Ordering::Relaxed);
         let code = if end == BodyEnd::Complete { self.status } else { 0 };
         let grpc_label = crate::httpcore::grpc_label(self.protocol, grpc);
         let p = &self.conn.parties;
@@ -231,6 +254,7 @@ impl OnEnd for Record {
         drop(cache);
         series.requests.inc();
         series.duration.observe(self.start.elapsed().as_secs_f64());
+        series.request_bytes.inc_by(request_bytes);
         series.response_bytes.inc_by(bytes);
     }
 }
@@ -253,13 +277,16 @@ impl super::Inbound {
         let settings = &self.settings;
         let mut client = crate::transport::Peekable::new(client);
         let mut app = crate::transport::Peekable::new(app);
-        let detected = if settings.http && !settings.detect_timeout.is_zero() && !settings.opaque_ports.contains(&port)
-        {
-            // TODO(inbound-http): count inbound detection outcomes (the
-            // detection counters have no direction label yet).
-            crate::outbound::detect::client_or_server_first(&mut client, &mut app, settings.detect_timeout).await.0
-        } else {
+        let detected = if !settings.http {
             Detected::Opaque
+        } else {
+            let (detected, outcome) = if settings.detect_timeout.is_zero() || settings.opaque_ports.contains(&port) {
+                (Detected::Opaque, Outcome::Declared)
+            } else {
+                crate::outbound::detect::client_or_server_first(&mut client, &mut app, settings.detect_timeout).await
+            };
+            self.metrics.detected(crate::metrics::Direction::Inbound, outcome.index());
+            detected
         };
         match detected {
             Detected::Http1 | Detected::H2 => {

@@ -7,7 +7,8 @@
 //! authorized — a plaintext source has no principal and no namespace, so a
 //! policy that requires either does not match it, as in Istio —, counted
 //! (`reporter="inbound"`, `security="plaintext"`), logged, and delivered to
-//! the application with its original source. A refusal is a reset: the
+//! the application with its original source (request by request when it
+//! speaks HTTP, counted with the requests of tunnel streams). A refusal is a reset: the
 //! application never sees the client.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
@@ -19,7 +20,7 @@ use super::Inbound;
 use crate::{
     pod::PodContext,
     policy::{self, Decision},
-    transport::{relay, Duplex},
+    transport::Duplex,
 };
 
 impl Inbound {
@@ -87,7 +88,7 @@ impl Inbound {
         // this netns, and a delivery with the same four-tuple would land on
         // it instead of the application's listener.
         let source = SocketAddr::new(peer.ip(), 0);
-        let mut app = match self.connect_app(&pod, dest, Some(source)).await {
+        let app = match self.connect_app(&pod, dest, Some(source)).await {
             Ok(app) => app,
             Err(e) => {
                 self.metrics.conns.failed(&labels, e.result);
@@ -98,14 +99,21 @@ impl Inbound {
             }
         };
         let record = self.metrics.conns.opened(&labels, connect_start.elapsed());
-        let relayed = relay(&mut client, &mut app, self.settings.relay, &self.drain_cut, |_| {}).await;
+        // Taken now: the connection moves into the delivery (the handshake's
+        // estimate; the kernel's smoothed RTT moves little over a
+        // connection's life on a node's network).
+        let rtt = crate::sys::tcp_rtt(std::os::fd::AsFd::as_fd(&client));
+        let parties = super::http_layer::Parties::of(&labels);
+        // Request by request when it speaks HTTP, as a tunnel stream is.
+        let relayed = self.deliver(client, app, dest.port(), parties).await;
         if let Some(record) = &record {
-            let rtt = crate::sys::tcp_rtt(std::os::fd::AsFd::as_fd(&client));
-            record.finish(relayed.sent, relayed.received, start.elapsed(), rtt);
+            // Seen from the client: what it sent is what the delivery
+            // received from it.
+            record.finish(relayed.received, relayed.sent, start.elapsed(), rtt);
         }
         drop(record);
         tracing::info!(target: "outrigger::access", reporter = "inbound", pod = %pod.key, client = %peer, dst = %dest,
-            security = "plaintext", sent_bytes = relayed.sent, received_bytes = relayed.received,
+            security = "plaintext", sent_bytes = relayed.received, received_bytes = relayed.sent,
             duration_ms = start.elapsed().as_secs_f64() * 1e3, result = relayed.outcome(), flags = relayed.end.flag(),
             "plaintext connection closed");
     }

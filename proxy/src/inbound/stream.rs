@@ -208,13 +208,7 @@ impl Inbound {
         };
         let tunnel = H2Stream::new(send, request.into_body());
         self.metrics.inbound(&pod.key, "ok").inc();
-        let parties = super::http_layer::Parties {
-            source_pod: labels.source_pod.clone().into(),
-            source_namespace: labels.source_workload_namespace.clone().into(),
-            destination_service: labels.destination_service.clone().into(),
-            destination_pod: labels.destination_pod.clone().into(),
-            destination_namespace: labels.destination_workload_namespace.clone().into(),
-        };
+        let parties = super::http_layer::Parties::of(&labels);
         let relayed = self.deliver(tunnel, app, authority.port(), parties).await;
         if let Some(record) = &record {
             // Seen from the source: what it sent reached the app (`received`

@@ -65,6 +65,32 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DetectionLabels {
+    pub direction: &'static str,
+    pub result: &'static str,
+}
+
+/// Which side of the proxy decided a connection's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// A captured connection from a pod of this node.
+    Outbound = 0,
+    /// A tunnel stream or plaintext arrival for a pod of this node.
+    Inbound = 1,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::Outbound, Direction::Inbound];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
 /// The proxy's metric families.
 #[derive(Debug)]
 pub struct Metrics {
@@ -79,11 +105,12 @@ pub struct Metrics {
     pub ejections: Family<ServiceLabels, Counter>,
     pub inbound_streams: Family<InboundLabels, Counter>,
     pub limit_refused: Family<LimitLabels, Counter>,
-    /// `outrigger_protocol_detections_total{result}`, one counter per
-    /// result resolved once (no label lookup per connection); indexed like
+    /// `outrigger_protocol_detections_total{direction,result}`, one
+    /// counter per direction and result resolved once (no label lookup per
+    /// connection); indexed by [`Direction`], then like
     /// `outbound::detect::Outcome::ALL`.
-    pub protocol_detections: Family<ResultLabels, Counter>,
-    pub detection_results: Vec<Counter>,
+    pub protocol_detections: Family<DetectionLabels, Counter>,
+    pub detection_results: [Vec<Counter>; 2],
 }
 
 impl Metrics {
@@ -101,23 +128,28 @@ impl Metrics {
             inbound_streams: Family::default(),
             limit_refused: Family::default(),
             protocol_detections: Family::default(),
-            detection_results: Vec::new(),
+            detection_results: Default::default(),
         }
     }
 
     /// Resolves the detection counters for `results` (their labels, in the
     /// order the data path indexes them).
     pub fn with_detection_results(mut self, results: &[&'static str]) -> Self {
-        self.detection_results = results
-            .iter()
-            .map(|r| self.protocol_detections.get_or_create(&ResultLabels { result: r }).clone())
-            .collect();
+        self.detection_results = Direction::ALL.map(|direction| {
+            results
+                .iter()
+                .map(|r| {
+                    let labels = DetectionLabels { direction: direction.label(), result: r };
+                    self.protocol_detections.get_or_create(&labels).clone()
+                })
+                .collect()
+        });
         self
     }
 
     /// Counts one detection outcome by its index.
-    pub fn detected(&self, index: usize) {
-        if let Some(c) = self.detection_results.get(index) {
+    pub fn detected(&self, direction: Direction, index: usize) {
+        if let Some(c) = self.detection_results[direction as usize].get(index) {
             c.inc();
         }
     }
@@ -140,7 +172,7 @@ impl Metrics {
         r.register("pods_meshed", "Pods whose connections are captured now", self.pods_meshed.clone());
         r.register(
             "protocol_detections",
-            "Captured outbound connections by how their protocol was decided (http1, h2, tls, opaque, server_first, timeout, closed, declared)",
+            "Connections by the side that decided their protocol (direction: outbound for captured connections, inbound for tunnel streams and plaintext arrivals) and how (http1, h2, tls, opaque, server_first, timeout, closed, declared)",
             self.protocol_detections.clone(),
         );
         r.register(

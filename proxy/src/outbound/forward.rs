@@ -81,7 +81,7 @@ async fn protocol<I: Duplex, U: Duplex, C: Connect>(
         None if settings.detect_timeout.is_zero() => (Detected::Opaque, Outcome::Declared),
         None => detect::client_or_server_first(client, upstream, settings.detect_timeout).await,
     };
-    core.metrics.detected(outcome.index());
+    core.metrics.detected(crate::metrics::Direction::Outbound, outcome.index());
     detected
 }
 

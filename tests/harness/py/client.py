@@ -2,7 +2,7 @@
 over one connection, a summary as JSON on stdout.
 
 usage: client.py HOST PORT PATH COUNT [HEADER:VALUE ...] ("method:POST"
-sets the method)
+sets the method, "body:N" sends N bytes with each request)
 output: {"bodies": {body: n}, "statuses": {code: n}, "p50_ms": x,
          "p99_ms": x, "headers": {name: value of the last response},
          "connections": n}
@@ -15,13 +15,14 @@ import time
 host, port, path, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 extra = dict(h.split(":", 1) for h in sys.argv[5:])
 method = extra.pop("method", "GET")
+payload = b"x" * int(extra.pop("body", "0")) or None
 bodies, statuses, times, last = {}, {}, [], {}
 conn = http.client.HTTPConnection(host, port, timeout=30)
 connections = 1
 for _ in range(count):
     start = time.monotonic()
     try:
-        conn.request(method, path, headers=extra)
+        conn.request(method, path, body=payload, headers=extra)
         resp = conn.getresponse()
         body = resp.read().decode(errors="replace")
         status = resp.status
