@@ -12,11 +12,15 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Empty, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 
-/// What goes upstream: the client's body, or nothing (a mirror copy).
-pub type UpBody = http_body_util::Either<Counted<Incoming>, Empty<Bytes>>;
+use super::tee::{CopiedBody, Tee};
+
+/// What goes upstream: the client's body (handing copies to mirrors), or
+/// a mirror's copy of one (empty for a request without a body, and for a
+/// resend).
+pub type UpBody = http_body_util::Either<Counted<Tee<Incoming>>, CopiedBody>;
 /// What goes back to the client: the endpoint's body, or one the proxy
 /// made (an error, a fault's abort).
 pub type DownBody = Counted<http_body_util::Either<Incoming, Full<Bytes>>>;

@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod local;
+pub mod tee;
 
 use crate::transport::{Duplex, HyperIo};
 use local::{Exec, Spawner};

@@ -28,10 +28,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def answer(self):
         length = int(self.headers.get("content-length") or 0)
-        if length:
-            self.rfile.read(length)
+        got = len(self.rfile.read(length)) if length else 0
         with LOCK:
-            LOG_FILE.write(f"{self.command} {self.path}\n")
+            LOG_FILE.write(f"{self.command} {self.path} {got}\n")
         if DELAY:
             time.sleep(DELAY)
         body = NAME.encode()

@@ -4,17 +4,22 @@
 //! the bound a copy is skipped and counted), and each copy is bounded in
 //! time.
 //!
-//! Only requests without a body are copied: copying a streamed body would
-//! make the real request wait for the slower of the two readers.
+//! A request body is copied as it passes (`httpcore::tee`), up to 64 KiB:
+//! a larger body, or a mirror too slow to take the copy, loses the copy
+//! (counted `skipped_body` / `failed`) and the shadow sees a failed
+//! request, never a truncated one that looks whole.
 
 use std::{sync::Arc, time::Duration};
 
 use http_body::Body as _;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper::{body::Incoming, Request};
 
 use super::HttpConn;
-use crate::httpcore::body::UpBody;
+use crate::httpcore::{
+    body::UpBody,
+    tee::{CopiedBody, CopySender, CopyState, MAX_COPIED_BODY},
+};
 use crate::{metrics::ResultLabels, model::BackendRef, outbound::Connect, store::Snapshot};
 
 /// How long one copy may take, response included.
@@ -26,26 +31,37 @@ fn count<C: Connect>(conn: &HttpConn<C>, result: &'static str) {
     conn.core.metrics.mirrors.get_or_create(&ResultLabels { result }).inc();
 }
 
+/// Starts a copy of the request to `backend`. Returns the sender the
+/// real body must feed when the request has a body.
 pub fn send<C: Connect>(
     conn: &Arc<HttpConn<C>>,
     snapshot: &Arc<Snapshot>,
     backend: &BackendRef,
     parts: &http::request::Parts,
     body: &Incoming,
-) {
-    if !body.is_end_stream() && body.size_hint().exact() != Some(0) {
+) -> Option<CopySender> {
+    let has_body = !body.is_end_stream() && body.size_hint().exact() != Some(0);
+    // A declared length past the limit: no copy at all.
+    if has_body && body.size_hint().lower() > MAX_COPIED_BODY {
         count(conn, "skipped_body");
-        return;
+        return None;
     }
     let Ok(permit) = conn.pool.mirror_slots.clone().try_acquire_owned() else {
         count(conn, "skipped_busy");
-        return;
+        return None;
     };
     let Some(route) = snapshot.service_route(&backend.service, backend.port, conn.client.is_ipv6()).cloned() else {
         count(conn, "failed");
-        return;
+        return None;
     };
-    let mut req = Request::new(UpBody::Right(Empty::new()));
+    let (sender, copy) = if has_body {
+        let (tx, copy) = CopiedBody::channel();
+        (Some(tx), copy)
+    } else {
+        (None, CopiedBody::empty())
+    };
+    let copy_state = copy.state_handle();
+    let mut req = Request::new(UpBody::Right(copy));
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
     *req.headers_mut() = parts.headers.clone();
@@ -73,6 +89,12 @@ pub fn send<C: Connect>(
             Ok::<_, ()>(())
         })
         .await;
-        count(&conn, if matches!(result, Ok(Ok(()))) { "sent" } else { "failed" });
+        let outcome = match (result, copy_state.get()) {
+            (Ok(Ok(())), _) => "sent",
+            (_, CopyState::TooLarge) => "skipped_body",
+            _ => "failed",
+        };
+        count(&conn, outcome);
     });
+    sender
 }

@@ -324,6 +324,8 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
     }
     // 2. Filters, in the order Envoy runs them: fault first.
     let mut response_modifier = None;
+    // The senders of mirrors' copies of the body (none for most requests).
+    let mut copies = Vec::new();
     for f in rule.map(|r| &r.filters[..]).unwrap_or(&[]) {
         match f {
             crate::model::Filter::Fault(fault) => {
@@ -342,7 +344,7 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
             crate::model::Filter::ResponseHeaderModifier(m) => response_modifier = Some(m),
             crate::model::Filter::RequestMirror { backend, share } => {
                 if share.roll() {
-                    mirror::send(&conn, &snapshot, backend, &parts, &body);
+                    copies.extend(mirror::send(&conn, &snapshot, backend, &parts, &body));
                 }
             }
         }
@@ -380,6 +382,7 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
     let mut resend_head = (http_body::Body::is_end_stream(&body) && !upgrade).then(|| Head::of(&parts));
     let request_bytes = Arc::new(AtomicU64::new(0));
     x.request_bytes = Some(request_bytes.clone());
+    let body = crate::httpcore::tee::Tee::new(body, copies);
     let up_body = body::UpBody::Left(Counted::new(body, Some(request_bytes), None));
     let mut up_req = Some(Request::from_parts(parts, up_body));
     // 4 + 5. Endpoint and connection: a connect failure moves to another
@@ -516,7 +519,7 @@ impl Head {
     }
 
     fn request(self) -> Request<body::UpBody> {
-        let mut req = Request::new(body::UpBody::Right(http_body_util::Empty::new()));
+        let mut req = Request::new(body::UpBody::Right(crate::httpcore::tee::CopiedBody::empty()));
         *req.method_mut() = self.method;
         *req.uri_mut() = self.uri;
         *req.version_mut() = self.version;
