@@ -345,7 +345,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 detect_timeout: args.protocol.protocol_detect_timeout,
                 opaque_ports: args.protocol.opaque_ports.clone().into(),
                 http: args.protocol.http,
-                http_layer: args.protocol.http_settings(),
+                http_layer: crate::outbound::HttpSettings {
+                    resilience: args.resilience.defaults(),
+                    ..args.protocol.http_settings()
+                },
             },
             pools: Default::default(),
             drain_cut: drain_cut.clone(),

@@ -29,6 +29,7 @@ pub mod node;
 pub mod outbound;
 pub mod pod;
 pub mod policy;
+pub mod resilience;
 pub mod routing;
 pub mod sources;
 pub mod stats;

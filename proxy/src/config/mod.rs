@@ -5,9 +5,11 @@
 
 mod kubernetes;
 mod protocol;
+mod resilience;
 
 pub use kubernetes::KubeArgs;
 pub use protocol::{AccessLog, ProtocolArgs};
+pub use resilience::ResilienceArgs;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -147,6 +149,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub protocol: ProtocolArgs,
+
+    #[command(flatten)]
+    pub resilience: ResilienceArgs,
 
     /// How often the pods file is checked for changes; with --kubernetes, how often
     /// pods of this node still waiting for their network namespace are looked for.
@@ -485,6 +490,7 @@ impl RunArgs {
         }
         self.kubernetes.validate()?;
         self.protocol.validate()?;
+        self.resilience.validate()?;
         within("reload-interval", self.reload_interval, ms(10), DAY)?;
         within("textfile-interval", self.textfile_interval, ms(10), DAY)?;
         within("connect-timeout", self.connect_timeout, ms(1), Duration::from_secs(600))?;

@@ -105,6 +105,7 @@ impl ProtocolArgs {
             max_idle_per_endpoint: self.http_max_idle_per_endpoint,
             idle_timeout: self.http_idle_timeout,
             max_mirrors_in_flight: self.http_max_mirrors_in_flight,
+            resilience: Default::default(),
         }
     }
 }

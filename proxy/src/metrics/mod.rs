@@ -9,6 +9,7 @@ mod kernel;
 mod labels;
 mod process;
 mod requests;
+mod resilience;
 pub mod textfile;
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub use kernel::KernelCounters;
 pub use labels::{EXTERNAL, UNKNOWN_SERVICE};
 pub use process::ProcessMetrics;
 pub use requests::{Label, RequestLabels, RequestMetrics, RequestSeries, SeriesCache, GRPC_STATUS, REQUEST_FAMILIES};
+pub use resilience::ResilienceMetrics;
 
 /// A service as a metric label: `name.namespace`, as Istio and Linkerd show it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -96,6 +98,7 @@ impl Direction {
 pub struct Metrics {
     pub conns: ConnectionMetrics,
     pub requests: RequestMetrics,
+    pub resilience: ResilienceMetrics,
     /// Mirrored requests by result (sent, skipped_busy, skipped_body,
     /// failed), resolved once.
     pub mirrors: Family<ResultLabels, Counter>,
@@ -120,6 +123,7 @@ impl Metrics {
         Self {
             conns: ConnectionMetrics::new(connection_metrics, addresses_per_pod),
             requests: RequestMetrics::default(),
+            resilience: ResilienceMetrics::default(),
             mirrors: Family::default(),
             orig_dst_misses: Counter::default(),
             config_reloads: Family::default(),
@@ -158,6 +162,7 @@ impl Metrics {
         let r = registry.sub_registry_with_prefix("outrigger");
         self.conns.register(r);
         self.requests.register(r);
+        self.resilience.register(r);
         r.register(
             "mirrored_requests",
             "Requests copied to a RequestMirror backend, by result (sent, failed, skipped_busy, skipped_body)",

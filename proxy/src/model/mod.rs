@@ -21,8 +21,8 @@ use std::{fmt, sync::Arc};
 
 pub use policy::{parse_ip_block, Action, AuthorizationPolicy, Rule, Selector};
 pub use route::{
-    BackendRef, Fault, Filter, HeaderModifier, HttpRoute, ParentRef, PathMatch, RouteMatch, RouteRule, Share,
-    StringMatch, ValueMatch,
+    BackendRef, Fault, Filter, HeaderModifier, HttpRoute, ParentRef, PathMatch, Retry, RouteMatch, RouteRule, Share,
+    StringMatch, Timeouts, ValueMatch,
 };
 pub use service::{AppProtocol, Endpoint, EndpointPort, EndpointSlice, Service, ServicePort, TargetPort};
 pub use workload::{HeldNetns, NetnsRef, Workload};

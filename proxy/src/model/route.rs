@@ -29,7 +29,7 @@ pub struct ParentRef {
     pub port: Option<u16>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RouteRule {
     /// Optional rule name (Gateway API `name`), used as the metrics label.
     pub name: Option<Arc<str>>,
@@ -38,6 +38,33 @@ pub struct RouteRule {
     pub filters: Vec<Filter>,
     /// Empty: the parent service itself.
     pub backends: Vec<BackendRef>,
+    /// Gateway API `timeouts`; unset fields take the flags' defaults.
+    pub timeouts: Timeouts,
+    /// Gateway API `retry` (GEP-1731); none: no retries beyond resending
+    /// what an endpoint provably did not process.
+    pub retry: Option<Retry>,
+}
+
+/// Gateway API HTTPRouteTimeouts. `None`: the flag's default; zero:
+/// disabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timeouts {
+    /// The whole transaction, retries included, to the response head.
+    pub request: Option<Duration>,
+    /// One attempt at one endpoint, to the response head.
+    pub backend_request: Option<Duration>,
+}
+
+/// Gateway API HTTPRouteRetry (GEP-1731).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retry {
+    /// Response codes that are retried (400-599).
+    pub codes: Vec<u16>,
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    /// The least wait before a retry; it doubles with each retry (with
+    /// jitter), Envoy's exponential back-off. None: the flag's default.
+    pub backoff: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

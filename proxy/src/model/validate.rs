@@ -228,6 +228,7 @@ pub fn route(r: &HttpRoute) -> Result<(), String> {
                 ));
             }
         }
+        resilience(&what, rule)?;
         for f in &rule.filters {
             match f {
                 Filter::RequestHeaderModifier(m) | Filter::ResponseHeaderModifier(m) => header_modifier(&what, m)?,
@@ -243,6 +244,43 @@ pub fn route(r: &HttpRoute) -> Result<(), String> {
                 }
                 Filter::RequestMirror { .. } => {}
             }
+        }
+    }
+    Ok(())
+}
+
+/// Retries after the first attempt a rule may ask for.
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+/// The longest timeout or back-off a rule may set.
+const MAX_POLICY_DURATION: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn resilience(what: &str, rule: &crate::model::RouteRule) -> Result<(), String> {
+    let t = rule.timeouts;
+    for (name, d) in [("request", t.request), ("backendRequest", t.backend_request)] {
+        if d.is_some_and(|d| d > MAX_POLICY_DURATION) {
+            return Err(format!("{what}: timeouts.{name} is longer than an hour"));
+        }
+    }
+    // Gateway API: backendRequest must not exceed request (0 disables).
+    if let (Some(req), Some(backend)) = (t.request, t.backend_request) {
+        if !req.is_zero() && (backend.is_zero() || backend > req) {
+            return Err(format!(
+                "{what}: timeouts.backendRequest ({backend:?}) must be non-zero and at most timeouts.request ({req:?})"
+            ));
+        }
+    }
+    if let Some(retry) = &rule.retry {
+        if retry.attempts > MAX_RETRY_ATTEMPTS {
+            return Err(format!("{what}: retry.attempts {} (at most {MAX_RETRY_ATTEMPTS})", retry.attempts));
+        }
+        if let Some(code) = retry.codes.iter().find(|c| !(400..=599).contains(*c)) {
+            return Err(format!("{what}: retry code {code} is outside 400..=599"));
+        }
+        if retry.codes.len() > 200 {
+            return Err(format!("{what}: at most 200 retry codes"));
+        }
+        if retry.backoff.is_some_and(|b| b > MAX_POLICY_DURATION) {
+            return Err(format!("{what}: retry.backoff is longer than an hour"));
         }
     }
     Ok(())

@@ -413,6 +413,7 @@ async fn http_routes_match_split_modify_and_inject_faults() {
                 ..HeaderModifier::default()
             })],
             backends: vec![backend("web-v2", 1)],
+            ..RouteRule::default()
         },
         RouteRule {
             name: Some("broken".into()),
@@ -422,12 +423,14 @@ async fn http_routes_match_split_modify_and_inject_faults() {
             }],
             filters: vec![Filter::Fault(Fault { abort: Some((503, Share::ALL)), ..Fault::default() })],
             backends: vec![],
+            ..RouteRule::default()
         },
         RouteRule {
             name: Some("split".into()),
             matches: vec![],
             filters: vec![],
             backends: vec![backend("web", 90), backend("web-v2", 10)],
+            ..RouteRule::default()
         },
     ];
     let mut extra = service("web-v2", "10.96.0.2", &["10.0.1.2"]);

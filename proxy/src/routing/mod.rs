@@ -18,7 +18,10 @@ use std::{cmp::Reverse, sync::Arc};
 
 use http::request::Parts;
 
-use crate::model::{self, BackendRef, Filter, HttpRoute, PathMatch, RouteMatch, StringMatch};
+use crate::{
+    model::{self, BackendRef, Filter, HttpRoute, PathMatch, RouteMatch, StringMatch},
+    resilience::{BudgetSettings, RetryBudget},
+};
 
 /// One rule, ready for requests.
 #[derive(Debug)]
@@ -30,6 +33,11 @@ pub struct Rule {
     /// Weighted backends; empty: the parent service itself.
     pub backends: Vec<BackendRef>,
     total_weight: u64,
+    pub timeouts: model::Timeouts,
+    pub retry: Option<model::Retry>,
+    /// The rule's retry budget, made on its first request (its settings are
+    /// the flags'); a new table (a changed mesh) starts a new one.
+    budget: std::sync::OnceLock<RetryBudget>,
 }
 
 /// Where a rule sends one request.
@@ -43,6 +51,16 @@ pub enum Pick<'a> {
 }
 
 impl Rule {
+    /// The rule's retry budget.
+    pub fn budget(&self, settings: BudgetSettings) -> &RetryBudget {
+        self.budget.get_or_init(|| RetryBudget::new(settings))
+    }
+
+    /// The budget's state, if the rule has made one.
+    pub fn budget_state(&self) -> Option<crate::resilience::BudgetState> {
+        self.budget.get().map(RetryBudget::state)
+    }
+
     /// A backend by weight (`weight / sum`).
     pub fn pick_backend(&self) -> Pick<'_> {
         if self.backends.is_empty() {
@@ -176,6 +194,9 @@ impl RouteTable {
                     filters: rule.filters.clone(),
                     backends: rule.backends.clone(),
                     total_weight,
+                    timeouts: rule.timeouts,
+                    retry: rule.retry.clone(),
+                    budget: Default::default(),
                 });
                 let default = [RouteMatch::default()];
                 let matches = if rule.matches.is_empty() { &default[..] } else { &rule.matches[..] };

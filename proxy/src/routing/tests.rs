@@ -6,7 +6,7 @@ fn svc() -> ServiceKey {
 }
 
 fn rule(name: &str, matches: Vec<RouteMatch>) -> RouteRule {
-    RouteRule { name: Some(name.into()), matches, filters: vec![], backends: vec![] }
+    RouteRule { name: Some(name.into()), matches, ..RouteRule::default() }
 }
 
 fn route(name: &str, created: u64, rules: Vec<RouteRule>) -> Arc<HttpRoute> {
@@ -136,7 +136,15 @@ fn weights_split_and_zero_takes_nothing() {
             BackendRef { service: ServiceKey::new("shop", "v2"), port: 80, weight: w[1] },
         ]
     };
-    let rule = |w| Rule { label: "r".into(), filters: vec![], total_weight: 0, backends: backends(w) };
+    let rule = |w| Rule {
+        label: "r".into(),
+        filters: vec![],
+        total_weight: 0,
+        backends: backends(w),
+        timeouts: Default::default(),
+        retry: None,
+        budget: Default::default(),
+    };
     let mut r = rule([90, 10]);
     r.total_weight = 100;
     let v2 =

@@ -22,6 +22,7 @@
 
 mod exchange;
 mod filters;
+mod forward;
 mod mirror;
 mod pool;
 #[cfg(test)]
@@ -40,6 +41,7 @@ pub use crate::httpcore::body::DownBody;
 use crate::httpcore::body::{self, Counted};
 use crate::httpcore::local::{Exec, Spawner};
 use exchange::Exchange;
+use forward::{Attempts, Outcome};
 pub use pool::{Pool, Pools};
 use pool::{Sender, Version};
 
@@ -50,9 +52,9 @@ use super::{
     Core, Logical,
 };
 use crate::{
-    balance::NoEndpoint,
     metrics::{RequestSeries, SeriesCache},
     pod::PodContext,
+    resilience::Policy,
     routing::Pick,
     store::{ServiceRoute, Snapshot},
     transport::{Duplex, HyperIo},
@@ -83,6 +85,8 @@ pub struct HttpSettings {
     pub idle_timeout: Duration,
     /// Mirror copies in flight per pod; more are skipped (counted).
     pub max_mirrors_in_flight: usize,
+    /// Timeouts and retries where a route rule sets none.
+    pub resilience: crate::resilience::Defaults,
 }
 
 impl Default for HttpSettings {
@@ -93,6 +97,7 @@ impl Default for HttpSettings {
             max_idle_per_endpoint: 64,
             idle_timeout: Duration::from_secs(90),
             max_mirrors_in_flight: 64,
+            resilience: Default::default(),
         }
     }
 }
@@ -378,126 +383,68 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
             | http::Method::PUT
             | http::Method::DELETE
     );
-    // Kept only for a request without a body: what a resend rebuilds.
-    let mut resend_head = (http_body::Body::is_end_stream(&body) && !upgrade).then(|| Head::of(&parts));
+    // Kept only for a request without a body: what a resend or a retry
+    // rebuilds.
+    let replay = (http_body::Body::is_end_stream(&body) && !upgrade).then(|| Head::of(&parts));
     let request_bytes = Arc::new(AtomicU64::new(0));
     x.request_bytes = Some(request_bytes.clone());
     let body = crate::httpcore::tee::Tee::new(body, copies);
-    let up_body = body::UpBody::Left(Counted::new(body, Some(request_bytes), None));
-    let mut up_req = Some(Request::from_parts(parts, up_body));
-    // 4 + 5. Endpoint and connection: a connect failure moves to another
-    // endpoint (the request was not sent); a failure after sending does not.
-    let attempts = conn.core.settings.connect_attempts.max(1) as usize;
-    let mut tried = Vec::with_capacity(attempts);
-    let mut last_failure = None;
-    while tried.len() < attempts {
-        let (addr, index) = match (&destination.route, destination.addr) {
-            (Some(route), _) => match route.balancer.pick(&tried) {
-                Ok(i) => (route.balancer.endpoints()[i].addr, Some(i)),
-                Err(NoEndpoint::None) => {
-                    x.flag("UH");
-                    x.service = Some(route.service.clone());
-                    return x.local(http::StatusCode::SERVICE_UNAVAILABLE, "no endpoints");
-                }
-                Err(NoEndpoint::AllUnavailable) => break,
-            },
-            // A passthrough has one address: one attempt.
-            (None, Some(addr)) if tried.is_empty() => (addr, None),
-            (None, _) => break,
-        };
-        if let Some(i) = index {
-            tried.push(i);
-        } else {
-            tried.push(usize::MAX);
-        }
-        x.set_endpoint(&snapshot, destination.route.as_deref(), addr, index);
-        let sender = match conn.upstreams().checkout(addr, conn.version) {
-            Some(s) => Ok(s),
-            None => conn.connect(&snapshot, addr).await,
-        };
-        let mut sender = match sender {
-            Ok(mut s) => match s.ready().await {
-                Ok(()) => s,
-                Err(_) => match conn.connect(&snapshot, addr).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        endpoint_failed(&destination, index, &e);
-                        last_failure = Some(e);
-                        continue;
-                    }
-                },
-            },
-            Err(e) => {
-                endpoint_failed(&destination, index, &e);
-                last_failure = Some(e);
-                continue;
-            }
-        };
-        // 6. Send; a request the endpoint provably did not process (h2
-        // REFUSED_STREAM or beyond a GOAWAY, a reused HTTP/1.1 connection
-        // closed under an idempotent request) is sent once more on a new
-        // connection, if it has no body to replay.
-        loop {
-            let Some(req) = up_req.take() else { break };
-            let sent_at = Instant::now();
-            let response = sender.send(req).await;
-            let mut resp = match response {
-                Ok(resp) => resp,
-                Err(e) if unprocessed(&e, idempotent) && resend_head.is_some() => {
-                    tracing::debug!(pod = %conn.pod.key, upstream = %addr, error = %e, "request not processed: sent again on a new connection");
-                    conn.upstreams().evict(addr, conn.version);
-                    up_req = resend_head.take().map(|h| h.request());
-                    let fresh = match conn.connect(&snapshot, addr).await {
-                        Ok(mut s) => s.ready().await.map(|()| s).ok(),
-                        Err(_) => None,
-                    };
-                    let Some(fresh) = fresh else {
-                        x.flag("UF");
-                        return x.local(http::StatusCode::SERVICE_UNAVAILABLE, "upstream connect error");
-                    };
-                    sender = fresh;
-                    continue;
-                }
-                Err(e) => {
-                    x.flag("UC");
-                    tracing::debug!(pod = %conn.pod.key, upstream = %addr, error = %e, "upstream request failed");
-                    return x.local(http::StatusCode::BAD_GATEWAY, "upstream connection failed");
-                }
-            };
-            if let (Some(route), Some(i)) = (&destination.route, index) {
-                route.balancer.observe(i, sent_at.elapsed());
-                route.balancer.succeeded(i);
-            }
-            let switching = upgrade && resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-            filters::strip_hop_by_hop(resp.headers_mut(), switching);
-            if let Some(m) = response_modifier {
-                filters::modify_headers(resp.headers_mut(), m);
-            }
-            let upgraded = match client_upgrade {
-                Some(client_side) if switching || (connect && resp.status().is_success()) => {
-                    join_upgrade(client_side, hyper::upgrade::on(&mut resp));
-                    true
-                }
-                _ => false,
-            };
-            // An HTTP/1.1 connection goes back once its response has been
-            // read to the end; an upgraded one is the tunnel's.
-            let back = (!upgraded && conn.version == Version::Http1).then_some((addr, sender));
-            return x.response(resp, back);
-        }
-        break;
+    let up_req = Request::from_parts(parts, body::UpBody::Left(Counted::new(body, Some(request_bytes), None)));
+    // 4 + 5. Endpoint, connection and sending, under the rule's policy.
+    let resilience = &settings.resilience;
+    let policy = match rule {
+        Some(r) => Policy::new(r.timeouts, r.retry.as_ref(), resilience),
+        None => Policy::new(Default::default(), None, resilience),
+    };
+    let budget = rule.filter(|_| policy.retry.is_some()).map(|r| r.budget(resilience.budget));
+    if let Some(b) = budget {
+        b.deposit();
     }
-    match last_failure {
-        Some(e) => {
-            x.flag(e.reason().flag());
-            x.error = Some(e.to_string());
-            x.local(http::StatusCode::SERVICE_UNAVAILABLE, "upstream connect error")
+    let attempts = Attempts {
+        destination: &destination,
+        snapshot: &snapshot,
+        policy,
+        budget,
+        idempotent,
+        route: x.route.clone().into(),
+    };
+    let outcome = match policy.request_timeout {
+        Some(limit) => {
+            // Dropping the attempts cancels the one in flight.
+            let bounded = tokio::time::timeout(limit, forward::forward(&conn, &mut x, &attempts, up_req, replay)).await;
+            bounded.unwrap_or_else(|_| {
+                conn.core.metrics.resilience.timed_out(&attempts.route, "request");
+                Outcome::Local(http::StatusCode::GATEWAY_TIMEOUT, "request timeout")
+            })
         }
-        None => {
-            x.flag("UH");
-            x.local(http::StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
+        None => forward::forward(&conn, &mut x, &attempts, up_req, replay).await,
+    };
+    let (mut resp, addr, sender) = match outcome {
+        Outcome::Response(resp, addr, sender) => (resp, addr, sender),
+        Outcome::Local(status, text) => {
+            if status == http::StatusCode::GATEWAY_TIMEOUT {
+                x.flag("UT");
+            }
+            return x.local(status, text);
         }
+    };
+    // 6. The response.
+    let switching = upgrade && resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    filters::strip_hop_by_hop(resp.headers_mut(), switching);
+    if let Some(m) = response_modifier {
+        filters::modify_headers(resp.headers_mut(), m);
     }
+    let upgraded = match client_upgrade {
+        Some(client_side) if switching || (connect && resp.status().is_success()) => {
+            join_upgrade(client_side, hyper::upgrade::on(&mut resp));
+            true
+        }
+        _ => false,
+    };
+    // An HTTP/1.1 connection goes back once its response has been read to
+    // the end; an upgraded one is the tunnel's.
+    let back = (!upgraded && conn.version == Version::Http1).then_some((addr, sender));
+    x.response(resp, back)
 }
 
 /// A request's head, to send it again.
@@ -518,12 +465,12 @@ impl Head {
         }
     }
 
-    fn request(self) -> Request<body::UpBody> {
+    fn request(&self) -> Request<body::UpBody> {
         let mut req = Request::new(body::UpBody::Right(crate::httpcore::tee::CopiedBody::empty()));
-        *req.method_mut() = self.method;
-        *req.uri_mut() = self.uri;
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers;
+        *req.headers_mut() = self.headers.clone();
         req
     }
 }

@@ -8,8 +8,8 @@ use std::{sync::Arc, time::Duration};
 use serde::Deserialize;
 
 use crate::model::{
-    BackendRef, Fault, Filter, HeaderModifier, HttpRoute, ObjectKey, ParentRef, PathMatch, RouteMatch, RouteRule,
-    Share, StringMatch, ValueMatch,
+    BackendRef, Fault, Filter, HeaderModifier, HttpRoute, ObjectKey, ParentRef, PathMatch, Retry, RouteMatch,
+    RouteRule, Share, StringMatch, Timeouts, ValueMatch,
 };
 
 fn default_namespace() -> String {
@@ -53,6 +53,33 @@ pub struct RuleSpec {
     pub filters: Vec<FilterSpec>,
     #[serde(default)]
     pub backend_refs: Vec<BackendRefSpec>,
+    #[serde(default)]
+    pub timeouts: Option<TimeoutsSpec>,
+    #[serde(default)]
+    pub retry: Option<RetrySpec>,
+}
+
+/// Gateway API HTTPRouteTimeouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TimeoutsSpec {
+    #[serde(default, with = "humantime_serde_compat::option")]
+    pub request: Option<Duration>,
+    #[serde(default, with = "humantime_serde_compat::option")]
+    pub backend_request: Option<Duration>,
+}
+
+/// Gateway API HTTPRouteRetry (GEP-1731).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetrySpec {
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    /// Retries after the first attempt. Required: GEP-1731 leaves the
+    /// default to each implementation, and a route should say what it means.
+    pub attempts: u32,
+    #[serde(default, with = "humantime_serde_compat::option")]
+    pub backoff: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -201,6 +228,16 @@ mod humantime_serde_compat {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e}")))
     }
+
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::Deserializer;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
+    }
 }
 
 fn percentage(what: &str, p: f64) -> Result<Share, String> {
@@ -332,6 +369,16 @@ pub fn translate(r: &RouteSpec, created: u64) -> Result<HttpRoute, String> {
             matches,
             filters: rule.filters.iter().map(|f| filter(&what, f, ns)).collect::<Result<_, _>>()?,
             backends: rule.backend_refs.iter().map(|b| backend(&what, b, ns)).collect::<Result<_, _>>()?,
+            timeouts: rule
+                .timeouts
+                .as_ref()
+                .map(|t| Timeouts { request: t.request, backend_request: t.backend_request })
+                .unwrap_or_default(),
+            retry: rule.retry.as_ref().map(|r| Retry {
+                codes: r.codes.clone(),
+                attempts: r.attempts,
+                backoff: r.backoff,
+            }),
         });
     }
     Ok(HttpRoute { key, parents, rules, created })

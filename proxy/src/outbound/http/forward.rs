@@ -1,0 +1,224 @@
+//! Steps 4 and 5 of a request — endpoint and connection — and sending it,
+//! under the rule's resilience policy:
+//!
+//! - a connect failure moves to another endpoint (`--connect-attempts`);
+//! - a request the endpoint provably did not process (h2 REFUSED_STREAM,
+//!   beyond a GOAWAY, a reused HTTP/1.1 connection that closed) is sent
+//!   once more on a new connection, whatever the policy;
+//! - with a `retry`, an idempotent request without a body is retried on a
+//!   listed status code, on an attempt's timeout (`backendRequest`) and on
+//!   a connection lost after sending, up to `attempts` times, each retry
+//!   taken from the rule's budget, after a back-off, and on an endpoint not
+//!   tried yet when there is one.
+//!
+//! The whole (`timeouts.request`) is bounded by the caller.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use hyper::{body::Incoming, Request, Response};
+
+use super::{endpoint_failed, exchange::Exchange, pool::Sender, unprocessed, Destination, Head, HttpConn};
+use crate::{
+    balance::NoEndpoint,
+    httpcore::body::UpBody,
+    metrics::Label,
+    outbound::Connect,
+    resilience::{Policy, RetryBudget},
+    store::Snapshot,
+};
+
+/// How the request ended, before the response is shaped for the client.
+pub(super) enum Outcome {
+    /// The endpoint's response (with the HTTP/1.1 connection, to return it
+    /// to the client connection's pool once the body has been read).
+    Response(Response<Incoming>, SocketAddr, Sender),
+    /// The proxy answers itself.
+    Local(http::StatusCode, &'static str),
+}
+
+/// What the attempts of one request share.
+pub(super) struct Attempts<'a> {
+    pub destination: &'a Destination,
+    pub snapshot: &'a Arc<Snapshot>,
+    pub policy: Policy<'a>,
+    pub budget: Option<&'a RetryBudget>,
+    pub idempotent: bool,
+    /// The rule's label, for the resilience counters.
+    pub route: Label,
+}
+
+/// Why an attempt is repeated.
+#[derive(Clone, Copy)]
+enum Again {
+    Status,
+    Timeout,
+    Reset,
+}
+
+impl Again {
+    fn reason(self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::Timeout => "timeout",
+            Self::Reset => "reset",
+        }
+    }
+}
+
+impl Attempts<'_> {
+    /// Whether retry number `n` (1 for the first) may be made for `why`;
+    /// takes it from the budget if so.
+    fn may_retry<C: Connect>(&self, conn: &HttpConn<C>, n: u32, replayable: bool, why: Again) -> bool {
+        if !replayable || !self.idempotent || n > self.policy.attempts() {
+            return false;
+        }
+        if let Some(budget) = self.budget {
+            if !budget.withdraw() {
+                conn.core.metrics.resilience.budget_exhausted(&self.route);
+                crate::warn_throttled!(route = %self.route.0, "retry budget spent: failures go to clients without retries");
+                return false;
+            }
+        }
+        conn.core.metrics.resilience.retried(&self.route, why.reason());
+        true
+    }
+}
+
+pub(super) async fn forward<C: Connect>(
+    conn: &Arc<HttpConn<C>>,
+    x: &mut Exchange<C>,
+    a: &Attempts<'_>,
+    req: Request<UpBody>,
+    replay: Option<Head>,
+) -> Outcome {
+    let connect_attempts = conn.core.settings.connect_attempts.max(1) as usize;
+    let mut tried = Vec::with_capacity(connect_attempts);
+    let (mut connect_failures, mut retries, mut resent) = (0, 0u32, false);
+    let mut last_failure = None;
+    let mut req = Some(req);
+    loop {
+        let (addr, index) = match (&a.destination.route, a.destination.addr) {
+            (Some(route), _) => match route.balancer.pick(&tried) {
+                Ok(i) => (route.balancer.endpoints()[i].addr, Some(i)),
+                Err(NoEndpoint::None) => {
+                    x.flag("UH");
+                    x.service = Some(route.service.clone());
+                    return Outcome::Local(http::StatusCode::SERVICE_UNAVAILABLE, "no endpoints");
+                }
+                // A retry with every endpoint tried goes to any of them again.
+                Err(NoEndpoint::AllUnavailable) if retries > 0 => match route.balancer.pick(&[]) {
+                    Ok(i) => (route.balancer.endpoints()[i].addr, Some(i)),
+                    Err(_) => break,
+                },
+                Err(NoEndpoint::AllUnavailable) => break,
+            },
+            // A passthrough has one address: retried there, never redialled
+            // after a connect failure.
+            (None, Some(addr)) if connect_failures == 0 => (addr, None),
+            (None, _) => break,
+        };
+        tried.push(index.unwrap_or(usize::MAX));
+        x.set_endpoint(a.snapshot, a.destination.route.as_deref(), addr, index);
+        let sender = match conn.upstreams().checkout(addr, conn.version) {
+            Some(s) => Ok(s),
+            None => conn.connect(a.snapshot, addr).await,
+        };
+        let mut sender = match sender {
+            Ok(mut s) => match s.ready().await {
+                Ok(()) => s,
+                Err(_) => match conn.connect(a.snapshot, addr).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        endpoint_failed(a.destination, index, &e);
+                        last_failure = Some(e);
+                        connect_failures += 1;
+                        if connect_failures >= connect_attempts {
+                            break;
+                        }
+                        continue;
+                    }
+                },
+            },
+            Err(e) => {
+                endpoint_failed(a.destination, index, &e);
+                last_failure = Some(e);
+                connect_failures += 1;
+                if connect_failures >= connect_attempts {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Some(this) = req.take() else { break };
+        let sent_at = Instant::now();
+        let sending = sender.send(this);
+        // Dropping the send cancels the request: h2 resets the stream, an
+        // HTTP/1.1 connection with a request in flight is closed.
+        let result = match a.policy.backend_timeout {
+            Some(limit) => tokio::time::timeout(limit, sending).await.ok(),
+            None => Some(sending.await),
+        };
+        let again = match result {
+            Some(Ok(resp)) => {
+                if let (Some(route), Some(i)) = (&a.destination.route, index) {
+                    route.balancer.observe(i, sent_at.elapsed());
+                    route.balancer.succeeded(i);
+                }
+                let status = resp.status().as_u16();
+                if !a.policy.retries_status(status) {
+                    return Outcome::Response(resp, addr, sender);
+                }
+                if !a.may_retry(conn, retries + 1, replay.is_some(), Again::Status) {
+                    // A retryable answer the policy could not retry.
+                    if a.policy.attempts() > 0 {
+                        x.flag("URX");
+                    }
+                    return Outcome::Response(resp, addr, sender);
+                }
+                Again::Status
+            }
+            Some(Err(e)) if unprocessed(&e, a.idempotent) && replay.is_some() && !resent => {
+                // Not processed: once more on a new connection, free of the
+                // retry policy (nothing was done twice).
+                tracing::debug!(pod = %conn.pod.key, upstream = %addr, error = %e, "request not processed: sent again on a new connection");
+                conn.upstreams().evict(addr, conn.version);
+                conn.core.metrics.resilience.retried(&a.route, "refused");
+                resent = true;
+                req = replay.as_ref().map(Head::request);
+                tried.pop();
+                continue;
+            }
+            Some(Err(e)) => {
+                tracing::debug!(pod = %conn.pod.key, upstream = %addr, error = %e, "upstream request failed");
+                if !a.may_retry(conn, retries + 1, replay.is_some(), Again::Reset) {
+                    x.flag("UC");
+                    return Outcome::Local(http::StatusCode::BAD_GATEWAY, "upstream connection failed");
+                }
+                Again::Reset
+            }
+            None => {
+                conn.core.metrics.resilience.timed_out(&a.route, "backend_request");
+                if !a.may_retry(conn, retries + 1, replay.is_some(), Again::Timeout) {
+                    // Flagged UT with every 504 the proxy answers.
+                    return Outcome::Local(http::StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+                }
+                Again::Timeout
+            }
+        };
+        retries += 1;
+        tracing::debug!(pod = %conn.pod.key, upstream = %addr, retry = retries, reason = again.reason(), "retrying");
+        tokio::time::sleep(a.policy.backoff(retries)).await;
+        req = replay.as_ref().map(Head::request);
+    }
+    match last_failure {
+        Some(e) => {
+            x.flag(e.reason().flag());
+            x.error = Some(e.to_string());
+            Outcome::Local(http::StatusCode::SERVICE_UNAVAILABLE, "upstream connect error")
+        }
+        None => {
+            x.flag("UH");
+            Outcome::Local(http::StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
+        }
+    }
+}
