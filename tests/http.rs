@@ -12,6 +12,7 @@ use outrigger_e2e::{
     mesh::Mesh,
     prometheus::{dashboard_queries, Prometheus},
     servers::{nginx, origin, python, python_server},
+    traffic::{drive, lines, n},
     wait_for, Pod,
 };
 use serde_json::Value;
@@ -19,38 +20,8 @@ use serde_json::Value;
 const PORT: u16 = 8080;
 const H2C: u16 = 8082;
 
-/// Services (name, VIP, endpoint pods) as mesh-file YAML, port 80 → 8080.
 fn services_yaml(services: &[(&str, &str, &[&str])]) -> String {
-    let mut out = String::from("services:\n");
-    for (name, vip, pods) in services {
-        out.push_str(&format!(
-            "  - name: {name}\n    vips: [\"{vip}\"]\n    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]\n    endpoints:\n"
-        ));
-        for pod in pods.iter() {
-            out.push_str(&format!("      - {{pod: {pod}}}\n"));
-        }
-    }
-    out
-}
-
-/// `count` keep-alive GETs of `path` from `pod` (py/client.py); `headers`
-/// as "name:value" ("method:POST" sets the method).
-fn drive(mesh: &Mesh, pod: &Pod, host: &str, path: &str, count: usize, headers: &[&str]) -> Result<Value> {
-    let count = count.to_string();
-    let mut args = vec![host, "80", path, &count];
-    args.extend_from_slice(headers);
-    let out = mesh.sb.run(python(&mesh.sb, pod, "client.py", &args))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim())
-        .with_context(|| format!("client.py: {text} {}", String::from_utf8_lossy(&out.stderr)))
-}
-
-fn n(v: &Value, group: &str, key: &str) -> u64 {
-    v[group][key].as_u64().unwrap_or(0)
-}
-
-fn lines(path: &std::path::Path) -> usize {
-    std::fs::read_to_string(path).map(|s| s.lines().count()).unwrap_or(0)
+    outrigger_e2e::traffic::services_yaml(PORT, services)
 }
 
 const ROUTES: &str = r#"routes:

@@ -19,6 +19,7 @@ pub mod prometheus;
 pub mod proxy;
 pub mod sandbox;
 pub mod servers;
+pub mod traffic;
 
 use std::{
     path::PathBuf,

@@ -2,11 +2,17 @@
 
 Answers every request with its own name as the body, after an optional
 delay; echoes request headers named in `x-echo` back as `x-echoed-<name>`;
-appends one line per request ("METHOD PATH") to a log file.
+appends one line per request ("METHOD PATH BODY_BYTES") to a log file.
+A path /status/CODE/PERCENT... answers CODE to PERCENT % of its requests
+(at random). A client that goes away during the delay is logged as
+"CANCELLED PATH" (the proxy cancelled the request).
 
 usage: origin.py NAME ADDR PORT LOG [DELAY_MS]
 """
 import http.server
+import random
+import select
+import socket
 import sys
 import threading
 import time
@@ -31,10 +37,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         got = len(self.rfile.read(length)) if length else 0
         with LOCK:
             LOG_FILE.write(f"{self.command} {self.path} {got}\n")
-        if DELAY:
-            time.sleep(DELAY)
+        if DELAY and self.client_gone(DELAY):
+            with LOCK:
+                LOG_FILE.write(f"CANCELLED {self.path}\n")
+            self.close_connection = True
+            return
+        status = 200
+        parts = self.path.split("/")
+        if len(parts) > 3 and parts[1] == "status" and random.random() * 100 < float(parts[3]):
+            status = int(parts[2])
         body = NAME.encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("content-type", "text/plain")
         self.send_header("content-length", str(len(body)))
         # /close...: the application ends the connection after answering
@@ -49,6 +62,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def client_gone(self, wait):
+        """Waits `wait` seconds; True as soon as the client closes."""
+        start = time.monotonic()
+        readable, _, _ = select.select([self.connection], [], [], wait)
+        if not readable:
+            return False
+        try:
+            if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                return True
+        except OSError:
+            return True
+        # A pipelined request, not an end: wait out the rest.
+        time.sleep(max(0.0, wait - (time.monotonic() - start)))
+        return False
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = answer
 

@@ -123,22 +123,16 @@ pub(super) async fn forward<C: Connect>(
             Some(s) => Ok(s),
             None => conn.connect(a.snapshot, addr).await,
         };
-        let mut sender = match sender {
+        // A pooled connection that closed meanwhile is replaced once.
+        let sender = match sender {
             Ok(mut s) => match s.ready().await {
-                Ok(()) => s,
-                Err(_) => match conn.connect(a.snapshot, addr).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        endpoint_failed(a.destination, index, &e);
-                        last_failure = Some(e);
-                        connect_failures += 1;
-                        if connect_failures >= connect_attempts {
-                            break;
-                        }
-                        continue;
-                    }
-                },
+                Ok(()) => Ok(s),
+                Err(_) => conn.connect(a.snapshot, addr).await,
             },
+            Err(e) => Err(e),
+        };
+        let mut sender = match sender {
+            Ok(s) => s,
             Err(e) => {
                 endpoint_failed(a.destination, index, &e);
                 last_failure = Some(e);
@@ -197,6 +191,10 @@ pub(super) async fn forward<C: Connect>(
                 Again::Reset
             }
             None => {
+                // What the attempt cost is what the endpoint is worth now.
+                if let (Some(route), Some(i)) = (&a.destination.route, index) {
+                    route.balancer.observe(i, sent_at.elapsed());
+                }
                 conn.core.metrics.resilience.timed_out(&a.route, "backend_request");
                 if !a.may_retry(conn, retries + 1, replay.is_some(), Again::Timeout) {
                     // Flagged UT with every 504 the proxy answers.

@@ -1,0 +1,151 @@
+//! Resilience per route with real servers whose misbehaviour the test
+//! controls (py/origin.py: a share of answers with a given status, a
+//! fixed delay, a log of what it served and of requests cancelled under
+//! it): retries with a budget, per-attempt and whole-request timeouts.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use outrigger_e2e::{
+    mesh::Mesh,
+    servers::origin,
+    traffic::{drive, lines_starting, n, services_yaml},
+    wait_for, Pod, ProxyProcess,
+};
+
+const PORT: u16 = 8080;
+
+const ROUTES: &str = r#"routes:
+  - name: web
+    parentRefs: [{name: web, port: 80}]
+    rules:
+      - name: retried
+        matches: [{path: {type: PathPrefix, value: /status}}]
+        retry: {codes: [503], attempts: 3}
+  - name: slowfast
+    parentRefs: [{name: slowfast, port: 80}]
+    rules:
+      - timeouts: {backendRequest: 100ms}
+        retry: {codes: [], attempts: 2}
+  - name: allslow
+    parentRefs: [{name: allslow, port: 80}]
+    rules:
+      - timeouts: {request: 300ms}
+"#;
+
+struct Setup {
+    mesh: Mesh,
+    proxy: ProxyProcess,
+    /// Origin logs: the flaky pod's, the slow pod's, the fast pod's.
+    flaky: std::path::PathBuf,
+    slow: std::path::PathBuf,
+    fast: std::path::PathBuf,
+}
+
+fn setup(flags: &[&str]) -> Result<Setup> {
+    let mesh = Mesh::new(&[&["client", "flaky", "slow", "fast"]], &[])?;
+    let flaky = origin(&mesh.sb, mesh.pod("flaky"), PORT, "flaky", 0)?;
+    let slow = origin(&mesh.sb, mesh.pod("slow"), PORT, "slow", 1000)?;
+    let fast = origin(&mesh.sb, mesh.pod("fast"), PORT, "fast", 0)?;
+    let meshed: Vec<&Pod> = mesh.pods.iter().collect();
+    let services = services_yaml(
+        PORT,
+        &[
+            ("web", "10.96.2.1", &["flaky"]),
+            ("slowfast", "10.96.2.2", &["slow", "fast"]),
+            ("allslow", "10.96.2.3", &["slow"]),
+        ],
+    );
+    mesh.write_files(&meshed, &format!("{services}{ROUTES}"))?;
+    let proxy = mesh.start(0, flags)?;
+    Ok(Setup { mesh, proxy, flaky, slow, fast })
+}
+
+fn metric(proxy: &ProxyProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
+    proxy.metrics().map(|m| m.sum(name, labels)).unwrap_or(f64::NAN)
+}
+
+/// Upstream requests the origin served for `path`.
+fn served(log: &std::path::Path, method: &str, path: &str) -> usize {
+    lines_starting(log, &format!("{method} {path} "))
+}
+
+#[test]
+fn retries_turn_a_flaky_endpoint_into_successes_and_never_retry_a_post() -> Result<()> {
+    // A budget that does not bind here (the default's is the next test's).
+    let s = setup(&["--retry-budget-ratio", "1", "--retry-backoff", "5ms", "--retry-max-backoff", "20ms"])?;
+    let client = s.mesh.pod("client");
+    let run = drive(&s.mesh, client, "10.96.2.1", "/status/503/30", 1000, &[])?;
+    let ok = n(&run, "statuses", "200");
+    let upstream = served(&s.flaky, "GET", "/status/503/30");
+    let retries = metric(&s.proxy, "outrigger_retries_total", &[("route", "web/retried"), ("reason", "status")]);
+    eprintln!(
+        "FIGURE 30 % 503, retry attempts 3: {ok} of 1000 succeeded; {upstream} upstream requests, {retries} retries"
+    );
+    ensure!(ok >= 990, "retries should hide a 30 % failure rate: {run}");
+    ensure!(upstream as f64 == 1000.0 + retries, "upstream requests {upstream} = 1000 + retries {retries}");
+    ensure!(retries >= 300.0, "about 0.3 + 0.09 + 0.027 retries per request: {retries}");
+    // A POST is not idempotent: never retried.
+    let posts = drive(&s.mesh, client, "10.96.2.1", "/status/503/100", 20, &["method:POST", "body:100"])?;
+    ensure!(n(&posts, "statuses", "503") == 20, "{posts}");
+    ensure!(served(&s.flaky, "POST", "/status/503/100") == 20, "a POST was retried");
+    Ok(())
+}
+
+#[test]
+fn the_retry_budget_caps_retries_when_every_answer_fails() -> Result<()> {
+    // Linkerd's budget defaults: 20 % of requests plus 10 per second over a
+    // 10 s window. A short back-off keeps the run inside one window.
+    let s = setup(&["--retry-backoff", "1ms", "--retry-max-backoff", "2ms"])?;
+    let client = s.mesh.pod("client");
+    let start = std::time::Instant::now();
+    let run = drive(&s.mesh, client, "10.96.2.1", "/status/503/100", 500, &[])?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let upstream = served(&s.flaky, "GET", "/status/503/100");
+    let retries = metric(&s.proxy, "outrigger_retries_total", &[("route", "web/retried")]);
+    let exhausted = metric(&s.proxy, "outrigger_retry_budget_exhausted_total", &[("route", "web/retried")]);
+    // Each window of 10 s allows 10/s x 10 s; the run spans ceil(t / 10).
+    let cap = 0.2 * 500.0 + 100.0 * (elapsed / 10.0).ceil().max(1.0);
+    eprintln!("FIGURE always 503, 500 requests in {elapsed:.1} s: {upstream} upstream requests ({retries} retries; budget cap {cap}; 1 500 without a budget); budget refused {exhausted}");
+    ensure!(n(&run, "statuses", "503") == 500, "the client gets the 503s: {run}");
+    ensure!(upstream as f64 == 500.0 + retries, "upstream {upstream} = 500 + retries {retries}");
+    ensure!(retries <= cap && retries >= 0.5 * cap, "retries within the budget: {retries} (cap {cap})");
+    // Once spent, each request's first retry is refused (and counted).
+    ensure!(exhausted >= 500.0 - retries, "retries the budget refused: {exhausted}");
+    Ok(())
+}
+
+#[test]
+fn an_attempt_timeout_retries_elsewhere_and_a_request_timeout_cancels_upstream() -> Result<()> {
+    let s = setup(&[])?;
+    let client = s.mesh.pod("client");
+    // One endpoint answers in 1 s, the other at once: with backendRequest
+    // 100ms and a retry, every request succeeds well before 1 s.
+    let run = drive(&s.mesh, client, "10.96.2.2", "/sf", 20, &[])?;
+    let worst = run["p99_ms"].as_f64().unwrap_or(f64::MAX);
+    let timeouts =
+        metric(&s.proxy, "outrigger_request_timeouts_total", &[("route", "slowfast"), ("kind", "backend_request")]);
+    eprintln!("FIGURE backendRequest 100ms, 1 s-slow + healthy endpoint: 20 of 20 ok: {}, slowest {worst:.0} ms, attempt timeouts {timeouts}", n(&run, "statuses", "200"));
+    ensure!(n(&run, "statuses", "200") == 20 && n(&run, "bodies", "fast") == 20, "{run}");
+    ensure!(timeouts >= 1.0, "the slow endpoint was never tried: {timeouts}");
+    ensure!(worst < 700.0, "a request waited for the slow endpoint: {worst} ms");
+    ensure!(served(&s.fast, "GET", "/sf") == 20, "the fast endpoint served every request");
+    // Every endpoint slow, request 300ms: 504 at about 300 ms, and the
+    // slow server sees each request cancelled.
+    let run = drive(&s.mesh, client, "10.96.2.3", "/all", 5, &[])?;
+    let (p50, worst) = (run["p50_ms"].as_f64().unwrap_or(0.0), run["p99_ms"].as_f64().unwrap_or(f64::MAX));
+    eprintln!(
+        "FIGURE request 300ms, every endpoint 1 s slow: 504 x {}, p50 {p50:.0} ms, slowest {worst:.0} ms",
+        n(&run, "statuses", "504")
+    );
+    ensure!(n(&run, "statuses", "504") == 5, "{run}");
+    ensure!(p50 >= 290.0 && worst < 900.0, "504 after the request timeout: p50 {p50} ms, slowest {worst} ms");
+    let cancelled = wait_for(Duration::from_secs(5), || (lines_starting(&s.slow, "CANCELLED /all") == 5).then_some(()));
+    ensure!(cancelled.is_some(), "cancellations the server saw: {}", lines_starting(&s.slow, "CANCELLED /all"));
+    let request_timeouts =
+        metric(&s.proxy, "outrigger_request_timeouts_total", &[("route", "allslow"), ("kind", "request")]);
+    ensure!(request_timeouts == 5.0, "request timeouts counted: {request_timeouts}");
+    let answered = metric(&s.proxy, "outrigger_requests_total", &[("route", "allslow"), ("response_code", "504")]);
+    ensure!(answered == 5.0, "504s counted: {answered}");
+    Ok(())
+}
