@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use outrigger_e2e::{
     mesh::Mesh,
-    servers::origin,
+    servers::{origin, origin_answering},
     traffic::{drive, lines_starting, n, services_yaml},
     wait_for, Pod, ProxyProcess,
 };
@@ -147,5 +147,53 @@ fn an_attempt_timeout_retries_elsewhere_and_a_request_timeout_cancels_upstream()
     ensure!(request_timeouts == 5.0, "request timeouts counted: {request_timeouts}");
     let answered = metric(&s.proxy, "outrigger_requests_total", &[("route", "allslow"), ("response_code", "504")]);
     ensure!(answered == 5.0, "504s counted: {answered}");
+    Ok(())
+}
+
+#[test]
+fn an_endpoint_answering_5xx_is_ejected_for_its_time_within_the_max_percent() -> Result<()> {
+    let mesh = Mesh::new(&[&["client", "good1", "good2", "bad1", "bad2"]], &[])?;
+    let logs: Vec<std::path::PathBuf> = [("good1", 200), ("good2", 200), ("bad1", 500), ("bad2", 500)]
+        .into_iter()
+        .map(|(name, status)| origin_answering(&mesh.sb, mesh.pod(name), PORT, name, 0, status))
+        .collect::<Result<_>>()?;
+    let meshed: Vec<&Pod> = mesh.pods.iter().collect();
+    let services = services_yaml(
+        PORT,
+        &[
+            // One broken endpoint of three.
+            ("one", "10.96.3.1", &["good1", "good2", "bad1"]),
+            // Two of three: a 50 % cap ejects only one of them at a time.
+            ("two", "10.96.3.2", &["good1", "bad1", "bad2"]),
+        ],
+    );
+    mesh.write_files(&meshed, &services)?;
+    // Round robin: every endpoint gets its turn (P2C would starve one whose
+    // first answer was slow, and ejection would have little to show).
+    let flags = ["--lb-algorithm", "round-robin", "--ejection-consecutive-failures", "5", "--ejection-base-time", "3s"];
+    let proxy = mesh.start(0, &flags)?;
+    let client = mesh.pod("client");
+    let bad1 = |path: &str| served(&logs[2], "GET", path);
+    // 5 answers of 500 in a row eject bad1: it gets no more requests.
+    let run = drive(&mesh, client, "10.96.3.1", "/one", 300, &[])?;
+    eprintln!(
+        "FIGURE 1 of 3 endpoints answering 500, 300 requests: it got {}, the client saw {} x 500",
+        bad1("/one"),
+        n(&run, "statuses", "500")
+    );
+    ensure!(bad1("/one") == 5 && n(&run, "statuses", "500") == 5, "ejected after 5 consecutive 500s: {run}");
+    let ejections = metric(&proxy, "outrigger_endpoint_ejections_total", &[]);
+    ensure!(ejections == 1.0, "ejections counted: {ejections}");
+    // After its ejection time it is tried again (and ejected again).
+    std::thread::sleep(Duration::from_millis(3500));
+    drive(&mesh, client, "10.96.3.1", "/one-later", 300, &[])?;
+    eprintln!("FIGURE after the 3 s ejection: it got {} of 300", bad1("/one-later"));
+    ensure!(bad1("/one-later") == 5, "back after its ejection time, then ejected again: {}", bad1("/one-later"));
+    // Two broken endpoints of three: only one may be out at once.
+    let run = drive(&mesh, client, "10.96.3.2", "/two", 300, &[])?;
+    let (b1, b2) = (bad1("/two"), served(&logs[3], "GET", "/two"));
+    eprintln!("FIGURE 2 of 3 endpoints answering 500 (max 50 % ejected): they got {b1} and {b2} of 300");
+    ensure!(b1 + b2 == n(&run, "statuses", "500") as usize, "{run}");
+    ensure!(b1.max(b2) > 20 && b1.min(b2) <= 5, "one ejected, the other kept by the cap: {b1} {b2}");
     Ok(())
 }

@@ -119,13 +119,14 @@ pub fn python(sb: &Sandbox, pod: &Pod, script: &str, args: &[&str]) -> std::proc
 /// `name` after `delay_ms`, logging "METHOD PATH" per request to the
 /// returned file.
 pub fn origin(sb: &Sandbox, pod: &Pod, port: u16, name: &str, delay_ms: u64) -> Result<PathBuf> {
+    origin_answering(sb, pod, port, name, delay_ms, 200)
+}
+
+/// [`origin`] answering every request with `status` (a broken endpoint).
+pub fn origin_answering(sb: &Sandbox, pod: &Pod, port: u16, name: &str, delay_ms: u64, status: u16) -> Result<PathBuf> {
     let log = sb.dir.join(format!("origin-{name}-{port}.log"));
-    let cmd = python(
-        sb,
-        pod,
-        "origin.py",
-        &[name, &pod.ip4.to_string(), &port.to_string(), &log.display().to_string(), &delay_ms.to_string()],
-    );
+    let (addr, port_s, log_s) = (pod.ip4.to_string(), port.to_string(), log.display().to_string());
+    let cmd = python(sb, pod, "origin.py", &[name, &addr, &port_s, &log_s, &delay_ms.to_string(), &status.to_string()]);
     let spawned = sb.spawn(&format!("origin-{name}"), cmd)?;
     wait_listening(pod, port).with_context(|| format!("origin {name}: {}", spawned.stderr()))?;
     Ok(log)

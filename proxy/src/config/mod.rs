@@ -210,8 +210,9 @@ pub struct RunArgs {
     #[arg(long, env = "OUTRIGGER_LB_EWMA_DEFAULT_RTT", default_value = "30ms", value_parser = humantime::parse_duration)]
     pub lb_ewma_default_rtt: Duration,
 
-    /// Consecutive connect failures (refused, timed out) that eject an endpoint
-    /// from its service (Envoy's consecutive_5xx applied to connects). 0 disables ejection.
+    /// Consecutive failures that eject an endpoint from its service: connect
+    /// failures (refused, timed out) and, for HTTP, 5xx answers (Envoy's
+    /// consecutive_5xx, which counts both). 0 disables ejection.
     #[arg(long, env = "OUTRIGGER_EJECTION_CONSECUTIVE_FAILURES", default_value_t = 5)]
     pub ejection_consecutive_failures: u32,
 

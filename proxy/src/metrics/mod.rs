@@ -192,7 +192,7 @@ impl Metrics {
         );
         r.register(
             "endpoint_ejections",
-            "Endpoints ejected from a service after consecutive connect failures",
+            "Endpoints ejected from a service after consecutive failures (connect failures, HTTP 5xx answers)",
             self.ejections.clone(),
         );
     }

@@ -7,7 +7,8 @@ A path /status/CODE/PERCENT... answers CODE to PERCENT % of its requests
 (at random). A client that goes away during the delay is logged as
 "CANCELLED PATH" (the proxy cancelled the request).
 
-usage: origin.py NAME ADDR PORT LOG [DELAY_MS]
+usage: origin.py NAME ADDR PORT LOG [DELAY_MS [STATUS]]
+(STATUS: answer every request with it, a broken endpoint)
 """
 import http.server
 import random
@@ -19,6 +20,7 @@ import time
 
 NAME, ADDR, PORT, LOG = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 DELAY = float(sys.argv[5]) / 1000 if len(sys.argv) > 5 else 0.0
+STATUS = int(sys.argv[6]) if len(sys.argv) > 6 else 200
 LOCK = threading.Lock()
 LOG_FILE = open(LOG, "a", buffering=1)
 
@@ -42,7 +44,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 LOG_FILE.write(f"CANCELLED {self.path}\n")
             self.close_connection = True
             return
-        status = 200
+        status = STATUS
         parts = self.path.split("/")
         if len(parts) > 3 and parts[1] == "status" and random.random() * 100 < float(parts[3]):
             status = int(parts[2])

@@ -134,7 +134,9 @@ pub(super) async fn forward<C: Connect>(
         let mut sender = match sender {
             Ok(s) => s,
             Err(e) => {
-                endpoint_failed(a.destination, index, &e);
+                if e.is_endpoint_fault() {
+                    endpoint_failed(conn, a.destination, index, &e);
+                }
                 last_failure = Some(e);
                 connect_failures += 1;
                 if connect_failures >= connect_attempts {
@@ -154,11 +156,15 @@ pub(super) async fn forward<C: Connect>(
         };
         let again = match result {
             Some(Ok(resp)) => {
+                let status = resp.status().as_u16();
                 if let (Some(route), Some(i)) = (&a.destination.route, index) {
                     route.balancer.observe(i, sent_at.elapsed());
-                    route.balancer.succeeded(i);
+                    if status >= 500 {
+                        endpoint_failed(conn, a.destination, index, &resp.status());
+                    } else {
+                        route.balancer.succeeded(i);
+                    }
                 }
-                let status = resp.status().as_u16();
                 if !a.policy.retries_status(status) {
                     return Outcome::Response(resp, addr, sender);
                 }

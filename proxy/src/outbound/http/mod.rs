@@ -493,11 +493,18 @@ fn unprocessed(e: &hyper::Error, idempotent: bool) -> bool {
     false
 }
 
-/// A connect failure counts against the endpoint (and may eject it).
-fn endpoint_failed(destination: &Destination, index: Option<usize>, e: &Failure) {
-    if let (Some(route), Some(i)) = (&destination.route, index) {
-        if e.is_endpoint_fault() {
-            route.balancer.failed(i);
-        }
+/// A connect failure or a 5xx answer counts against the endpoint (Envoy's
+/// consecutive_5xx, which counts both); the streak may eject it.
+fn endpoint_failed<C: Connect>(
+    conn: &HttpConn<C>,
+    destination: &Destination,
+    index: Option<usize>,
+    why: &dyn std::fmt::Display,
+) {
+    let (Some(route), Some(i)) = (&destination.route, index) else { return };
+    if let Some(time) = route.balancer.failed(i) {
+        conn.core.metrics.ejections.get_or_create(&crate::metrics::ServiceLabels::of(&route.service)).inc();
+        tracing::warn!(service = %route.service, endpoint = %route.balancer.endpoints()[i].addr, ejected_for = ?time,
+            why = %why, "endpoint ejected after consecutive failures (connect failures or 5xx answers)");
     }
 }
