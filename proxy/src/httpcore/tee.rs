@@ -1,5 +1,6 @@
 //! Copying a request body to a mirror as it passes, without ever making
-//! the real request wait.
+//! the real request wait; and keeping it, up to a limit, for a retry to
+//! send again.
 //!
 //! The real body ([`Tee`]) hands each frame on at once and offers a clone
 //! (a reference count, not a copy of the bytes) to each mirror's
@@ -21,9 +22,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
 
-/// The most of a body a mirror gets a copy of (Linkerd's limit for bodies
-/// it buffers for a retry): past it the copy is dropped and counted as
-/// skipped.
+/// The most of a body a mirror gets a copy of, and a retry may send again
+/// (Linkerd's limit for bodies it buffers for a retry): past it the copy
+/// is dropped (a mirror's counted as skipped; the request not retried).
 pub const MAX_COPIED_BODY: u64 = 64 * 1024;
 /// Frames a copy may lag behind the real body before it is dropped.
 const LAG: usize = 256;
@@ -53,7 +54,7 @@ impl CopyState {
 }
 
 /// One frame of a copy (`Frame` is not `Clone`).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 enum Piece {
     Data(Bytes),
     Trailers(http::HeaderMap),
@@ -73,8 +74,11 @@ impl CopySender {
     }
 }
 
-/// A mirror's copy of a request body (or an empty body).
+/// A mirror's copy of a request body, a kept body sent again, or an empty
+/// body.
 pub struct CopiedBody {
+    /// Kept frames, sent first.
+    kept: std::collections::VecDeque<Piece>,
     rx: Option<mpsc::Receiver<Piece>>,
     state: Arc<AtomicU8>,
 }
@@ -86,7 +90,11 @@ pub struct CopyCut(CopyState);
 impl CopiedBody {
     /// No body at all.
     pub fn empty() -> Self {
-        Self { rx: None, state: Arc::new(AtomicU8::new(CopyState::Complete as u8)) }
+        Self::kept(Default::default())
+    }
+
+    fn kept(kept: std::collections::VecDeque<Piece>) -> Self {
+        Self { kept, rx: None, state: Arc::new(AtomicU8::new(CopyState::Complete as u8)) }
     }
 
     /// A copy to be filled by the returned sender (attached to the real
@@ -94,7 +102,7 @@ impl CopiedBody {
     pub fn channel() -> (CopySender, Self) {
         let (tx, rx) = mpsc::channel(LAG);
         let state = Arc::new(AtomicU8::new(CopyState::Running as u8));
-        (CopySender { tx, state: state.clone() }, Self { rx: Some(rx), state })
+        (CopySender { tx, state: state.clone() }, Self { kept: Default::default(), rx: Some(rx), state })
     }
 
     /// How the copy ended (`Running` while it has not).
@@ -123,6 +131,11 @@ impl Body for CopiedBody {
     type Error = CopyCut;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, CopyCut>>> {
+        match self.kept.pop_front() {
+            Some(Piece::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+            Some(Piece::Trailers(trailers)) => return Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            None => {}
+        }
         let Some(rx) = &mut self.rx else { return Poll::Ready(None) };
         match rx.poll_recv(cx) {
             Poll::Ready(Some(Piece::Data(data))) => Poll::Ready(Some(Ok(Frame::data(data)))),
@@ -139,7 +152,7 @@ impl Body for CopiedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.rx.is_none() && self.state() == CopyState::Complete
+        self.kept.is_empty() && self.rx.is_none() && self.state() == CopyState::Complete
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -147,23 +160,59 @@ impl Body for CopiedBody {
     }
 }
 
-/// The real request body, handing copies of its frames to mirrors.
+/// A request body kept as it passes (up to [`MAX_COPIED_BODY`]), for a
+/// retry to send again once the first attempt has read all of it.
+#[derive(Debug, Default)]
+pub struct Recording(std::sync::Mutex<Recorded>);
+
+#[derive(Debug, Default)]
+struct Recorded {
+    pieces: std::collections::VecDeque<Piece>,
+    complete: bool,
+    /// Past the limit, cut, or failed: never sent again.
+    lost: bool,
+}
+
+impl Recording {
+    fn with(&self, f: impl FnOnce(&mut Recorded)) {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// The whole body again, if it was kept whole.
+    pub fn body(&self) -> Option<CopiedBody> {
+        let r = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        (r.complete && !r.lost).then(|| CopiedBody::kept(r.pieces.clone()))
+    }
+}
+
+/// The real request body, handing copies of its frames to mirrors and to
+/// a recording for retries.
 pub struct Tee<B> {
     inner: B,
     copies: Vec<CopySender>,
+    recording: Option<Arc<Recording>>,
     bytes: u64,
 }
 
 impl<B: Body> Tee<B> {
-    /// `copies` is empty for a request nobody mirrors (no cost beyond an
-    /// empty check per frame).
-    pub fn new(inner: B, copies: Vec<CopySender>) -> Self {
-        Self { inner, copies, bytes: 0 }
+    /// `copies` is empty and `recording` none for most requests (no cost
+    /// beyond a check per frame).
+    pub fn new(inner: B, copies: Vec<CopySender>, recording: Option<Arc<Recording>>) -> Self {
+        Self { inner, copies, recording, bytes: 0 }
     }
 
     fn end_all(&mut self, state: CopyState) {
         for c in self.copies.drain(..) {
             c.end(state);
+        }
+        if let Some(r) = self.recording.take() {
+            r.with(|r| match state {
+                CopyState::Complete => r.complete = true,
+                _ => {
+                    r.lost = true;
+                    r.pieces.clear();
+                }
+            });
         }
     }
 }
@@ -173,6 +222,9 @@ impl<B> Drop for Tee<B> {
         // Abandoned before its end: the copies must not look complete.
         for c in self.copies.drain(..) {
             c.end(CopyState::Cut);
+        }
+        if let Some(r) = self.recording.take() {
+            r.with(|r| r.lost = !r.complete);
         }
     }
 }
@@ -187,7 +239,7 @@ where
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if this.copies.is_empty() {
+        if this.copies.is_empty() && this.recording.is_none() {
             return polled;
         }
         match &polled {
@@ -212,6 +264,9 @@ where
                         } else {
                             this.copies.swap_remove(i).end(CopyState::Cut);
                         }
+                    }
+                    if let Some(r) = &this.recording {
+                        r.with(|r| r.pieces.push_back(copy));
                     }
                     if this.inner.is_end_stream() || frame.is_trailers() {
                         this.end_all(CopyState::Complete);
@@ -249,11 +304,14 @@ mod tests {
     #[tokio::test]
     async fn a_copy_gets_every_byte_and_ends_when_the_body_ends() {
         let (tx, copy) = CopiedBody::channel();
-        let real = Tee::new(body(vec![b"hello ", b"world"]), vec![tx]);
+        let kept = Arc::new(Recording::default());
+        let real = Tee::new(body(vec![b"hello ", b"world"]), vec![tx], Some(kept.clone()));
         let got = real.collect().await.expect("real body").to_bytes();
         assert_eq!(&got[..], b"hello world");
         let copied = copy.collect().await.expect("copy").to_bytes();
         assert_eq!(&copied[..], b"hello world");
+        let again = kept.body().expect("kept whole").collect().await.expect("kept").to_bytes();
+        assert_eq!(&again[..], b"hello world");
     }
 
     #[tokio::test]
@@ -261,8 +319,10 @@ mod tests {
         static BIG: [u8; 40 * 1024] = [7; 40 * 1024];
         let (tx, copy) = CopiedBody::channel();
         let state = copy.state_handle();
-        let real = Tee::new(body(vec![&BIG, &BIG]), vec![tx]);
+        let kept = Arc::new(Recording::default());
+        let real = Tee::new(body(vec![&BIG, &BIG]), vec![tx], Some(kept.clone()));
         assert_eq!(real.collect().await.expect("real body").to_bytes().len(), 80 * 1024);
+        assert!(kept.body().is_none(), "a body past the limit is not kept");
         assert!(copy.collect().await.is_err(), "a truncated copy must not end cleanly");
         assert_eq!(state.get(), CopyState::TooLarge);
     }
@@ -270,9 +330,11 @@ mod tests {
     #[tokio::test]
     async fn an_abandoned_body_fails_its_copy() {
         let (tx, copy) = CopiedBody::channel();
-        let mut real = Tee::new(body(vec![b"part", b"never read"]), vec![tx]);
+        let kept = Arc::new(Recording::default());
+        let mut real = Tee::new(body(vec![b"part", b"never read"]), vec![tx], Some(kept.clone()));
         let _first = real.frame().await;
         drop(real);
         assert!(copy.collect().await.is_err());
+        assert!(kept.body().is_none(), "half a body is not sent again");
     }
 }

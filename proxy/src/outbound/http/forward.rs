@@ -20,7 +20,10 @@ use hyper::{body::Incoming, Request, Response};
 use super::{endpoint_failed, exchange::Exchange, pool::Sender, unprocessed, Destination, Head, HttpConn};
 use crate::{
     balance::NoEndpoint,
-    httpcore::body::UpBody,
+    httpcore::{
+        body::UpBody,
+        tee::{CopiedBody, Recording},
+    },
     metrics::Label,
     outbound::Connect,
     resilience::{Policy, RetryBudget},
@@ -45,6 +48,10 @@ pub(super) struct Attempts<'a> {
     pub idempotent: bool,
     /// The rule's label, for the resilience counters.
     pub route: Label,
+    /// The head to send again (none for an upgrade, or a body not kept).
+    pub replay: Option<Head>,
+    /// The body, kept as the first attempt sends it.
+    pub recording: Option<Arc<Recording>>,
 }
 
 /// Why an attempt is repeated.
@@ -66,21 +73,32 @@ impl Again {
 }
 
 impl Attempts<'_> {
-    /// Whether retry number `n` (1 for the first) may be made for `why`;
-    /// takes it from the budget if so.
-    fn may_retry<C: Connect>(&self, conn: &HttpConn<C>, n: u32, replayable: bool, why: Again) -> bool {
-        if !replayable || !self.idempotent || n > self.policy.attempts() {
-            return false;
+    /// The request again, if it can be rebuilt: no body, or a body kept
+    /// whole.
+    fn again(&self) -> Option<Request<UpBody>> {
+        let head = self.replay.as_ref()?;
+        match &self.recording {
+            None => Some(head.request(CopiedBody::empty())),
+            Some(kept) => kept.body().map(|b| head.request(b)),
         }
+    }
+
+    /// Retry number `n` (1 for the first) for `why`, if it may be made
+    /// (taken from the budget): the request to send.
+    fn retry<C: Connect>(&self, conn: &HttpConn<C>, n: u32, why: Again) -> Option<Request<UpBody>> {
+        if !self.idempotent || n > self.policy.attempts() {
+            return None;
+        }
+        let again = self.again()?;
         if let Some(budget) = self.budget {
             if !budget.withdraw() {
                 conn.core.metrics.resilience.budget_exhausted(&self.route);
                 crate::warn_throttled!(route = %self.route.0, "retry budget spent: failures go to clients without retries");
-                return false;
+                return None;
             }
         }
         conn.core.metrics.resilience.retried(&self.route, why.reason());
-        true
+        Some(again)
     }
 }
 
@@ -89,7 +107,6 @@ pub(super) async fn forward<C: Connect>(
     x: &mut Exchange<C>,
     a: &Attempts<'_>,
     req: Request<UpBody>,
-    replay: Option<Head>,
 ) -> Outcome {
     let connect_attempts = conn.core.settings.connect_attempts.max(1) as usize;
     let mut tried = Vec::with_capacity(connect_attempts);
@@ -168,33 +185,41 @@ pub(super) async fn forward<C: Connect>(
                 if !a.policy.retries_status(status) {
                     return Outcome::Response(resp, addr, sender);
                 }
-                if !a.may_retry(conn, retries + 1, replay.is_some(), Again::Status) {
-                    // A retryable answer the policy could not retry.
-                    if a.policy.attempts() > 0 {
-                        x.flag("URX");
+                match a.retry(conn, retries + 1, Again::Status) {
+                    Some(again) => (again, Again::Status),
+                    None => {
+                        // A retryable answer the policy could not retry.
+                        if a.policy.attempts() > 0 {
+                            x.flag("URX");
+                        }
+                        return Outcome::Response(resp, addr, sender);
                     }
-                    return Outcome::Response(resp, addr, sender);
                 }
-                Again::Status
             }
-            Some(Err(e)) if unprocessed(&e, a.idempotent) && replay.is_some() && !resent => {
+            Some(Err(e)) if !resent && unprocessed(&e, a.idempotent) && a.replay.is_some() => {
                 // Not processed: once more on a new connection, free of the
                 // retry policy (nothing was done twice).
+                let Some(again) = a.again() else {
+                    x.flag("UC");
+                    return Outcome::Local(http::StatusCode::BAD_GATEWAY, "upstream connection failed");
+                };
                 tracing::debug!(pod = %conn.pod.key, upstream = %addr, error = %e, "request not processed: sent again on a new connection");
                 conn.upstreams().evict(addr, conn.version);
                 conn.core.metrics.resilience.retried(&a.route, "refused");
                 resent = true;
-                req = replay.as_ref().map(Head::request);
+                req = Some(again);
                 tried.pop();
                 continue;
             }
             Some(Err(e)) => {
                 tracing::debug!(pod = %conn.pod.key, upstream = %addr, error = %e, "upstream request failed");
-                if !a.may_retry(conn, retries + 1, replay.is_some(), Again::Reset) {
-                    x.flag("UC");
-                    return Outcome::Local(http::StatusCode::BAD_GATEWAY, "upstream connection failed");
+                match a.retry(conn, retries + 1, Again::Reset) {
+                    Some(again) => (again, Again::Reset),
+                    None => {
+                        x.flag("UC");
+                        return Outcome::Local(http::StatusCode::BAD_GATEWAY, "upstream connection failed");
+                    }
                 }
-                Again::Reset
             }
             None => {
                 // What the attempt cost is what the endpoint is worth now.
@@ -202,17 +227,18 @@ pub(super) async fn forward<C: Connect>(
                     route.balancer.observe(i, sent_at.elapsed());
                 }
                 conn.core.metrics.resilience.timed_out(&a.route, "backend_request");
-                if !a.may_retry(conn, retries + 1, replay.is_some(), Again::Timeout) {
+                match a.retry(conn, retries + 1, Again::Timeout) {
+                    Some(again) => (again, Again::Timeout),
                     // Flagged UT with every 504 the proxy answers.
-                    return Outcome::Local(http::StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+                    None => return Outcome::Local(http::StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
                 }
-                Again::Timeout
             }
         };
+        let (again, why) = again;
         retries += 1;
-        tracing::debug!(pod = %conn.pod.key, upstream = %addr, retry = retries, reason = again.reason(), "retrying");
+        tracing::debug!(pod = %conn.pod.key, upstream = %addr, retry = retries, reason = why.reason(), "retrying");
         tokio::time::sleep(a.policy.backoff(retries)).await;
-        req = replay.as_ref().map(Head::request);
+        req = Some(again);
     }
     match last_failure {
         Some(e) => {

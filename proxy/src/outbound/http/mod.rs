@@ -383,13 +383,6 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
             | http::Method::PUT
             | http::Method::DELETE
     );
-    // Kept only for a request without a body: what a resend or a retry
-    // rebuilds.
-    let replay = (http_body::Body::is_end_stream(&body) && !upgrade).then(|| Head::of(&parts));
-    let request_bytes = Arc::new(AtomicU64::new(0));
-    x.request_bytes = Some(request_bytes.clone());
-    let body = crate::httpcore::tee::Tee::new(body, copies);
-    let up_req = Request::from_parts(parts, body::UpBody::Left(Counted::new(body, Some(request_bytes), None)));
     // 4 + 5. Endpoint, connection and sending, under the rule's policy.
     let resilience = &settings.resilience;
     let policy = match rule {
@@ -400,6 +393,20 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
     if let Some(b) = budget {
         b.deposit();
     }
+    // What a resend or a retry rebuilds: the head, and a body kept as it
+    // passes (only where a retry could use it, up to 64 KiB).
+    let has_body = !http_body::Body::is_end_stream(&body);
+    let recording = (has_body
+        && policy.retry.is_some()
+        && idempotent
+        && !upgrade
+        && http_body::Body::size_hint(&body).lower() <= crate::httpcore::tee::MAX_COPIED_BODY)
+        .then(|| Arc::new(crate::httpcore::tee::Recording::default()));
+    let replay = (!upgrade && (!has_body || recording.is_some())).then(|| Head::of(&parts));
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    x.request_bytes = Some(request_bytes.clone());
+    let body = crate::httpcore::tee::Tee::new(body, copies, recording.clone());
+    let up_req = Request::from_parts(parts, body::UpBody::Left(Counted::new(body, Some(request_bytes), None)));
     let attempts = Attempts {
         destination: &destination,
         snapshot: &snapshot,
@@ -407,17 +414,19 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
         budget,
         idempotent,
         route: x.route.clone().into(),
+        replay,
+        recording,
     };
     let outcome = match policy.request_timeout {
         Some(limit) => {
             // Dropping the attempts cancels the one in flight.
-            let bounded = tokio::time::timeout(limit, forward::forward(&conn, &mut x, &attempts, up_req, replay)).await;
+            let bounded = tokio::time::timeout(limit, forward::forward(&conn, &mut x, &attempts, up_req)).await;
             bounded.unwrap_or_else(|_| {
                 conn.core.metrics.resilience.timed_out(&attempts.route, "request");
                 Outcome::Local(http::StatusCode::GATEWAY_TIMEOUT, "request timeout")
             })
         }
-        None => forward::forward(&conn, &mut x, &attempts, up_req, replay).await,
+        None => forward::forward(&conn, &mut x, &attempts, up_req).await,
     };
     let (mut resp, addr, sender) = match outcome {
         Outcome::Response(resp, addr, sender) => (resp, addr, sender),
@@ -465,8 +474,8 @@ impl Head {
         }
     }
 
-    fn request(&self) -> Request<body::UpBody> {
-        let mut req = Request::new(body::UpBody::Right(crate::httpcore::tee::CopiedBody::empty()));
+    fn request(&self, body: crate::httpcore::tee::CopiedBody) -> Request<body::UpBody> {
+        let mut req = Request::new(body::UpBody::Right(body));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
