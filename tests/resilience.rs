@@ -56,7 +56,11 @@ fn setup(flags: &[&str]) -> Result<Setup> {
             ("allslow", "10.96.2.3", &["slow"]),
         ],
     );
-    mesh.write_files(&meshed, &format!("{services}{ROUTES}"))?;
+    // A slow service that takes at most 10 requests at once.
+    let breaker = format!(
+        "  - name: guarded\n    vips: [\"10.96.2.4\"]\n    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]\n    endpoints: [{{pod: slow}}]\n    circuitBreaker: {{maxRequests: 10}}\n"
+    );
+    mesh.write_files(&meshed, &format!("{services}{breaker}{ROUTES}"))?;
     let proxy = mesh.start(0, flags)?;
     Ok(Setup { mesh, proxy, flaky, slow, fast })
 }
@@ -207,5 +211,41 @@ fn an_endpoint_answering_5xx_is_ejected_for_its_time_within_the_max_percent() ->
     eprintln!("FIGURE 2 of 3 endpoints answering 500 (max 50 % ejected): they got {b1} and {b2} of 300");
     ensure!(b1 + b2 == n(&run, "statuses", "500") as usize, "{run}");
     ensure!(b1.max(b2) > 20 && b1.min(b2) <= 5, "one ejected, the other kept by the cap: {b1} {b2}");
+    Ok(())
+}
+
+#[test]
+fn a_circuit_breaker_fails_requests_past_its_limit_at_once() -> Result<()> {
+    let s = setup(&[])?;
+    let client = s.mesh.pod("client");
+    // 50 requests at once (curl, one connection each) to a service whose
+    // one endpoint answers in 1 s, with maxRequests 10.
+    let mut curl = s.mesh.sb.in_pod(client, "curl");
+    curl.args(["-s", "-Z", "--parallel-max", "50", "--parallel-immediate", "-w", "%{http_code} %{time_total}\n"]);
+    for i in 0..50 {
+        curl.args(["-o", "/dev/null", &format!("http://10.96.2.4/guarded/{i}")]);
+    }
+    let out = s.mesh.sb.run(curl)?;
+    let results: Vec<(String, f64)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(code, t)| (code.to_string(), t.parse().unwrap_or(f64::MAX))))
+        .collect();
+    let ok = results.iter().filter(|(c, _)| c == "200").count();
+    let refused: Vec<f64> = results.iter().filter(|(c, _)| c == "503").map(|(_, t)| *t).collect();
+    let slowest_refusal = refused.iter().cloned().fold(0.0, f64::max);
+    let reached = lines_starting(&s.slow, "GET /guarded/");
+    eprintln!("FIGURE maxRequests 10, 50 at once to a 1 s endpoint: {ok} x 200, {} x 503 (slowest refusal {:.0} ms), {reached} reached the server", refused.len(), slowest_refusal * 1e3);
+    ensure!(ok == 10 && refused.len() == 40, "10 served, 40 refused: {results:?}");
+    ensure!(reached == 10, "requests that reached the server: {reached}");
+    ensure!(slowest_refusal < 0.5, "refusals are immediate, not queued: {slowest_refusal} s");
+    let overflows =
+        metric(&s.proxy, "outrigger_circuit_overflows_total", &[("service", "guarded.default"), ("limit", "requests")]);
+    ensure!(overflows == 40.0, "overflows counted: {overflows}");
+    let uo = metric(
+        &s.proxy,
+        "outrigger_requests_total",
+        &[("destination_service", "guarded.default"), ("response_code", "503")],
+    );
+    ensure!(uo == 40.0, "503s counted: {uo}");
     Ok(())
 }

@@ -285,7 +285,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // The store, fed by the mesh file. A bad file at start stops the proxy:
     // there is no last good state to keep.
-    let store_settings = StoreSettings { trust_domain: args.trust_domain.clone(), balance: args.balance_settings() };
+    let store_settings = StoreSettings {
+        trust_domain: args.trust_domain.clone(),
+        balance: args.balance_settings(),
+        breaker: args.resilience.breaker_limits(),
+    };
     let store = Arc::new(Mutex::new(Store::new(store_settings.clone())));
     let (mesh, snapshots) = {
         let s = store.lock().unwrap_or_else(|e| e.into_inner());

@@ -182,6 +182,7 @@ fn service(s: usize) -> Object {
             app_protocol: None,
             target_port: TargetPort::Number(TARGET_PORT),
         }],
+        circuit_breaker: Default::default(),
     })
 }
 
@@ -241,8 +242,11 @@ fn run() -> Result<()> {
     // Allocated before the baseline: bookkeeping of the benchmark, not state.
     let mut states: Vec<SliceState> = vec![0; SERVICES];
     let mut rng = fastrand::Rng::with_seed(8);
-    let mut store =
-        Store::new(StoreSettings { trust_domain: "cluster.local".into(), balance: BalanceSettings::default() });
+    let mut store = Store::new(StoreSettings {
+        trust_domain: "cluster.local".into(),
+        balance: BalanceSettings::default(),
+        breaker: Default::default(),
+    });
     let (rss_before, heap_before) = (rss_bytes()?, LIVE.load(Ordering::Relaxed));
     PEAK.store(heap_before, Ordering::Relaxed);
 

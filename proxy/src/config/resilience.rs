@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{bad, ConfigError};
-use crate::resilience::{BudgetSettings, Defaults};
+use crate::resilience::{BreakerLimits, BudgetSettings, Defaults};
 
 #[derive(Debug, Clone, Args)]
 pub struct ResilienceArgs {
@@ -52,6 +52,28 @@ pub struct ResilienceArgs {
     /// How far back the retry budget counts requests and retries (Linkerd's ttl).
     #[arg(long, env = "OUTRIGGER_RETRY_BUDGET_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
     pub retry_budget_window: Duration,
+
+    /// Circuit breaking (Envoy's thresholds, per service; a service's
+    /// circuitBreaker in the mesh file overrides): upstream HTTP connections
+    /// open to one service from this node. Past it a request fails at once with
+    /// 503 and flag UO (outrigger_circuit_overflows_total{limit="connections"}).
+    #[arg(long, env = "OUTRIGGER_CB_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub cb_max_connections: u32,
+
+    /// Requests waiting for an upstream connection to one service (Envoy's
+    /// max_pending_requests); past it, 503 UO.
+    #[arg(long, env = "OUTRIGGER_CB_MAX_PENDING_REQUESTS", default_value_t = 1024)]
+    pub cb_max_pending_requests: u32,
+
+    /// Requests in flight to one service (Envoy's max_requests); past it, 503
+    /// UO at once instead of queueing behind a saturated service.
+    #[arg(long, env = "OUTRIGGER_CB_MAX_REQUESTS", default_value_t = 1024)]
+    pub cb_max_requests: u32,
+
+    /// Retries in flight to one service (Envoy's max_retries, default 3); past
+    /// it a failure goes to the client without a retry (flag URX).
+    #[arg(long, env = "OUTRIGGER_CB_MAX_RETRIES", default_value_t = 3)]
+    pub cb_max_retries: u32,
 }
 
 impl ResilienceArgs {
@@ -86,6 +108,15 @@ impl ResilienceArgs {
             return Err(bad("retry-budget-window", "1s to 1h"));
         }
         Ok(())
+    }
+
+    pub fn breaker_limits(&self) -> BreakerLimits {
+        BreakerLimits {
+            max_connections: self.cb_max_connections,
+            max_pending_requests: self.cb_max_pending_requests,
+            max_requests: self.cb_max_requests,
+            max_retries: self.cb_max_retries,
+        }
     }
 
     pub fn defaults(&self) -> Defaults {

@@ -4,11 +4,12 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
 use super::Label;
+use crate::resilience::Limit;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RetryLabels {
@@ -31,11 +32,21 @@ pub struct TimeoutLabels {
     pub kind: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct BreakerLabels {
+    /// `name.namespace`.
+    pub service: String,
+    /// `connections`, `pending_requests`, `requests`, `retries`.
+    pub limit: &'static str,
+}
+
 #[derive(Debug, Default)]
 pub struct ResilienceMetrics {
     pub retries: Family<RetryLabels, Counter>,
     pub budget_exhausted: Family<RouteLabels, Counter>,
     pub timeouts: Family<TimeoutLabels, Counter>,
+    pub overflows: Family<BreakerLabels, Counter>,
+    pub circuit_open: Family<BreakerLabels, Gauge>,
 }
 
 impl ResilienceMetrics {
@@ -51,6 +62,21 @@ impl ResilienceMetrics {
         self.timeouts.get_or_create(&TimeoutLabels { route: route.clone(), kind }).inc();
     }
 
+    /// Counts a request refused by `service`'s breaker at `limit`.
+    pub fn overflowed(&self, service: &crate::model::ServiceKey, limit: Limit) {
+        let labels = BreakerLabels { service: super::service_label(service), limit: limit.label() };
+        self.overflows.get_or_create(&labels).inc();
+    }
+
+    /// The open gauges of `service`, one per limit (made at its breaker's
+    /// first overflow).
+    pub fn circuit_gauges(&self, service: &crate::model::ServiceKey) -> [Gauge; 4] {
+        let name = super::service_label(service);
+        Limit::ALL.map(|l| {
+            self.circuit_open.get_or_create(&BreakerLabels { service: name.clone(), limit: l.label() }).clone()
+        })
+    }
+
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "retries",
@@ -61,6 +87,16 @@ impl ResilienceMetrics {
             "retry_budget_exhausted",
             "Retries not made because the route rule's retry budget was spent (the client got the failure)",
             self.budget_exhausted.clone(),
+        );
+        r.register(
+            "circuit_overflows",
+            "Requests refused at once (503, flag UO) or retries not made because a service's circuit breaker was at a limit",
+            self.overflows.clone(),
+        );
+        r.register(
+            "circuit_open",
+            "1 while a service's circuit breaker is at a limit (from a refusal until a slot is given back)",
+            self.circuit_open.clone(),
         );
         r.register(
             "request_timeouts",

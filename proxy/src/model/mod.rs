@@ -24,7 +24,9 @@ pub use route::{
     BackendRef, Fault, Filter, HeaderModifier, HttpRoute, ParentRef, PathMatch, Retry, RouteMatch, RouteRule, Share,
     StringMatch, Timeouts, ValueMatch,
 };
-pub use service::{AppProtocol, Endpoint, EndpointPort, EndpointSlice, Service, ServicePort, TargetPort};
+pub use service::{
+    AppProtocol, CircuitBreaker, Endpoint, EndpointPort, EndpointSlice, Service, ServicePort, TargetPort,
+};
 pub use workload::{HeldNetns, NetnsRef, Workload};
 
 /// `namespace/name` of a namespaced object.

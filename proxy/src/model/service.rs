@@ -57,6 +57,19 @@ pub struct Service {
     /// DNS names clients use for it (`name.namespace.svc.cluster.local`).
     pub hostnames: Vec<Arc<str>>,
     pub ports: Vec<ServicePort>,
+    /// Circuit-breaker thresholds set for this service; unset ones take the
+    /// flags' defaults.
+    pub circuit_breaker: CircuitBreaker,
+}
+
+/// Envoy's circuit-breaker thresholds for one service (as Istio's
+/// DestinationRule `connectionPool` sets them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CircuitBreaker {
+    pub max_connections: Option<u32>,
+    pub max_pending_requests: Option<u32>,
+    pub max_requests: Option<u32>,
+    pub max_retries: Option<u32>,
 }
 
 /// A port of an endpoint slice: the resolved target of the service port of

@@ -129,8 +129,11 @@ fn harness(dest: &str, behaviour: &[(&str, Behaviour)], endpoints: &[&str]) -> H
 }
 
 fn harness_with(dest: &str, behaviour: &[(&str, Behaviour)], endpoints: &[&str], extra: Vec<Object>) -> Harness {
-    let mut store =
-        Store::new(StoreSettings { trust_domain: "cluster.local".into(), balance: BalanceSettings::default() });
+    let mut store = Store::new(StoreSettings {
+        trust_domain: "cluster.local".into(),
+        balance: BalanceSettings::default(),
+        breaker: Default::default(),
+    });
     for object in service("web", "10.96.0.1", endpoints) {
         store.upsert(object).expect("web");
     }
@@ -354,6 +357,7 @@ fn service(name: &str, vip: &str, endpoints: &[&str]) -> Vec<Object> {
                 app_protocol: None,
                 target_port: TargetPort::Number(8080),
             }],
+            circuit_breaker: Default::default(),
         }),
         Object::Endpoints(EndpointSlice {
             key: ObjectKey::new("default", &format!("{name}-1")),

@@ -1,15 +1,18 @@
 //! Request-level resilience of the HTTP layer: timeouts, retries with a
-//! budget and back-off. Configured per route rule (Gateway API `timeouts`
-//! and `retry`), with process-wide defaults from flags.
+//! budget and back-off, circuit breaking. Timeouts and retries are
+//! configured per route rule (Gateway API `timeouts` and `retry`), breaker
+//! thresholds per service, with process-wide defaults from flags.
 //!
 //! This module holds the mechanisms (the budget, back-off, the effective
 //! policy); `outbound::http` applies them to each request.
 #![forbid(unsafe_code)]
 
+mod breaker;
 mod budget;
 
 use std::time::Duration;
 
+pub use breaker::{Breaker, BreakerLimits, BreakerState, Limit, Slot};
 pub use budget::{BudgetSettings, BudgetState, RetryBudget};
 
 use crate::model::{Retry, Timeouts};

@@ -174,6 +174,7 @@ mod tests {
         let store = Mutex::new(Store::new(StoreSettings {
             trust_domain: "cluster.local".into(),
             balance: BalanceSettings::default(),
+            breaker: Default::default(),
         }));
         assert_eq!(apply(&store, vec![pod("a", "10.0.0.1"), pod("b", "10.0.0.1")], true), 1);
         // A clean later batch does not make the earlier refusal disappear.

@@ -62,6 +62,8 @@ pub enum Change {
 pub struct StoreSettings {
     pub trust_domain: String,
     pub balance: BalanceSettings,
+    /// Circuit-breaker thresholds of services that set none.
+    pub breaker: crate::resilience::BreakerLimits,
 }
 
 /// Reads the current snapshot without locking: what the data path uses.

@@ -10,6 +10,7 @@ use super::Store;
 use crate::{
     balance::{Balancer, Endpoint, Health, HealthStatus},
     model::{canonical_ip, AppProtocol, ServiceKey, ServicePort},
+    resilience::{Breaker, BreakerLimits},
     routing::RouteTable,
 };
 
@@ -26,6 +27,9 @@ pub struct ServiceRoute {
     /// The HTTP routes attached to this port, compiled; `None`: requests
     /// are balanced over the endpoints.
     pub http: Option<Arc<RouteTable>>,
+    /// The service's circuit breaker (one for all its ports and VIPs, kept
+    /// across rebuilds).
+    pub breaker: Arc<Breaker>,
 }
 
 #[derive(Debug, Serialize)]
@@ -91,9 +95,11 @@ impl Store {
     pub(super) fn rebuild_routes(&mut self, key: &ServiceKey) {
         // Health of the endpoints it had, per (service port, address).
         let mut health: HashMap<(u16, SocketAddr), Arc<Health>> = HashMap::new();
+        let mut breaker = None;
         if let Some(old) = self.state.indexed.remove(key) {
             for vip in &old.routes {
                 if let Some(route) = self.state.routes.remove(vip) {
+                    breaker.get_or_insert_with(|| route.breaker.clone());
                     for ep in route.balancer.endpoints() {
                         self.state.endpoint_services.remove(&(ep.addr, old.id));
                         if let Some(h) = ep.health_if_used() {
@@ -122,6 +128,14 @@ impl Store {
             .map(|keys| keys.iter().filter_map(|k| self.state.http_routes.get(k).cloned()).collect())
             .unwrap_or_default();
         let mut indexed = Indexed { id: entry.id, ..Indexed::default() };
+        let limits = breaker_limits(&svc.circuit_breaker, self.settings.breaker);
+        let breaker = match breaker {
+            Some(b) => {
+                b.set_limits(limits);
+                b
+            }
+            None => Breaker::new(limits),
+        };
         let headless = svc.vips.is_empty();
         for port in &svc.ports {
             let candidates = candidates(port, &slices);
@@ -153,6 +167,7 @@ impl Store {
                     app_protocol: port.app_protocol.clone(),
                     balancer: Balancer::new(endpoints, self.settings.balance.clone()),
                     http: http.clone(),
+                    breaker: breaker.clone(),
                 };
                 self.state.routes.insert(vip_addr, Arc::new(route));
                 indexed.routes.push(vip_addr);
@@ -195,4 +210,14 @@ fn candidates(port: &ServicePort, slices: &[Arc<crate::model::EndpointSlice>]) -
 fn for_family(candidates: &[Candidate], v6: bool) -> impl Iterator<Item = &Candidate> {
     let any = candidates.iter().any(|c| c.addr.is_ipv6() == v6);
     candidates.iter().filter(move |c| !any || c.addr.is_ipv6() == v6)
+}
+
+/// A service's thresholds: its own where set, else the flags'.
+fn breaker_limits(own: &crate::model::CircuitBreaker, defaults: BreakerLimits) -> BreakerLimits {
+    BreakerLimits {
+        max_connections: own.max_connections.unwrap_or(defaults.max_connections),
+        max_pending_requests: own.max_pending_requests.unwrap_or(defaults.max_pending_requests),
+        max_requests: own.max_requests.unwrap_or(defaults.max_requests),
+        max_retries: own.max_retries.unwrap_or(defaults.max_retries),
+    }
 }

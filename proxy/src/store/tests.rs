@@ -9,7 +9,11 @@ use crate::model::{
 };
 
 fn store() -> Store {
-    Store::new(StoreSettings { trust_domain: "cluster.local".into(), balance: BalanceSettings::default() })
+    Store::new(StoreSettings {
+        trust_domain: "cluster.local".into(),
+        balance: BalanceSettings::default(),
+        breaker: Default::default(),
+    })
 }
 
 fn pod(name: &str, ips: &[&str], local: bool) -> Object {
@@ -38,6 +42,7 @@ fn service(name: &str, vips: &[&str], ports: &[(u16, TargetPort, Option<&str>)])
                 target_port: target.clone(),
             })
             .collect(),
+        circuit_breaker: Default::default(),
     })
 }
 

@@ -44,6 +44,8 @@ pub struct Exchange<C: Connect> {
     pod: Option<Arc<str>>,
     pod_namespace: Option<Arc<str>>,
     in_flight: Option<InFlight>,
+    /// The service's circuit-breaker request slot, given back at the end.
+    slot: Option<crate::resilience::Slot>,
     pub request_bytes: Option<Arc<AtomicU64>>,
     pub error: Option<String>,
     protocol: &'static str,
@@ -76,12 +78,18 @@ impl<C: Connect> Exchange<C> {
             pod: None,
             pod_namespace: None,
             in_flight: None,
+            slot: None,
             request_bytes: None,
             error: None,
             protocol,
             log,
             recorded: false,
         }
+    }
+
+    /// Holds a circuit-breaker slot until the request's end.
+    pub fn hold(&mut self, slot: crate::resilience::Slot) {
+        self.slot = Some(slot);
     }
 
     /// Adds an Envoy-style response flag.

@@ -26,7 +26,7 @@ use crate::{
     },
     metrics::Label,
     outbound::Connect,
-    resilience::{Policy, RetryBudget},
+    resilience::{Limit, Policy, RetryBudget, Slot},
     store::Snapshot,
 };
 
@@ -83,13 +83,27 @@ impl Attempts<'_> {
         }
     }
 
-    /// Retry number `n` (1 for the first) for `why`, if it may be made
-    /// (taken from the budget): the request to send.
-    fn retry<C: Connect>(&self, conn: &HttpConn<C>, n: u32, why: Again) -> Option<Request<UpBody>> {
+    /// The service's slots for a new connection: (pending request,
+    /// connection); the limit reached otherwise.
+    fn connect_slots<C: Connect>(&self, conn: &HttpConn<C>) -> Result<(Option<Slot>, Option<Slot>), Limit> {
+        let Some(route) = &self.destination.route else { return Ok((None, None)) };
+        let pending = conn.breaker_slot(route, Limit::PendingRequests).ok_or(Limit::PendingRequests)?;
+        let slot = conn.breaker_slot(route, Limit::Connections).ok_or(Limit::Connections)?;
+        Ok((Some(pending), Some(slot)))
+    }
+
+    /// Retry number `n` (1 for the first) for `why`, if it may be made (a
+    /// slot of the service's breaker, then taken from the budget): the
+    /// request to send and the slot to hold while it is tried.
+    fn retry<C: Connect>(&self, conn: &HttpConn<C>, n: u32, why: Again) -> Option<(Request<UpBody>, Option<Slot>)> {
         if !self.idempotent || n > self.policy.attempts() {
             return None;
         }
         let again = self.again()?;
+        let slot = match &self.destination.route {
+            Some(route) => Some(conn.breaker_slot(route, Limit::Retries)?),
+            None => None,
+        };
         if let Some(budget) = self.budget {
             if !budget.withdraw() {
                 conn.core.metrics.resilience.budget_exhausted(&self.route);
@@ -98,7 +112,7 @@ impl Attempts<'_> {
             }
         }
         conn.core.metrics.resilience.retried(&self.route, why.reason());
-        Some(again)
+        Some((again, slot))
     }
 }
 
@@ -113,6 +127,8 @@ pub(super) async fn forward<C: Connect>(
     let (mut connect_failures, mut retries, mut resent) = (0, 0u32, false);
     let mut last_failure = None;
     let mut req = Some(req);
+    // The retry in flight's breaker slot.
+    let mut _retrying: Option<Slot> = None;
     loop {
         let (addr, index) = match (&a.destination.route, a.destination.addr) {
             (Some(route), _) => match route.balancer.pick(&tried) {
@@ -136,17 +152,31 @@ pub(super) async fn forward<C: Connect>(
         };
         tried.push(index.unwrap_or(usize::MAX));
         x.set_endpoint(a.snapshot, a.destination.route.as_deref(), addr, index);
-        let sender = match conn.upstreams().checkout(addr, conn.version) {
-            Some(s) => Ok(s),
-            None => conn.connect(a.snapshot, addr).await,
+        // A pooled connection that closed meanwhile is replaced.
+        let pooled = match conn.upstreams().checkout(addr, conn.version) {
+            Some(mut s) => s.ready().await.is_ok().then_some(s),
+            None => None,
         };
-        // A pooled connection that closed meanwhile is replaced once.
-        let sender = match sender {
-            Ok(mut s) => match s.ready().await {
-                Ok(()) => Ok(s),
-                Err(_) => conn.connect(a.snapshot, addr).await,
-            },
-            Err(e) => Err(e),
+        let sender = match pooled {
+            Some(s) => Ok(s),
+            None => {
+                // Circuit breaking: requests waiting for a connection, and
+                // connections open to the service.
+                let (pending, slot) = match a.connect_slots(conn) {
+                    Ok(slots) => slots,
+                    Err(limit) => {
+                        x.flag("UO");
+                        tracing::debug!(pod = %conn.pod.key, upstream = %addr, limit = limit.label(), "circuit breaker open");
+                        return Outcome::Local(
+                            http::StatusCode::SERVICE_UNAVAILABLE,
+                            "circuit breaker: the service is at a limit",
+                        );
+                    }
+                };
+                let connected = conn.connect(a.snapshot, addr, slot).await;
+                drop(pending);
+                connected
+            }
         };
         let mut sender = match sender {
             Ok(s) => s,
@@ -234,7 +264,8 @@ pub(super) async fn forward<C: Connect>(
                 }
             }
         };
-        let (again, why) = again;
+        let ((again, slot), why) = again;
+        _retrying = slot;
         retries += 1;
         tracing::debug!(pod = %conn.pod.key, upstream = %addr, retry = retries, reason = why.reason(), "retrying");
         tokio::time::sleep(a.policy.backoff(retries)).await;

@@ -54,7 +54,7 @@ use super::{
 use crate::{
     metrics::{RequestSeries, SeriesCache},
     pod::PodContext,
-    resilience::Policy,
+    resilience::{Limit, Policy, Slot},
     routing::Pick,
     store::{ServiceRoute, Snapshot},
     transport::{Duplex, HyperIo},
@@ -203,20 +203,40 @@ impl<C: Connect> HttpConn<C> {
         }
     }
 
-    /// A new upstream connection to `addr` for this connection's requests.
-    async fn connect(&self, snapshot: &Snapshot, addr: SocketAddr) -> Result<Sender, Failure> {
-        self.connect_driven(snapshot, addr, self.upstream_exec()).await
+    /// A new upstream connection to `addr` for this connection's requests,
+    /// holding `slot` (its service's breaker) while it is open.
+    async fn connect(&self, snapshot: &Snapshot, addr: SocketAddr, slot: Option<Slot>) -> Result<Sender, Failure> {
+        self.connect_driven(snapshot, addr, self.upstream_exec(), slot).await
+    }
+
+    /// A slot of `route`'s circuit breaker at `limit`; `None` (counted and
+    /// logged) when the service is at it.
+    fn breaker_slot(&self, route: &ServiceRoute, limit: Limit) -> Option<Slot> {
+        let metrics = &self.core.metrics.resilience;
+        let slot = route.breaker.acquire(limit, || metrics.circuit_gauges(&route.service));
+        if slot.is_none() {
+            metrics.overflowed(&route.service, limit);
+            crate::warn_throttled!(service = %route.service, limit = limit.label(),
+                "circuit breaker at its limit: requests fail at once with 503 (UO)");
+        }
+        slot
     }
 
     /// A new upstream connection whose driver is its own task (for
     /// requests that may outlive this client connection: mirror copies).
     async fn connect_detached(&self, snapshot: &Snapshot, addr: SocketAddr) -> Result<Sender, Failure> {
-        self.connect_driven(snapshot, addr, Exec::Task).await
+        self.connect_driven(snapshot, addr, Exec::Task, None).await
     }
 
     /// A new upstream connection to `addr`, as the L4 path would reach it,
     /// its futures run by `exec`.
-    async fn connect_driven(&self, snapshot: &Snapshot, addr: SocketAddr, exec: Exec) -> Result<Sender, Failure> {
+    async fn connect_driven(
+        &self,
+        snapshot: &Snapshot,
+        addr: SocketAddr,
+        exec: Exec,
+        slot: Option<Slot>,
+    ) -> Result<Sender, Failure> {
         let strict = self.core.connector.strict();
         let target = target_for(snapshot, &self.pod, addr, strict)?;
         let cx = ConnectContext {
@@ -227,14 +247,16 @@ impl<C: Connect> HttpConn<C> {
             metrics: &self.core.metrics,
         };
         let io = attempt(&self.core.connector, &cx, &target).await?;
-        handshake(io, self.version, exec).await.map_err(|e| Failure::Connect { dest: addr, reason: e.to_string() })
+        handshake(io, self.version, exec, slot)
+            .await
+            .map_err(|e| Failure::Connect { dest: addr, reason: e.to_string() })
     }
 }
 
 /// The client side of a new upstream connection; its driver (which ends
 /// when every sender is gone and the connection is idle) and its h2
 /// request-body pipes run on `exec`.
-async fn handshake<T>(io: T, version: Version, exec: Exec) -> Result<Sender, hyper::Error>
+async fn handshake<T>(io: T, version: Version, exec: Exec, slot: Option<Slot>) -> Result<Sender, hyper::Error>
 where
     T: Duplex + Unpin + Send + 'static,
 {
@@ -245,6 +267,8 @@ where
             // If the client connection is gone, so is a local driver (and
             // the connection with it).
             hyper::rt::Executor::execute(&exec, async move {
+                // The service's connection slot, held while it is open.
+                let _slot = slot;
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
                 }
@@ -254,6 +278,7 @@ where
         Version::H2 => {
             let (sender, conn) = hyper::client::conn::http2::Builder::new(exec.clone()).handshake(io).await?;
             hyper::rt::Executor::execute(&exec, async move {
+                let _slot = slot;
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream h2 connection ended with an error");
                 }
@@ -277,7 +302,7 @@ where
     U: Duplex + Unpin + Send + 'static,
     C: Connect,
 {
-    let sender = handshake(first, conn.version, conn.upstream_exec()).await.map_err(HttpError::Handshake)?;
+    let sender = handshake(first, conn.version, conn.upstream_exec(), None).await.map_err(HttpError::Handshake)?;
     conn.upstreams().checkin(first_addr, sender);
     let service = {
         let conn = conn.clone();
@@ -373,6 +398,20 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
             Logical::Passthrough(dest) => Destination { route: None, addr: Some(*dest) },
         },
     };
+    // Circuit breaking: the service's requests in flight.
+    if let Some(route) = &destination.route {
+        match conn.breaker_slot(route, Limit::Requests) {
+            Some(slot) => x.hold(slot),
+            None => {
+                x.flag("UO");
+                x.service = Some(route.service.clone());
+                return x.local(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    "circuit breaker: the service is at its max requests",
+                );
+            }
+        }
+    }
     filters::strip_hop_by_hop(&mut parts.headers, upgrade);
     let idempotent = matches!(
         parts.method,

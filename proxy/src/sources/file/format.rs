@@ -74,6 +74,22 @@ pub struct ServiceSpec {
     pub ports: Vec<ServicePortSpec>,
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
+    /// Envoy's circuit-breaker thresholds for the service.
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CircuitBreakerSpec {
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    #[serde(default)]
+    pub max_pending_requests: Option<u32>,
+    #[serde(default)]
+    pub max_requests: Option<u32>,
+    #[serde(default)]
+    pub max_retries: Option<u32>,
 }
 
 /// A number, or the name of a container port.

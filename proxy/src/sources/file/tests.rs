@@ -7,7 +7,11 @@ use super::*;
 use crate::{balance::BalanceSettings, model::TargetPort, store::StoreSettings};
 
 fn settings() -> StoreSettings {
-    StoreSettings { trust_domain: "cluster.local".into(), balance: BalanceSettings::default() }
+    StoreSettings {
+        trust_domain: "cluster.local".into(),
+        balance: BalanceSettings::default(),
+        breaker: Default::default(),
+    }
 }
 
 struct TempDir(PathBuf);

@@ -203,6 +203,16 @@ fn service(svc: &ServiceSpec, pods: &BTreeMap<ObjectKey, PodSpec>) -> Result<(Se
         vips: svc.vips.clone(),
         hostnames: svc.hostnames.iter().map(|h| Arc::from(h.as_str())).collect(),
         ports,
+        circuit_breaker: svc
+            .circuit_breaker
+            .as_ref()
+            .map(|c| crate::model::CircuitBreaker {
+                max_connections: c.max_connections,
+                max_pending_requests: c.max_pending_requests,
+                max_requests: c.max_requests,
+                max_retries: c.max_retries,
+            })
+            .unwrap_or_default(),
     };
     Ok((service, slices))
 }
