@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use outrigger_e2e::{
     mesh::Mesh,
-    servers::{origin, origin_answering},
+    servers::{origin, origin_answering, python},
     traffic::{drive, lines_starting, n, services_yaml},
     wait_for, Pod, ProxyProcess,
 };
@@ -22,6 +22,11 @@ const ROUTES: &str = r#"routes:
       - name: retried
         matches: [{path: {type: PathPrefix, value: /status}}]
         retry: {codes: [503], attempts: 3}
+      - name: limited
+        matches: [{path: {type: PathPrefix, value: /limited}}]
+        filters:
+          - type: LocalRateLimit
+            localRateLimit: {maxTokens: 10, tokensPerFill: 10, fillInterval: 100ms, perSourcePod: true}
   - name: slowfast
     parentRefs: [{name: slowfast, port: 80}]
     rules:
@@ -43,7 +48,7 @@ struct Setup {
 }
 
 fn setup(flags: &[&str]) -> Result<Setup> {
-    let mesh = Mesh::new(&[&["client", "flaky", "slow", "fast"]], &[])?;
+    let mesh = Mesh::new(&[&["client", "client2", "flaky", "slow", "fast"]], &[])?;
     let flaky = origin(&mesh.sb, mesh.pod("flaky"), PORT, "flaky", 0)?;
     let slow = origin(&mesh.sb, mesh.pod("slow"), PORT, "slow", 1000)?;
     let fast = origin(&mesh.sb, mesh.pod("fast"), PORT, "fast", 0)?;
@@ -247,5 +252,43 @@ fn a_circuit_breaker_fails_requests_past_its_limit_at_once() -> Result<()> {
         &[("destination_service", "guarded.default"), ("response_code", "503")],
     );
     ensure!(uo == 40.0, "503s counted: {uo}");
+    Ok(())
+}
+
+#[test]
+fn a_per_source_pod_rate_limit_holds_one_pod_and_spares_the_other() -> Result<()> {
+    let s = setup(&[])?;
+    // 100 requests/s per source pod (10 tokens, 10 more every 100 ms). One
+    // pod sends as fast as it can for 5 s; the other, at the same time,
+    // about 45 a second.
+    let quiet = python(
+        &s.mesh.sb,
+        s.mesh.pod("client2"),
+        "client.py",
+        &["10.96.2.1", "80", "/limited", "0", "for:5", "pace:20"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()?;
+    let noisy = drive(&s.mesh, s.mesh.pod("client"), "10.96.2.1", "/limited", 0, &["for:5"])?;
+    let quiet: serde_json::Value = serde_json::from_slice(&quiet.wait_with_output()?.stdout)?;
+    let (admitted, limited) = (n(&noisy, "statuses", "200"), n(&noisy, "statuses", "429"));
+    eprintln!("FIGURE per-source-pod limit 100/s over 5 s: the busy pod got {admitted} admitted, {limited} x 429; the other pod {} of {} admitted",
+        n(&quiet, "statuses", "200"), quiet["statuses"].as_object().map(|m| m.values().filter_map(|v| v.as_u64()).sum::<u64>()).unwrap_or(0));
+    ensure!((475..=525).contains(&admitted), "100/s over 5 s within 5 %: {admitted}");
+    ensure!(limited > 100, "the busy pod was limited: {noisy}");
+    ensure!(
+        quiet["statuses"].as_object().is_some_and(|m| m.len() == 1) && n(&quiet, "statuses", "200") > 100,
+        "the other pod was not limited: {quiet}"
+    );
+    let h = &noisy["refused_headers"];
+    ensure!(
+        h["x-ratelimit-limit"] == "10" && h["x-ratelimit-remaining"] == "0" && h["retry-after"] == "1",
+        "429 headers: {h}"
+    );
+    let counted =
+        metric(&s.proxy, "outrigger_rate_limited_total", &[("route", "web/limited"), ("source_pod", "client")]);
+    ensure!(counted == limited as f64, "429s counted for the pod: {counted} (client saw {limited})");
+    let other = metric(&s.proxy, "outrigger_rate_limited_total", &[("source_pod", "client2")]);
+    ensure!(other == 0.0, "the other pod counted as limited: {other}");
     Ok(())
 }

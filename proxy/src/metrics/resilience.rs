@@ -40,8 +40,17 @@ pub struct BreakerLabels {
     pub limit: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RateLimitedLabels {
+    pub route: Label,
+    /// The client pod (bounded: the pods of this node).
+    pub source_pod: Label,
+    pub source_workload_namespace: Label,
+}
+
 #[derive(Debug, Default)]
 pub struct ResilienceMetrics {
+    pub rate_limited: Family<RateLimitedLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
     pub budget_exhausted: Family<RouteLabels, Counter>,
     pub timeouts: Family<TimeoutLabels, Counter>,
@@ -77,6 +86,15 @@ impl ResilienceMetrics {
         })
     }
 
+    pub fn rate_limited(&self, route: &Label, source: &crate::model::PodKey) {
+        let labels = RateLimitedLabels {
+            route: route.clone(),
+            source_pod: Label(source.name.clone()),
+            source_workload_namespace: Label(source.namespace.clone()),
+        };
+        self.rate_limited.get_or_create(&labels).inc();
+    }
+
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "retries",
@@ -87,6 +105,11 @@ impl ResilienceMetrics {
             "retry_budget_exhausted",
             "Retries not made because the route rule's retry budget was spent (the client got the failure)",
             self.budget_exhausted.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "HTTP requests refused with 429 (flag RL) by a route rule's LocalRateLimit, by route and source pod",
+            self.rate_limited.clone(),
         );
         r.register(
             "circuit_overflows",

@@ -21,8 +21,8 @@ use std::{fmt, sync::Arc};
 
 pub use policy::{parse_ip_block, Action, AuthorizationPolicy, Rule, Selector};
 pub use route::{
-    BackendRef, Fault, Filter, HeaderModifier, HttpRoute, ParentRef, PathMatch, Retry, RouteMatch, RouteRule, Share,
-    StringMatch, Timeouts, ValueMatch,
+    BackendRef, Fault, Filter, HeaderModifier, HttpRoute, ParentRef, PathMatch, RateLimit, Retry, RouteMatch,
+    RouteRule, Share, StringMatch, Timeouts, ValueMatch,
 };
 pub use service::{
     AppProtocol, CircuitBreaker, Endpoint, EndpointPort, EndpointSlice, Service, ServicePort, TargetPort,

@@ -162,4 +162,17 @@ pub enum Filter {
     },
     /// An Outrigger extension (from Kubernetes: an `ExtensionRef`).
     Fault(Fault),
+    /// Envoy's local rate limit, an Outrigger extension like `Fault`.
+    LocalRateLimit(RateLimit),
+}
+
+/// A token bucket (Envoy's local_ratelimit): `max_tokens`, refilled by
+/// `tokens_per_fill` every `fill_interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    pub max_tokens: u32,
+    pub tokens_per_fill: u32,
+    pub fill_interval: Duration,
+    /// One bucket per source pod of this node instead of one for the rule.
+    pub per_source_pod: bool,
 }

@@ -229,6 +229,9 @@ pub fn route(r: &HttpRoute) -> Result<(), String> {
             }
         }
         resilience(&what, rule)?;
+        if rule.filters.iter().filter(|f| matches!(f, Filter::LocalRateLimit(_))).count() > 1 {
+            return Err(format!("{what}: at most one LocalRateLimit filter per rule"));
+        }
         for f in &rule.filters {
             match f {
                 Filter::RequestHeaderModifier(m) | Filter::ResponseHeaderModifier(m) => header_modifier(&what, m)?,
@@ -243,6 +246,14 @@ pub fn route(r: &HttpRoute) -> Result<(), String> {
                     }
                 }
                 Filter::RequestMirror { .. } => {}
+                Filter::LocalRateLimit(l) => {
+                    if l.max_tokens == 0 || l.tokens_per_fill == 0 {
+                        return Err(format!("{what}: localRateLimit needs maxTokens and tokensPerFill of at least 1"));
+                    }
+                    if l.fill_interval < std::time::Duration::from_millis(1) || l.fill_interval > MAX_POLICY_DURATION {
+                        return Err(format!("{what}: localRateLimit fillInterval must be 1ms to 1h"));
+                    }
+                }
             }
         }
     }

@@ -9,11 +9,13 @@
 
 mod breaker;
 mod budget;
+mod ratelimit;
 
 use std::time::Duration;
 
 pub use breaker::{Breaker, BreakerLimits, BreakerState, Limit, Slot};
 pub use budget::{BudgetSettings, BudgetState, RetryBudget};
+pub use ratelimit::{Admission, RateLimiter};
 
 use crate::model::{Retry, Timeouts};
 

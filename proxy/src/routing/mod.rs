@@ -20,7 +20,7 @@ use http::request::Parts;
 
 use crate::{
     model::{self, BackendRef, Filter, HttpRoute, PathMatch, RouteMatch, StringMatch},
-    resilience::{BudgetSettings, RetryBudget},
+    resilience::{BudgetSettings, RateLimiter, RetryBudget},
 };
 
 /// One rule, ready for requests.
@@ -38,6 +38,8 @@ pub struct Rule {
     /// The rule's retry budget, made on its first request (its settings are
     /// the flags'); a new table (a changed mesh) starts a new one.
     budget: std::sync::OnceLock<RetryBudget>,
+    /// The rule's `LocalRateLimit` buckets (a changed mesh starts them full).
+    pub rate_limiter: Option<RateLimiter>,
 }
 
 /// Where a rule sends one request.
@@ -197,6 +199,10 @@ impl RouteTable {
                     timeouts: rule.timeouts,
                     retry: rule.retry.clone(),
                     budget: Default::default(),
+                    rate_limiter: rule.filters.iter().find_map(|f| match f {
+                        Filter::LocalRateLimit(l) => Some(RateLimiter::new(l.clone())),
+                        _ => None,
+                    }),
                 });
                 let default = [RouteMatch::default()];
                 let matches = if rule.matches.is_empty() { &default[..] } else { &rule.matches[..] };

@@ -144,6 +144,7 @@ fn weights_split_and_zero_takes_nothing() {
         timeouts: Default::default(),
         retry: None,
         budget: Default::default(),
+        rate_limiter: None,
     };
     let mut r = rule([90, 10]);
     r.total_weight = 100;

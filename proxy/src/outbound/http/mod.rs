@@ -377,6 +377,16 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
                     copies.extend(mirror::send(&conn, &snapshot, backend, &parts, &body));
                 }
             }
+            crate::model::Filter::LocalRateLimit(_) => {
+                if let Some(limited) =
+                    rule.and_then(|r| r.rate_limiter.as_ref()).and_then(|l| rate_limited(&conn, &x, l))
+                {
+                    x.flag("RL");
+                    let mut resp = x.local(http::StatusCode::TOO_MANY_REQUESTS, "rate limited");
+                    resp.headers_mut().extend(limited);
+                    return resp;
+                }
+            }
         }
     }
     // 3. Backend.
@@ -555,4 +565,25 @@ fn endpoint_failed<C: Connect>(
         tracing::warn!(service = %route.service, endpoint = %route.balancer.endpoints()[i].addr, ejected_for = ?time,
             why = %why, "endpoint ejected after consecutive failures (connect failures or 5xx answers)");
     }
+}
+
+/// `None` when `limiter` admits the request; else the 429's headers
+/// (`x-ratelimit-*` as Envoy's local rate limit sends them, and
+/// `retry-after`), the refusal counted.
+fn rate_limited<C: Connect>(
+    conn: &HttpConn<C>,
+    x: &Exchange<C>,
+    limiter: &crate::resilience::RateLimiter,
+) -> Option<http::HeaderMap> {
+    let crate::resilience::Admission::Limited { reset } = limiter.admit(&conn.pod.key) else { return None };
+    conn.core.metrics.resilience.rate_limited(&x.route.clone().into(), &conn.pod.key);
+    crate::info_throttled!(pod = %conn.pod.key, route = %x.route, "requests over the route's rate limit get 429");
+    let secs = reset.as_secs_f64().ceil().max(1.0) as u64;
+    let mut headers = http::HeaderMap::new();
+    let value = |n: u64| http::HeaderValue::from(n);
+    headers.insert("x-ratelimit-limit", value(u64::from(limiter.spec().max_tokens)));
+    headers.insert("x-ratelimit-remaining", value(0));
+    headers.insert("x-ratelimit-reset", value(secs));
+    headers.insert(http::header::RETRY_AFTER, value(secs));
+    Some(headers)
 }

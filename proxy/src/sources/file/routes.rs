@@ -8,8 +8,8 @@ use std::{sync::Arc, time::Duration};
 use serde::Deserialize;
 
 use crate::model::{
-    BackendRef, Fault, Filter, HeaderModifier, HttpRoute, ObjectKey, ParentRef, PathMatch, Retry, RouteMatch,
-    RouteRule, Share, StringMatch, Timeouts, ValueMatch,
+    BackendRef, Fault, Filter, HeaderModifier, HttpRoute, ObjectKey, ParentRef, PathMatch, RateLimit, Retry,
+    RouteMatch, RouteRule, Share, StringMatch, Timeouts, ValueMatch,
 };
 
 fn default_namespace() -> String {
@@ -144,6 +144,27 @@ pub struct FilterSpec {
     pub request_mirror: Option<MirrorSpec>,
     #[serde(default)]
     pub fault: Option<FaultSpec>,
+    #[serde(default)]
+    pub local_rate_limit: Option<RateLimitSpec>,
+}
+
+/// Envoy's local_ratelimit token bucket, and whether each source pod gets
+/// its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    pub max_tokens: u32,
+    /// Envoy's default: 1.
+    #[serde(default = "one")]
+    pub tokens_per_fill: u32,
+    #[serde(with = "humantime_serde_compat")]
+    pub fill_interval: Duration,
+    #[serde(default)]
+    pub per_source_pod: bool,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -314,9 +335,18 @@ fn filter(what: &str, f: &FilterSpec, ns: &str) -> Result<Filter, String> {
                 header_control: spec.header_control,
             })
         }
+        "LocalRateLimit" => {
+            let spec = f.local_rate_limit.as_ref().ok_or_else(|| missing("localRateLimit"))?;
+            Filter::LocalRateLimit(RateLimit {
+                max_tokens: spec.max_tokens,
+                tokens_per_fill: spec.tokens_per_fill,
+                fill_interval: spec.fill_interval,
+                per_source_pod: spec.per_source_pod,
+            })
+        }
         other => {
             return Err(format!(
-                "{what}: filter type {other:?} is not supported (RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, Fault)"
+                "{what}: filter type {other:?} is not supported (RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, Fault, LocalRateLimit)"
             ))
         }
     })
