@@ -131,6 +131,19 @@ fn the_retry_budget_caps_retries_when_every_answer_fails() -> Result<()> {
     ensure!(n(&run, "statuses", "503") == 500, "the client gets the 503s: {run}");
     ensure!(upstream as f64 == 500.0 + retries, "upstream {upstream} = 500 + retries {retries}");
     ensure!(retries <= cap && retries >= 0.5 * cap, "retries within the budget: {retries} (cap {cap})");
+    // /config_dump shows the rule's policy and its budget's state.
+    let dump = s.proxy.config_dump()?;
+    let rules = dump["services"]
+        .as_array()
+        .and_then(|v| v.iter().find(|r| r["service"] == "default/web"))
+        .map(|w| w["http_rules"].clone())
+        .unwrap_or_default();
+    let retried =
+        rules.as_array().and_then(|r| r.iter().find(|r| r["rule"] == "web/retried")).cloned().unwrap_or_default();
+    ensure!(
+        retried["retry"]["attempts"] == 3 && retried["retry_budget"]["retries"].as_f64() == Some(retries),
+        "config_dump rule: {retried}"
+    );
     // Once spent, each request's first retry is refused (and counted).
     ensure!(exhausted >= 500.0 - retries, "retries the budget refused: {exhausted}");
     Ok(())
@@ -252,6 +265,15 @@ fn a_circuit_breaker_fails_requests_past_its_limit_at_once() -> Result<()> {
         &[("destination_service", "guarded.default"), ("response_code", "503")],
     );
     ensure!(uo == 40.0, "503s counted: {uo}");
+    // /config_dump shows the service's limits and what they refused.
+    let dump = s.proxy.config_dump()?;
+    let guarded =
+        dump["services"].as_array().and_then(|v| v.iter().find(|r| r["service"] == "default/guarded")).cloned();
+    let breaker = guarded.map(|g| g["circuit_breaker"].clone()).unwrap_or_default();
+    ensure!(
+        breaker["limits"]["max_requests"] == 10 && breaker["overflows"][2] == 40 && breaker["open"][2] == 0,
+        "config_dump circuit_breaker: {breaker}"
+    );
     Ok(())
 }
 

@@ -404,6 +404,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "mark": args.mark,
             "tcp_keepalive_idle_ms": args.tcp_keepalive_idle.as_millis() as u64,
             "tcp_user_timeout_ms": args.tcp_user_timeout.as_millis() as u64,
+            // What a route rule or service that sets nothing gets.
+            "resilience_defaults": {
+                "request_timeout_ms": args.resilience.http_request_timeout.as_millis() as u64,
+                "backend_request_timeout_ms": args.resilience.http_backend_request_timeout.as_millis() as u64,
+                "retry_backoff_ms": args.resilience.retry_backoff.as_millis() as u64,
+                "retry_max_backoff_ms": args.resilience.retry_max_backoff.as_millis() as u64,
+                "retry_budget_ratio": args.resilience.retry_budget_ratio,
+                "retry_budget_min_per_second": args.resilience.retry_budget_min_per_second,
+                "retry_budget_window_ms": args.resilience.retry_budget_window.as_millis() as u64,
+                "circuit_breaker": args.resilience.breaker_limits(),
+            },
         }),
     });
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, admin_stop.clone()));

@@ -10,7 +10,7 @@ use super::Store;
 use crate::{
     balance::{Balancer, Endpoint, Health, HealthStatus},
     model::{canonical_ip, AppProtocol, ServiceKey, ServicePort},
-    resilience::{Breaker, BreakerLimits},
+    resilience::{Breaker, BreakerLimits, BreakerState, BudgetState},
     routing::RouteTable,
 };
 
@@ -38,9 +38,65 @@ pub struct RouteStatus {
     pub vip: SocketAddr,
     pub algorithm: String,
     pub endpoints: Vec<EndpointStatus>,
-    /// The HTTP route rules attached, in precedence order of their rules.
+    /// The HTTP route rules attached, with their policies and live state.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub http_rules: Vec<String>,
+    pub http_rules: Vec<RuleStatus>,
+    /// The service's circuit breaker: limits, what is open, refusals.
+    pub circuit_breaker: BreakerState,
+}
+
+/// One route rule as `/config_dump` shows it: its own resilience settings
+/// (`null`: the flags' default, shown under `forward.resilience_defaults`)
+/// and the state of its retry budget.
+#[derive(Debug, Serialize)]
+pub struct RuleStatus {
+    pub rule: String,
+    pub request_timeout_ms: Option<u64>,
+    pub backend_request_timeout_ms: Option<u64>,
+    pub retry: Option<RetryStatus>,
+    pub retry_budget: Option<BudgetState>,
+    pub rate_limit: Option<RateLimitStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RetryStatus {
+    pub codes: Vec<u16>,
+    pub attempts: u32,
+    pub backoff_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RateLimitStatus {
+    pub max_tokens: u32,
+    pub tokens_per_fill: u32,
+    pub fill_interval_ms: u64,
+    pub per_source_pod: bool,
+}
+
+impl RuleStatus {
+    fn of(r: &crate::routing::Rule) -> Self {
+        let ms = |d: std::time::Duration| d.as_millis() as u64;
+        Self {
+            rule: r.label.to_string(),
+            request_timeout_ms: r.timeouts.request.map(ms),
+            backend_request_timeout_ms: r.timeouts.backend_request.map(ms),
+            retry: r.retry.as_ref().map(|x| RetryStatus {
+                codes: x.codes.clone(),
+                attempts: x.attempts,
+                backoff_ms: x.backoff.map(ms),
+            }),
+            retry_budget: r.budget_state(),
+            rate_limit: r.rate_limiter.as_ref().map(|l| {
+                let s = l.spec();
+                RateLimitStatus {
+                    max_tokens: s.max_tokens,
+                    tokens_per_fill: s.tokens_per_fill,
+                    fill_interval_ms: ms(s.fill_interval),
+                    per_source_pod: s.per_source_pod,
+                }
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -77,7 +133,8 @@ impl ServiceRoute {
                     },
                 })
                 .collect(),
-            http_rules: self.http.iter().flat_map(|t| t.rules().iter().map(|r| r.label.to_string())).collect(),
+            http_rules: self.http.iter().flat_map(|t| t.rules().iter().map(RuleStatus::of)).collect(),
+            circuit_breaker: self.breaker.state(),
         }
     }
 }
