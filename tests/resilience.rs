@@ -66,12 +66,31 @@ fn setup(flags: &[&str]) -> Result<Setup> {
         "  - name: guarded\n    vips: [\"10.96.2.4\"]\n    ports: [{{port: 80, targetPort: {PORT}, protocol: http}}]\n    endpoints: [{{pod: slow}}]\n    circuitBreaker: {{maxRequests: 10}}\n"
     );
     mesh.write_files(&meshed, &format!("{services}{breaker}{ROUTES}"))?;
-    let proxy = mesh.start(0, flags)?;
+    // Every request in the access log, to match its flags with the client's view.
+    let mut all = vec!["--access-log", "requests"];
+    all.extend_from_slice(flags);
+    let proxy = mesh.start(0, &all)?;
     Ok(Setup { mesh, proxy, flaky, slow, fast })
 }
 
 fn metric(proxy: &ProxyProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
     proxy.metrics().map(|m| m.sum(name, labels)).unwrap_or(f64::NAN)
+}
+
+/// Request lines of the access log for paths under `path` whose flags
+/// include `flag`.
+fn logged(proxy: &ProxyProcess, flag: &str, path: &str) -> usize {
+    proxy
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("kind=\"request\"") && l.contains(&format!("path={path}")))
+        .filter(|l| {
+            l.split("flags=")
+                .nth(1)
+                .and_then(|f| f.split_whitespace().next())
+                .is_some_and(|f| f.trim_matches('"').split(',').any(|one| one == flag))
+        })
+        .count()
 }
 
 /// Upstream requests the origin served for `path`.
@@ -144,6 +163,9 @@ fn the_retry_budget_caps_retries_when_every_answer_fails() -> Result<()> {
         retried["retry"]["attempts"] == 3 && retried["retry_budget"]["retries"].as_f64() == Some(retries),
         "config_dump rule: {retried}"
     );
+    // Each answer that could not be retried is flagged URX in the log.
+    let urx = wait_for(Duration::from_secs(5), || (logged(&s.proxy, "URX", "/status/503/100") == 500).then_some(()));
+    ensure!(urx.is_some(), "URX lines: {} (want 500)", logged(&s.proxy, "URX", "/status/503/100"));
     // Once spent, each request's first retry is refused (and counted).
     ensure!(exhausted >= 500.0 - retries, "retries the budget refused: {exhausted}");
     Ok(())
@@ -176,6 +198,7 @@ fn an_attempt_timeout_retries_elsewhere_and_a_request_timeout_cancels_upstream()
     ensure!(p50 >= 290.0 && worst < 900.0, "504 after the request timeout: p50 {p50} ms, slowest {worst} ms");
     let cancelled = wait_for(Duration::from_secs(5), || (lines_starting(&s.slow, "CANCELLED /all") == 5).then_some(()));
     ensure!(cancelled.is_some(), "cancellations the server saw: {}", lines_starting(&s.slow, "CANCELLED /all"));
+    ensure!(logged(&s.proxy, "UT", "/all") == 5, "UT lines: {}", logged(&s.proxy, "UT", "/all"));
     let request_timeouts =
         metric(&s.proxy, "outrigger_request_timeouts_total", &[("route", "allslow"), ("kind", "request")]);
     ensure!(request_timeouts == 5.0, "request timeouts counted: {request_timeouts}");
@@ -265,6 +288,7 @@ fn a_circuit_breaker_fails_requests_past_its_limit_at_once() -> Result<()> {
         &[("destination_service", "guarded.default"), ("response_code", "503")],
     );
     ensure!(uo == 40.0, "503s counted: {uo}");
+    ensure!(logged(&s.proxy, "UO", "/guarded/") == 40, "UO lines: {}", logged(&s.proxy, "UO", "/guarded/"));
     // /config_dump shows the service's limits and what they refused.
     let dump = s.proxy.config_dump()?;
     let guarded =
@@ -310,6 +334,9 @@ fn a_per_source_pod_rate_limit_holds_one_pod_and_spares_the_other() -> Result<()
     let counted =
         metric(&s.proxy, "outrigger_rate_limited_total", &[("route", "web/limited"), ("source_pod", "client")]);
     ensure!(counted == limited as f64, "429s counted for the pod: {counted} (client saw {limited})");
+    let rl =
+        wait_for(Duration::from_secs(5), || (logged(&s.proxy, "RL", "/limited") == limited as usize).then_some(()));
+    ensure!(rl.is_some(), "RL lines: {} (client saw {limited})", logged(&s.proxy, "RL", "/limited"));
     let other = metric(&s.proxy, "outrigger_rate_limited_total", &[("source_pod", "client2")]);
     ensure!(other == 0.0, "the other pod counted as limited: {other}");
     Ok(())

@@ -4,7 +4,7 @@ Answers every request with its own name as the body, after an optional
 delay; echoes request headers named in `x-echo` back as `x-echoed-<name>`;
 appends one line per request ("METHOD PATH BODY_BYTES") to a log file.
 A path /status/CODE/PERCENT... answers CODE to PERCENT % of its requests
-(at random). A client that goes away during the delay is logged as
+(at random, seeded by NAME: the same sequence on every run). A client that goes away during the delay is logged as
 "CANCELLED PATH" (the proxy cancelled the request).
 
 usage: origin.py NAME ADDR PORT LOG [DELAY_MS [STATUS]]
@@ -22,6 +22,8 @@ NAME, ADDR, PORT, LOG = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 DELAY = float(sys.argv[5]) / 1000 if len(sys.argv) > 5 else 0.0
 STATUS = int(sys.argv[6]) if len(sys.argv) > 6 else 200
 LOCK = threading.Lock()
+# The same share of failures on every run (requests arrive in order).
+random.seed(NAME)
 LOG_FILE = open(LOG, "a", buffering=1)
 
 
