@@ -280,6 +280,47 @@ fn requests_are_counted_by_the_proxy_that_serves_them() -> Result<()> {
 }
 
 #[test]
+fn an_inbound_rate_limit_protects_a_pod_from_every_caller() -> Result<()> {
+    let nodes = TwoNodes::new(&["a"], &["b"], &[(0, "outside")])?;
+    let (a, b, outside) = (nodes.pod("a"), nodes.pod("b"), nodes.pod("outside"));
+    let _log = outrigger_e2e::servers::origin(&nodes.sb, b, APP, "b", 0)?;
+    // b's service: 5 requests, then one an hour, kept by b's own node for
+    // every caller (through the tunnel or in plaintext).
+    let service = format!(
+        "services:\n  - name: guarded\n    vips: [\"10.96.5.1\"]\n    ports: [{{port: 80, targetPort: {APP}, protocol: http}}]\n    endpoints: [{{pod: b}}]\n    inboundRateLimit: {{maxTokens: 5, tokensPerFill: 1, fillInterval: 1h}}\n"
+    );
+    nodes.write_mesh(&[a, b], [service.as_str(), service.as_str()])?;
+    let _n0 = nodes.start(0, &[])?;
+    let n1 = nodes.start(1, &[])?;
+    let target = b.ip4.to_string();
+    let run = |from: &Pod| -> Result<Value> {
+        let args = [target.as_str(), "8080", "/limited", "10"];
+        let out = nodes.sb.run(outrigger_e2e::servers::python(&nodes.sb, from, "client.py", &args))?;
+        serde_json::from_slice(&out.stdout).context("client.py output")
+    };
+    let meshed = run(a)?;
+    let plain = run(outside)?;
+    eprintln!(
+        "FIGURE inbound limit of 5 on b: from a (tunnel) {}, from outside (plaintext) {}",
+        meshed["statuses"], plain["statuses"]
+    );
+    ensure!(meshed["statuses"]["200"] == 5 && meshed["statuses"]["429"] == 5, "a: {meshed}");
+    ensure!(plain["statuses"]["429"] == 10, "the bucket is b's, for every caller: {plain}");
+    let h = &plain["refused_headers"];
+    ensure!(h["x-ratelimit-limit"] == "5" && h["retry-after"].is_string(), "429 headers: {h}");
+    let limited = |source: &str| {
+        n1.metrics().map(|m| m.sum("outrigger_rate_limited_total", &[("source_pod", source)])).unwrap_or(f64::NAN)
+    };
+    ensure!(
+        limited("a") == 5.0 && limited("") == 10.0,
+        "429s counted by source: a {} outside {}",
+        limited("a"),
+        limited("")
+    );
+    Ok(())
+}
+
+#[test]
 fn the_tunnel_port_refuses_untrusted_clients_and_foreign_addresses() -> Result<()> {
     let nodes = TwoNodes::new(&["a"], &["b"], &[(0, "tester")])?;
     let (a, b, tester) = (nodes.pod("a"), nodes.pod("b"), nodes.pod("tester"));

@@ -7,15 +7,16 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use tokio::net::TcpListener;
 
 use crate::{
     identity::Identity,
-    model::{PodKey, Workload},
+    model::{PodKey, RateLimit, Workload},
     netns::{sockets::bind_listener, Netns, NetnsError, SpareSockets},
+    resilience::RateLimiter,
     transport::SocketOptions,
 };
 
@@ -93,9 +94,26 @@ pub struct PodContext {
     /// definition: the accept loops then end at once — the sockets stay
     /// open and the next definition serves what is queued on them.
     pub handed_over: tokio_util::sync::CancellationToken,
+    /// The bucket of its service's `inboundRateLimit` (made at the first
+    /// request, remade when the limit changes; gone with the pod).
+    inbound_limiter: Mutex<Option<Arc<RateLimiter>>>,
 }
 
 impl PodContext {
+    /// The pod's inbound rate limiter for `spec` (none without one).
+    pub fn inbound_limiter(&self, spec: Option<&RateLimit>) -> Option<Arc<RateLimiter>> {
+        let spec = spec?;
+        let mut held = self.inbound_limiter.lock().unwrap_or_else(|e| e.into_inner());
+        match &*held {
+            Some(l) if l.spec() == spec => Some(l.clone()),
+            _ => {
+                let l = Arc::new(RateLimiter::new(spec.clone()));
+                *held = Some(l.clone());
+                Some(l)
+            }
+        }
+    }
+
     /// Opens the pod's netns (on a blocking thread: it starts the pod's
     /// netns thread) and refuses the proxy's own.
     pub async fn open(
@@ -127,6 +145,7 @@ impl PodContext {
             connections: Arc::new(tokio::sync::Semaphore::new(limits.connections)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(limits.pending_handshakes)),
             handed_over: tokio_util::sync::CancellationToken::new(),
+            inbound_limiter: Mutex::default(),
         })
     }
 
@@ -162,6 +181,7 @@ impl PodContext {
             connections: Arc::new(tokio::sync::Semaphore::new(1024)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(16)),
             handed_over: tokio_util::sync::CancellationToken::new(),
+            inbound_limiter: Mutex::default(),
         }
     }
 

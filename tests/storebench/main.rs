@@ -183,6 +183,7 @@ fn service(s: usize) -> Object {
             target_port: TargetPort::Number(TARGET_PORT),
         }],
         circuit_breaker: Default::default(),
+        inbound_rate_limit: None,
     })
 }
 

@@ -26,8 +26,13 @@ use crate::{
     },
     metrics::{Label, Metrics, RequestLabels, SeriesCache},
     outbound::detect::{Detected, Outcome},
+    resilience::{Admission, RateLimiter},
     transport::{Duplex, HyperIo},
 };
+
+/// The key of a pod's one inbound bucket (the limiter keeps one per key).
+static INBOUND_KEY: std::sync::LazyLock<crate::model::ObjectKey> =
+    std::sync::LazyLock::new(|| crate::model::ObjectKey::new("", "inbound"));
 
 /// Request series a connection keeps resolved (an application answering
 /// with ever new status codes finds the rest in the metrics' own map).
@@ -83,6 +88,8 @@ struct Conn {
     cache: SeriesCache<(&'static str, u16, Option<u8>)>,
     sent: Arc<AtomicU64>,
     received: Arc<AtomicU64>,
+    /// The destination pod's inbound rate limit, if its service has one.
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 /// Serves `client` (speaking `detected`) against `app` until either ends.
@@ -93,6 +100,7 @@ pub async fn serve<I, A>(
     detected: Detected,
     metrics: Arc<Metrics>,
     parties: Parties,
+    limiter: Option<Arc<RateLimiter>>,
     cut: tokio_util::sync::CancellationToken,
 ) -> Result<(u64, u64), InboundHttpError>
 where
@@ -136,6 +144,7 @@ where
         cache: Default::default(),
         sent: Default::default(),
         received: Default::default(),
+        limiter,
     });
     let service = {
         let conn = conn.clone();
@@ -156,6 +165,20 @@ where
 
 async fn handle(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<DownBody> {
     let start = Instant::now();
+    let record = |status: u16, protocol| Record { conn: conn.clone(), start, protocol, status, request_bytes: None };
+    if let Some(limiter) = &conn.limiter {
+        // One bucket for every caller of the pod: the key is the pod's own.
+        if let Admission::Limited { reset } = limiter.admit(&INBOUND_KEY) {
+            let p = &conn.parties;
+            let route = crate::httpcore::DEFAULT_ROUTE.clone().into();
+            conn.metrics.resilience.rate_limited_labels(route, p.source_pod.clone(), p.source_namespace.clone());
+            crate::info_throttled!(pod = %p.destination_pod.0, "requests over the pod's inbound rate limit get 429");
+            let protocol = crate::httpcore::request_protocol(req.headers(), conn.h2);
+            let mut resp = local_response(http::StatusCode::TOO_MANY_REQUESTS, "rate limited");
+            resp.headers_mut().extend(crate::resilience::limit_headers(limiter.spec().max_tokens, reset));
+            return resp.map(|b| Counted::new(b, None, Some(Box::new(record(429, protocol)) as Box<dyn OnEnd>)));
+        }
+    }
     let upgrade = crate::httpcore::is_upgrade(&req);
     let connect = req.method() == http::Method::CONNECT;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -181,7 +204,7 @@ async fn handle(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<DownBo
             }
         }
     };
-    let record = |status: u16| Record { conn: conn.clone(), start, protocol, status, request_bytes };
+    let record = |status: u16| Record { request_bytes: request_bytes.clone(), ..record(status, protocol) };
     match response {
         Ok(mut resp) => {
             let status = resp.status().as_u16();
@@ -269,6 +292,7 @@ impl super::Inbound {
         app: A,
         port: u16,
         parties: Parties,
+        limiter: Option<Arc<RateLimiter>>,
     ) -> crate::transport::Relayed
     where
         I: Duplex + Unpin + Send + 'static,
@@ -290,7 +314,9 @@ impl super::Inbound {
         };
         match detected {
             Detected::Http1 | Detected::H2 => {
-                match serve(client, app, detected, self.metrics.clone(), parties, self.drain_cut.clone()).await {
+                let served =
+                    serve(client, app, detected, self.metrics.clone(), parties, limiter, self.drain_cut.clone()).await;
+                match served {
                     Ok((from_client, to_client)) => crate::transport::Relayed {
                         sent: to_client,
                         received: from_client,

@@ -60,10 +60,11 @@ impl Inbound {
             return crate::info_throttled!(target: "outrigger::access", reporter = "inbound", pod = %pod.key,
                 client = %peer, dst = %dest, result = "reserved_port", "plaintext connection refused");
         }
-        let (labels, decision) = {
+        let (labels, decision, limit) = {
             let snapshot = self.mesh.load();
             let source = snapshot.workload(peer.ip());
             let service = snapshot.service_of_endpoint(dest);
+            let limit = service.and_then(|k| snapshot.service(k)).and_then(|e| e.service.inbound_rate_limit.clone());
             let labels = self.metrics.conns.inbound_labels(&pod, source.map(|w| &**w), None, service, "plaintext");
             let decision = match snapshot.workload_by_key(&pod.key) {
                 Some(me) => policy::check(
@@ -74,7 +75,7 @@ impl Inbound {
                 ),
                 None => Decision::Deny { policy: "the pod is no longer in the mesh".into() },
             };
-            (labels, decision)
+            (labels, decision, limit)
         };
         if let Decision::Deny { policy } = decision {
             self.metrics.conns.failed(&labels, "denied");
@@ -105,7 +106,8 @@ impl Inbound {
         let rtt = crate::sys::tcp_rtt(std::os::fd::AsFd::as_fd(&client));
         let parties = super::http_layer::Parties::of(&labels);
         // Request by request when it speaks HTTP, as a tunnel stream is.
-        let relayed = self.deliver(client, app, dest.port(), parties).await;
+        let limiter = pod.inbound_limiter(limit.as_ref());
+        let relayed = self.deliver(client, app, dest.port(), parties, limiter).await;
         if let Some(record) = &record {
             // Seen from the client: what it sent is what the delivery
             // received from it.

@@ -122,10 +122,11 @@ impl Inbound {
             Ok(authority) => authority,
             Err(r) => return refuse(&mut respond, r.status(), r.result(), None, &r.to_string()),
         };
-        let (labels, decision) = {
+        let (labels, decision, limit) = {
             let snapshot = self.mesh.load();
             let source = snapshot.workload(peer.addr.ip());
             let service = snapshot.service_of_endpoint(authority);
+            let limit = service.and_then(|k| snapshot.service(k)).and_then(|e| e.service.inbound_rate_limit.clone());
             let labels = self.metrics.conns.inbound_labels(
                 &pod,
                 source.map(|w| &**w),
@@ -143,7 +144,7 @@ impl Inbound {
                 // The pod is leaving: nothing may reach it any more.
                 None => Decision::Deny { policy: "the pod is no longer in the mesh".into() },
             };
-            (labels, decision)
+            (labels, decision, limit)
         };
         if let Decision::Deny { policy } = decision {
             self.metrics.conns.failed(&labels, "denied");
@@ -209,7 +210,8 @@ impl Inbound {
         let tunnel = H2Stream::new(send, request.into_body());
         self.metrics.inbound(&pod.key, "ok").inc();
         let parties = super::http_layer::Parties::of(&labels);
-        let relayed = self.deliver(tunnel, app, authority.port(), parties).await;
+        let limiter = pod.inbound_limiter(limit.as_ref());
+        let relayed = self.deliver(tunnel, app, authority.port(), parties, limiter).await;
         if let Some(record) = &record {
             // Seen from the source: what it sent reached the app (`received`
             // by the relay from the stream).

@@ -87,12 +87,12 @@ impl ResilienceMetrics {
     }
 
     pub fn rate_limited(&self, route: &Label, source: &crate::model::PodKey) {
-        let labels = RateLimitedLabels {
-            route: route.clone(),
-            source_pod: Label(source.name.clone()),
-            source_workload_namespace: Label(source.namespace.clone()),
-        };
-        self.rate_limited.get_or_create(&labels).inc();
+        self.rate_limited_labels(route.clone(), Label(source.name.clone()), Label(source.namespace.clone()));
+    }
+
+    /// A 429 by route (`default` for a pod's inbound limit) and source.
+    pub fn rate_limited_labels(&self, route: Label, source_pod: Label, source_workload_namespace: Label) {
+        self.rate_limited.get_or_create(&RateLimitedLabels { route, source_pod, source_workload_namespace }).inc();
     }
 
     pub fn register(&self, r: &mut Registry) {
@@ -108,7 +108,7 @@ impl ResilienceMetrics {
         );
         r.register(
             "rate_limited",
-            "HTTP requests refused with 429 (flag RL) by a route rule's LocalRateLimit, by route and source pod",
+            "HTTP requests refused with 429 (flag RL) by a route rule's LocalRateLimit (or, route=\"default\", a pod's inboundRateLimit), by route and source pod",
             self.rate_limited.clone(),
         );
         r.register(

@@ -60,6 +60,9 @@ pub struct Service {
     /// Circuit-breaker thresholds set for this service; unset ones take the
     /// flags' defaults.
     pub circuit_breaker: CircuitBreaker,
+    /// A token bucket per endpoint pod, applied by the pod's own node to
+    /// every request arriving for it (tunnel streams and plaintext).
+    pub inbound_rate_limit: Option<super::RateLimit>,
 }
 
 /// Envoy's circuit-breaker thresholds for one service (as Istio's

@@ -91,6 +91,9 @@ pub fn service(s: &Service) -> Result<(), String> {
             return Err(format!("service {key}: two ports are named {name}: name each port differently"));
         }
     }
+    if let Some(l) = &s.inbound_rate_limit {
+        rate_limit(&format!("service {key} inboundRateLimit"), l)?;
+    }
     Ok(())
 }
 
@@ -246,16 +249,21 @@ pub fn route(r: &HttpRoute) -> Result<(), String> {
                     }
                 }
                 Filter::RequestMirror { .. } => {}
-                Filter::LocalRateLimit(l) => {
-                    if l.max_tokens == 0 || l.tokens_per_fill == 0 {
-                        return Err(format!("{what}: localRateLimit needs maxTokens and tokensPerFill of at least 1"));
-                    }
-                    if l.fill_interval < std::time::Duration::from_millis(1) || l.fill_interval > MAX_POLICY_DURATION {
-                        return Err(format!("{what}: localRateLimit fillInterval must be 1ms to 1h"));
-                    }
-                }
+                Filter::LocalRateLimit(l) => rate_limit(&what, l)?,
             }
         }
+    }
+    Ok(())
+}
+
+/// A token bucket's numbers: at least a token, refilled at most every 1 ms
+/// and at least every hour.
+fn rate_limit(what: &str, l: &crate::model::RateLimit) -> Result<(), String> {
+    if l.max_tokens == 0 || l.tokens_per_fill == 0 {
+        return Err(format!("{what}: a rate limit needs maxTokens and tokensPerFill of at least 1"));
+    }
+    if l.fill_interval < std::time::Duration::from_millis(1) || l.fill_interval > MAX_POLICY_DURATION {
+        return Err(format!("{what}: a rate limit's fillInterval must be 1ms to 1h"));
     }
     Ok(())
 }

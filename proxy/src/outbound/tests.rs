@@ -358,6 +358,7 @@ fn service(name: &str, vip: &str, endpoints: &[&str]) -> Vec<Object> {
                 target_port: TargetPort::Number(8080),
             }],
             circuit_breaker: Default::default(),
+            inbound_rate_limit: None,
         }),
         Object::Endpoints(EndpointSlice {
             key: ObjectKey::new("default", &format!("{name}-1")),

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 pub use breaker::{Breaker, BreakerLimits, BreakerState, Limit, Slot};
 pub use budget::{BudgetSettings, BudgetState, RetryBudget};
-pub use ratelimit::{Admission, RateLimiter};
+pub use ratelimit::{limit_headers, Admission, RateLimiter};
 
 use crate::model::{Retry, Timeouts};
 

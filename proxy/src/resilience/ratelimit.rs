@@ -89,6 +89,18 @@ impl RateLimiter {
     }
 }
 
+/// A 429's headers: `x-ratelimit-*` as Envoy's local rate limit sends them
+/// (limit, remaining, seconds to reset), and `retry-after`.
+pub fn limit_headers(max_tokens: u32, reset: Duration) -> http::HeaderMap {
+    let secs = reset.as_secs_f64().ceil().max(1.0) as u64;
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-ratelimit-limit", http::HeaderValue::from(max_tokens));
+    headers.insert("x-ratelimit-remaining", http::HeaderValue::from(0));
+    headers.insert("x-ratelimit-reset", http::HeaderValue::from(secs));
+    headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+    headers
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,7 @@ fn service(name: &str, vips: &[&str], ports: &[(u16, TargetPort, Option<&str>)])
             })
             .collect(),
         circuit_breaker: Default::default(),
+        inbound_rate_limit: None,
     })
 }
 

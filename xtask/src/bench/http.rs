@@ -1,9 +1,12 @@
 //! The HTTP table: wrk (HTTP/1.1) and h2load (h2) against nginx in the
 //! server pod, through each path: direct; Outrigger's HTTP layer; Outrigger
 //! on a port declared opaque (the L4 relay); HAProxy in `mode http`; nginx
-//! as a reverse proxy (upstream keep-alive). 1 and 16 connections, each
-//! one request at a time. Requests/s, latency p50/p99 and the proxy's CPU
-//! time per 1 000 requests (utime + stime from /proc).
+//! as a reverse proxy (upstream keep-alive); and Outrigger through a
+//! service VIP, without and with a resilience policy on its route
+//! (timeouts, retries under a budget; the circuit breaker is always on),
+//! which measures what the policy costs. 1 and 16 connections, each one
+//! request at a time. Requests/s, latency p50/p99 and the proxy's CPU time
+//! per 1 000 requests (utime + stime from /proc).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -15,7 +18,34 @@ use crate::util::output;
 
 pub const GROUP: &str = "http";
 
-const PATHS: [&str; 5] = ["direct", "outrigger http", "outrigger opaque", "haproxy http", "nginx proxy"];
+const PATHS: [&str; 7] = [
+    "direct",
+    "outrigger http",
+    "outrigger opaque",
+    "haproxy http",
+    "nginx proxy",
+    "outrigger service",
+    "outrigger service+policy",
+];
+/// The origin behind a service VIP, plain and under a policy.
+const WEB_VIP: [u8; 4] = [10, 96, 0, 110];
+const WEB_POLICY_VIP: [u8; 4] = [10, 96, 0, 111];
+
+/// The mesh file's part for the HTTP table: the origin's two services and
+/// the policy route (appended to the topology's `services:`).
+pub fn mesh_yaml() -> String {
+    let service = |name: &str, vip: [u8; 4]| {
+        format!(
+            "  - name: {name}\n    vips: [{}]\n    ports: [{{name: h1, port: {H1}, protocol: http}}, {{name: h2, port: {H2}, protocol: http}}]\n    endpoints: [{{pod: server}}]\n",
+            std::net::Ipv4Addr::from(vip)
+        )
+    };
+    format!(
+        "{}{}routes:\n  - name: policy\n    parentRefs: [{{name: web-policy}}]\n    rules:\n      - timeouts: {{request: 15s, backendRequest: 5s}}\n        retry: {{codes: [502, 503, 504], attempts: 2}}\n",
+        service("web", WEB_VIP),
+        service("web-policy", WEB_POLICY_VIP)
+    )
+}
 /// nginx in the server pod: HTTP/1.1 and h2c, and the same again on ports
 /// the proxy is told are opaque.
 const H1: u16 = 8081;
@@ -35,6 +65,7 @@ pub fn tables() -> Vec<Table> {
         (1, 4, "outrigger http / nginx proxy"),
         (1, 0, "outrigger http / direct"),
         (2, 0, "outrigger opaque / direct"),
+        (6, 5, "service+policy / service"),
     ];
     [
         ("h1_c1", "HTTP/1.1, 1 connection (wrk)"),
@@ -219,6 +250,14 @@ pub fn measure(topo: &Topology, peers: &Peers, tables: &mut [Table], secs: u64, 
                 ("outrigger opaque", true) => {
                     (&topo.meshed, SocketAddr::from((server, H2_OPAQUE)), Some(topo.proxy(0).pid()))
                 }
+                ("outrigger service", h2) => {
+                    (&topo.meshed, SocketAddr::from((WEB_VIP, if h2 { H2 } else { H1 })), Some(topo.proxy(0).pid()))
+                }
+                ("outrigger service+policy", h2) => (
+                    &topo.meshed,
+                    SocketAddr::from((WEB_POLICY_VIP, if h2 { H2 } else { H1 })),
+                    Some(topo.proxy(0).pid()),
+                ),
                 ("haproxy http", h2) => (
                     &topo.plain,
                     super::topology::loopback(if h2 { HAPROXY_H2 } else { HAPROXY_H1 }),

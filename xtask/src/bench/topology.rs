@@ -104,6 +104,7 @@ impl Topology {
             "services:\n  - name: bench\n    vips: [{}]\n    ports: [{{name: sockperf, port: {SOCKPERF_PORT}}}, {{name: echo, port: {ECHO_PORT}}}]\n    endpoints: [{{pod: e1}}, {{pod: e2}}, {{pod: e3}}]\n",
             std::net::Ipv4Addr::from(VIP)
         ));
+        mesh.push_str(&super::http::mesh_yaml());
         let pods_file = sb.dir.join("mesh.yaml");
         std::fs::write(&pods_file, mesh)?;
         let remote_file = sb.dir.join("mesh-n1.yaml");

@@ -567,9 +567,8 @@ fn endpoint_failed<C: Connect>(
     }
 }
 
-/// `None` when `limiter` admits the request; else the 429's headers
-/// (`x-ratelimit-*` as Envoy's local rate limit sends them, and
-/// `retry-after`), the refusal counted.
+/// `None` when `limiter` admits the request; else the 429's headers, the
+/// refusal counted.
 fn rate_limited<C: Connect>(
     conn: &HttpConn<C>,
     x: &Exchange<C>,
@@ -578,12 +577,5 @@ fn rate_limited<C: Connect>(
     let crate::resilience::Admission::Limited { reset } = limiter.admit(&conn.pod.key) else { return None };
     conn.core.metrics.resilience.rate_limited(&x.route.clone().into(), &conn.pod.key);
     crate::info_throttled!(pod = %conn.pod.key, route = %x.route, "requests over the route's rate limit get 429");
-    let secs = reset.as_secs_f64().ceil().max(1.0) as u64;
-    let mut headers = http::HeaderMap::new();
-    let value = |n: u64| http::HeaderValue::from(n);
-    headers.insert("x-ratelimit-limit", value(u64::from(limiter.spec().max_tokens)));
-    headers.insert("x-ratelimit-remaining", value(0));
-    headers.insert("x-ratelimit-reset", value(secs));
-    headers.insert(http::header::RETRY_AFTER, value(secs));
-    Some(headers)
+    Some(crate::resilience::limit_headers(limiter.spec().max_tokens, reset))
 }

@@ -77,6 +77,28 @@ pub struct ServiceSpec {
     /// Envoy's circuit-breaker thresholds for the service.
     #[serde(default)]
     pub circuit_breaker: Option<CircuitBreakerSpec>,
+    /// A token bucket per endpoint pod, kept by the pod's own node.
+    #[serde(default)]
+    pub inbound_rate_limit: Option<InboundRateLimitSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InboundRateLimitSpec {
+    pub max_tokens: u32,
+    #[serde(default = "one")]
+    pub tokens_per_fill: u32,
+    #[serde(deserialize_with = "duration")]
+    pub fill_interval: std::time::Duration,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e}")))
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -213,6 +213,12 @@ fn service(svc: &ServiceSpec, pods: &BTreeMap<ObjectKey, PodSpec>) -> Result<(Se
                 max_retries: c.max_retries,
             })
             .unwrap_or_default(),
+        inbound_rate_limit: svc.inbound_rate_limit.as_ref().map(|l| crate::model::RateLimit {
+            max_tokens: l.max_tokens,
+            tokens_per_fill: l.tokens_per_fill,
+            fill_interval: l.fill_interval,
+            per_source_pod: false,
+        }),
     };
     Ok((service, slices))
 }

@@ -163,7 +163,14 @@ pub fn service(svc: &KubeService, cluster_domain: &str) -> Result<Option<Service
         return Ok(None);
     }
     let hostname: Arc<str> = format!("{}.{}.svc.{cluster_domain}", key.name, key.namespace).into();
-    Ok(Some(Service { key, vips, hostnames: vec![hostname], ports, circuit_breaker: Default::default() }))
+    Ok(Some(Service {
+        key,
+        vips,
+        hostnames: vec![hostname],
+        ports,
+        circuit_breaker: Default::default(),
+        inbound_rate_limit: None,
+    }))
 }
 
 /// An EndpointSlice → the model; `None` when it serves no service or has
