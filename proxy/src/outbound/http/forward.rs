@@ -11,9 +11,13 @@
 //!   taken from the rule's budget, after a back-off, and on an endpoint not
 //!   tried yet when there is one.
 //!
-//! The whole (`timeouts.request`) is bounded by the caller.
+//! The whole is bounded by `timeouts.request`: each wait (a connection, the
+//! response head, a back-off) ends at its deadline at the latest, so an
+//! attempt costs one timer, not one for the attempt and one for the request.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::time::Instant;
 
 use hyper::{body::Incoming, Request, Response};
 
@@ -52,6 +56,22 @@ pub(super) struct Attempts<'a> {
     pub replay: Option<Head>,
     /// The body, kept as the first attempt sends it.
     pub recording: Option<Arc<Recording>>,
+    /// When `timeouts.request` ends the request.
+    pub deadline: Option<Instant>,
+}
+
+/// `fut` bounded by `deadline` (`None`: it passed first); a timer only
+/// when `fut` does not finish at once (a pooled connection is ready, most
+/// of the time).
+async fn bounded<F: std::future::Future>(deadline: Option<Instant>, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    if let std::task::Poll::Ready(out) = futures_util::poll!(fut.as_mut()) {
+        return Some(out);
+    }
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+        None => Some(fut.await),
+    }
 }
 
 /// Why an attempt is repeated.
@@ -73,6 +93,12 @@ impl Again {
 }
 
 impl Attempts<'_> {
+    /// `timeouts.request` passed: 504 (flagged `UT` by the caller).
+    fn request_timeout<C: Connect>(&self, conn: &HttpConn<C>) -> Outcome {
+        conn.core.metrics.resilience.timed_out(&self.route, "request");
+        Outcome::Local(http::StatusCode::GATEWAY_TIMEOUT, "request timeout")
+    }
+
     /// The request again, if it can be rebuilt: no body, or a body kept
     /// whole.
     fn again(&self) -> Option<Request<UpBody>> {
@@ -154,7 +180,10 @@ pub(super) async fn forward<C: Connect>(
         x.set_endpoint(a.snapshot, a.destination.route.as_deref(), addr, index);
         // A pooled connection that closed meanwhile is replaced.
         let pooled = match conn.upstreams().checkout(addr, conn.version) {
-            Some(mut s) => s.ready().await.is_ok().then_some(s),
+            Some(mut s) => match bounded(a.deadline, s.ready()).await {
+                Some(ready) => ready.is_ok().then_some(s),
+                None => return a.request_timeout(conn),
+            },
             None => None,
         };
         let sender = match pooled {
@@ -173,7 +202,9 @@ pub(super) async fn forward<C: Connect>(
                         );
                     }
                 };
-                let connected = conn.connect(a.snapshot, addr, slot).await;
+                let Some(connected) = bounded(a.deadline, conn.connect(a.snapshot, addr, slot)).await else {
+                    return a.request_timeout(conn);
+                };
                 drop(pending);
                 connected
             }
@@ -195,12 +226,22 @@ pub(super) async fn forward<C: Connect>(
         let Some(this) = req.take() else { break };
         let sent_at = Instant::now();
         let sending = sender.send(this);
-        // Dropping the send cancels the request: h2 resets the stream, an
-        // HTTP/1.1 connection with a request in flight is closed.
-        let result = match a.policy.backend_timeout {
-            Some(limit) => tokio::time::timeout(limit, sending).await.ok(),
+        // One timer per attempt, for whichever ends first: the attempt's
+        // timeout or the request's. Dropping the send cancels the request:
+        // h2 resets the stream, an HTTP/1.1 connection with a request in
+        // flight is closed.
+        let attempt_deadline = match (a.policy.backend_timeout, a.deadline) {
+            (Some(limit), Some(d)) => Some((Instant::now() + limit).min(d)),
+            (Some(limit), None) => Some(Instant::now() + limit),
+            (None, d) => d,
+        };
+        let result = match attempt_deadline {
+            Some(t) => tokio::time::timeout_at(t, sending).await.ok(),
             None => Some(sending.await),
         };
+        if result.is_none() && a.deadline.is_some_and(|d| Instant::now() >= d) {
+            return a.request_timeout(conn);
+        }
         let again = match result {
             Some(Ok(resp)) => {
                 let status = resp.status().as_u16();
@@ -268,7 +309,12 @@ pub(super) async fn forward<C: Connect>(
         _retrying = slot;
         retries += 1;
         tracing::debug!(pod = %conn.pod.key, upstream = %addr, retry = retries, reason = why.reason(), "retrying");
-        tokio::time::sleep(a.policy.backoff(retries)).await;
+        let wake = Instant::now() + a.policy.backoff(retries);
+        if let Some(d) = a.deadline.filter(|d| *d <= wake) {
+            tokio::time::sleep_until(d).await;
+            return a.request_timeout(conn);
+        }
+        tokio::time::sleep_until(wake).await;
         req = Some(again);
     }
     match last_failure {

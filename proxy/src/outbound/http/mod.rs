@@ -465,18 +465,9 @@ async fn handle<C: Connect>(conn: Arc<HttpConn<C>>, mut req: Request<Incoming>) 
         route: x.route.clone().into(),
         replay,
         recording,
+        deadline: policy.request_timeout.map(|t| tokio::time::Instant::from_std(start) + t),
     };
-    let outcome = match policy.request_timeout {
-        Some(limit) => {
-            // Dropping the attempts cancels the one in flight.
-            let bounded = tokio::time::timeout(limit, forward::forward(&conn, &mut x, &attempts, up_req)).await;
-            bounded.unwrap_or_else(|_| {
-                conn.core.metrics.resilience.timed_out(&attempts.route, "request");
-                Outcome::Local(http::StatusCode::GATEWAY_TIMEOUT, "request timeout")
-            })
-        }
-        None => forward::forward(&conn, &mut x, &attempts, up_req).await,
-    };
+    let outcome = forward::forward(&conn, &mut x, &attempts, up_req).await;
     let (mut resp, addr, sender) = match outcome {
         Outcome::Response(resp, addr, sender) => (resp, addr, sender),
         Outcome::Local(status, text) => {
