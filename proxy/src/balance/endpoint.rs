@@ -46,6 +46,9 @@ pub struct Health {
     /// Totals, for /config_dump.
     total_ejections: AtomicU32,
     total_failures: AtomicU64,
+    /// A failure streak or an ejection to forgive: only then does a
+    /// success take the lock (most successes follow successes).
+    owes: std::sync::atomic::AtomicBool,
 }
 
 impl Health {
@@ -62,6 +65,7 @@ impl Health {
             ejected_until: AtomicU64::new(0),
             total_ejections: AtomicU32::new(0),
             total_failures: AtomicU64::new(0),
+            owes: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -126,12 +130,17 @@ impl Health {
     /// base period since the last ejection ended, forgives one ejection
     /// (Envoy's ejection multiplier decay).
     pub fn succeeded(&self, settings: &BalanceSettings) {
+        if !self.owes.load(Ordering::Acquire) {
+            return;
+        }
         let mut e = self.lock();
         e.consecutive_failures = 0;
         let until = self.ejected_until.load(Ordering::Relaxed);
         if e.ejections > 0 && now_nanos() >= until + settings.ejection_base_time.as_nanos() as u64 {
             e.ejections -= 1;
         }
+        // Set again under the lock by a failure racing this.
+        self.owes.store(e.ejections > 0, Ordering::Release);
     }
 
     /// A failed connect. Returns the ejection time when this failure ejects
@@ -146,6 +155,7 @@ impl Health {
             return None;
         }
         e.consecutive_failures += 1;
+        self.owes.store(true, Ordering::Release);
         let threshold = settings.ejection_consecutive_failures;
         if threshold == 0 || e.consecutive_failures < threshold || !may_eject {
             return None;

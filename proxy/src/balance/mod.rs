@@ -110,28 +110,44 @@ impl Balancer {
     }
 
     fn pick_p2c(&self, available: &dyn Fn(usize) -> bool) -> Option<usize> {
-        let candidates: Vec<usize> = (0..self.endpoints.len()).filter(|&i| available(i)).collect();
+        // The common case without an allocation: two distinct endpoints at
+        // random, both available (nothing tried, nothing ejected) — the
+        // same distribution as drawing from the available ones.
+        let n = self.endpoints.len();
+        if n >= 2 {
+            let (a, b) = two_distinct(n);
+            if available(a) && available(b) {
+                return Some(self.cheaper(a, b));
+            }
+        } else if n == 1 && available(0) {
+            return Some(0);
+        }
+        let candidates: Vec<usize> = (0..n).filter(|&i| available(i)).collect();
         match candidates.len() {
             0 => None,
             1 => Some(candidates[0]),
             n => {
-                let a = fastrand::usize(..n);
-                let mut b = fastrand::usize(..n - 1);
-                if b >= a {
-                    b += 1;
-                }
-                let cost = |i: usize| {
-                    let ep = &self.endpoints[i];
-                    let load = match ep.health_if_used() {
-                        Some(h) => h.load(self.settings.ewma_decay),
-                        // Never used: not measured, nothing in flight.
-                        None => 0.0,
-                    };
-                    load / f64::from(ep.weight)
-                };
-                let (a, b) = (candidates[a], candidates[b]);
-                Some(if cost(b) < cost(a) { b } else { a })
+                let (a, b) = two_distinct(n);
+                Some(self.cheaper(candidates[a], candidates[b]))
             }
+        }
+    }
+
+    /// Of two endpoints, the one with less load per weight.
+    fn cheaper(&self, a: usize, b: usize) -> usize {
+        let cost = |i: usize| {
+            let ep = &self.endpoints[i];
+            let load = match ep.health_if_used() {
+                Some(h) => h.load(self.settings.ewma_decay),
+                // Never used: not measured, nothing in flight.
+                None => 0.0,
+            };
+            load / f64::from(ep.weight)
+        };
+        if cost(b) < cost(a) {
+            b
+        } else {
+            a
         }
     }
 
@@ -210,6 +226,16 @@ impl Balancer {
     }
 }
 
+/// Two distinct indices below `n` (≥ 2), uniformly.
+fn two_distinct(n: usize) -> (usize, usize) {
+    let a = fastrand::usize(..n);
+    let mut b = fastrand::usize(..n - 1);
+    if b >= a {
+        b += 1;
+    }
+    (a, b)
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
@@ -266,6 +292,21 @@ mod tests {
         assert_eq!(b.pick(&[0]), Ok(1));
         assert_eq!(b.pick(&[0, 1]), Err(NoEndpoint::AllUnavailable));
         assert_eq!(balancer(&[], Algorithm::RoundRobin).pick(&[]), Err(NoEndpoint::None));
+    }
+
+    #[test]
+    fn p2c_spreads_evenly_over_equal_endpoints() {
+        let s = shares(&balancer(&[1, 1, 1], Algorithm::P2cEwma), 3000);
+        assert!(s.iter().all(|&n| (850..=1150).contains(&n)), "{s:?}");
+    }
+
+    #[test]
+    fn a_success_clears_the_failure_streak() {
+        let b = balancer(&[1, 1, 1], Algorithm::P2cEwma);
+        assert!((0..4).all(|_| b.failed(0).is_none()));
+        b.succeeded(0);
+        assert!((0..4).all(|_| b.failed(0).is_none()), "the streak restarted after a success");
+        assert!(b.failed(0).is_some(), "the fifth in a row ejects");
     }
 
     #[test]
