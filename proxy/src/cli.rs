@@ -333,6 +333,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::new(TunnelClient::new(tls, pool, args.hbone_port, args.connect_timeout, keepalive))
     });
     let connections = TaskTracker::new();
+    let connection_threads =
+        args.connection_threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let workers = Arc::new(crate::transport::Workers::start(connection_threads, connections.clone())?);
+    tracing::info!(threads = workers.count(), "serving connections");
     let shutdown = CancellationToken::new();
     let drain_cut = CancellationToken::new();
     let relay = args.relay_options();
@@ -357,7 +361,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             pools: Default::default(),
             drain_cut: drain_cut.clone(),
         },
-        connections.clone(),
+        workers.clone(),
     ));
     let inbound = Arc::new(Inbound::new(
         mesh.clone(),
@@ -376,7 +380,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             opaque_ports: args.protocol.opaque_ports.clone().into(),
         },
         Some(capture.clone()),
-        connections.clone(),
+        workers.clone(),
         drain_cut.clone(),
     ));
 

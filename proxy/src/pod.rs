@@ -246,6 +246,10 @@ impl PodContext {
             None => self.netns.run(move || bind_listener(addr)).await?.and_then(TcpListener::from_std).map(Arc::new),
         };
         if let Ok(listener) = &listener {
+            // Also on a listener kept from before (an older version's).
+            if let Err(e) = crate::netns::sockets::accept_without_nagle(&**listener) {
+                tracing::warn!(pod = %self.key, %addr, error = %e, "could not set TCP_NODELAY on a listener; its connections will use Nagle");
+            }
             kept.push(listener.clone());
         }
         Ok(listener)

@@ -416,6 +416,17 @@ pub struct RunArgs {
     /// saturates its workers (`outrigger stats`, CPU per proxy).
     #[arg(long, env = "OUTRIGGER_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+
+    /// Threads that serve connections, counting the async runtime above as one;
+    /// each other one runs its own single-threaded event loop. Accepted connections
+    /// (outbound, tunnels, plaintext arrivals) are dealt to them in turn and stay
+    /// there: no task stealing, no wake-up that hops threads (HAProxy's and Envoy's
+    /// model). Default: the CPUs the process may run on. Measured on 2 CPUs: one
+    /// thread caps the proxy at one core (new connections/s 0.88× HAProxy's, which
+    /// runs a thread per CPU); a second tokio worker instead costs CPU and tail
+    /// latency (see `cargo xtask bench --only mesh` in the README).
+    #[arg(long, env = "OUTRIGGER_CONNECTION_THREADS")]
+    pub connection_threads: Option<usize>,
 }
 
 /// A flag value that would panic or silently break the proxy, refused at start.
@@ -524,6 +535,11 @@ impl RunArgs {
         if let Some(n) = self.worker_threads {
             if n == 0 || n > 1024 {
                 return Err(bad("worker-threads", format!("{n} is outside 1..=1024")));
+            }
+        }
+        if let Some(n) = self.connection_threads {
+            if n == 0 || n > 1024 {
+                return Err(bad("connection-threads", format!("{n} is outside 1..=1024")));
             }
         }
         if let Some(n) = self.tunnel_connections_per_peer {
@@ -667,6 +683,7 @@ mod tests {
             (&["--initial-buffer-size", "131072"], "--initial-buffer-size"),
             (&["--mtls", "strict"], "--mtls"),
             (&["--worker-threads", "0"], "--worker-threads"),
+            (&["--connection-threads", "0"], "--connection-threads"),
         ] {
             let err = run_args(flags).expect_err(expect);
             assert!(err.contains(expect), "{flags:?}: {err}");

@@ -27,7 +27,7 @@ use std::{
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
 pub use stream::{validate_connect, BadRequest};
 
@@ -76,7 +76,9 @@ pub struct Inbound {
     pub(crate) settings: InboundSettings,
     /// Where original-source deliveries are announced (`None` in tests).
     pub(crate) capture: Option<Arc<crate::capture::Capture>>,
-    tasks: TaskTracker,
+    /// The threads accepted connections are dealt to (and the tracker of
+    /// every connection task).
+    workers: Arc<crate::transport::Workers>,
     /// Node-wide pending handshakes (per pod: the pod's own limit).
     handshakes: Arc<tokio::sync::Semaphore>,
     pub(crate) drain_cut: CancellationToken,
@@ -89,23 +91,23 @@ impl Inbound {
         metrics: Arc<Metrics>,
         settings: InboundSettings,
         capture: Option<Arc<crate::capture::Capture>>,
-        tasks: TaskTracker,
+        workers: Arc<crate::transport::Workers>,
         drain_cut: CancellationToken,
     ) -> Self {
         let handshakes = Arc::new(tokio::sync::Semaphore::new(settings.max_pending_handshakes));
-        Self { mesh, tls, metrics, settings, capture, tasks, handshakes, drain_cut }
+        Self { mesh, tls, metrics, settings, capture, workers, handshakes, drain_cut }
     }
 
     /// Serves one pod's tunnel listener until `stop` is cancelled.
     pub async fn serve(self: Arc<Self>, listener: Arc<TcpListener>, pod: Arc<PodContext>, stop: CancellationToken) {
-        crate::transport::accept_until(&listener, &stop, &pod.handed_over, &pod.key, |mut tcp, peer| {
+        crate::transport::accept_until(&listener, &stop, &pod.handed_over, &pod.key, |tcp, peer| {
             // Unauthenticated connections are capped per pod and per node,
             // so a flood of them cannot take the descriptors others need.
             let slots = match (pod.handshake_slot(), self.handshakes.clone().try_acquire_owned()) {
                 (Some(pod_slot), Ok(node_slot)) => (pod_slot, node_slot),
                 (pod_slot, _) => {
                     let limit = if pod_slot.is_none() { "pod_handshakes" } else { "node_handshakes" };
-                    crate::transport::Duplex::abort(&mut tcp);
+                    crate::transport::reset(tcp);
                     self.metrics.limit_refused(&pod.key, limit);
                     crate::warn_throttled!(pod = %pod.key, limit, peer = %peer,
                         "too many tunnel handshakes in progress: new connections are reset");
@@ -113,7 +115,7 @@ impl Inbound {
                 }
             };
             let (this, pod, stop) = (self.clone(), pod.clone(), stop.clone());
-            self.tasks.spawn(async move { this.connection(tcp, peer, pod, stop, slots).await });
+            self.workers.serve(tcp, peer, move |tcp| async move { this.connection(tcp, peer, pod, stop, slots).await });
         })
         .await;
     }
@@ -133,7 +135,6 @@ impl Inbound {
         stop: CancellationToken,
         slots: (Slot, Slot),
     ) {
-        let _ = tcp.set_nodelay(true);
         let Some(tls) = &self.tls else { return };
         let config = match tls.server(&pod.identity) {
             Ok(c) => c,
@@ -193,7 +194,7 @@ impl Inbound {
                 Some(Ok((request, respond))) => {
                     let (this, pod, peer, activity) = (self.clone(), pod.clone(), peer.clone(), active.clone());
                     activity.start();
-                    self.tasks.spawn(async move {
+                    self.workers.tasks().spawn(async move {
                         this.stream(request, respond, &peer, pod).await;
                         activity.end();
                     });

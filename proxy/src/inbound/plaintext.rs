@@ -31,15 +31,15 @@ impl Inbound {
         pod: Arc<PodContext>,
         stop: CancellationToken,
     ) {
-        crate::transport::accept_until(&listener, &stop, &pod.handed_over, &pod.key, |mut client, peer| {
+        crate::transport::accept_until(&listener, &stop, &pod.handed_over, &pod.key, |client, peer| {
             let Some(slot) = pod.connection_slot() else {
-                client.abort();
+                crate::transport::reset(client);
                 self.metrics.limit_refused(&pod.key, "pod_connections");
                 crate::warn_throttled!(pod = %pod.key, "the pod is at --max-connections-per-pod: plaintext arrivals are reset");
                 return;
             };
             let (this, pod) = (self.clone(), pod.clone());
-            self.tasks.spawn(async move {
+            self.workers.serve(client, peer, move |client| async move {
                 let _slot = slot;
                 this.plaintext(client, peer, pod).await;
             });
@@ -49,7 +49,6 @@ impl Inbound {
 
     async fn plaintext(&self, mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
         let start = Instant::now();
-        let _ = client.set_nodelay(true);
         // Assigned by the kernel program: the local address is the original
         // destination, one of the pod's own addresses.
         let Ok(dest) = client.local_addr() else { return client.abort() };

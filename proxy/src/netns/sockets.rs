@@ -30,3 +30,26 @@ pub fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
 }
+
+/// Turns Nagle off for every connection `listener` will accept: accepted
+/// sockets inherit TCP_NODELAY from their listener, so this is one
+/// setsockopt per listener instead of one per connection.
+pub fn accept_without_nagle(listener: impl AsFd) -> io::Result<()> {
+    socket2::SockRef::from(&listener).set_tcp_nodelay(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = bind_listener("127.0.0.1:0".parse().expect("addr")).expect("listener");
+        accept_without_nagle(&listener).expect("nodelay");
+        let addr = listener.local_addr().expect("addr");
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        listener.set_nonblocking(false).expect("blocking");
+        let (accepted, _) = listener.accept().expect("accept");
+        assert!(accepted.nodelay().expect("nodelay"), "the accepted socket must not use Nagle");
+    }
+}

@@ -211,6 +211,9 @@ pub async fn connect_passthrough<C: Connect>(
     })
 }
 
+/// The most connect attempts per connection (`--connect-attempts` is 1–10).
+const MAX_ATTEMPTS: usize = 10;
+
 /// A connection to an endpoint of `route`: a failure that is the
 /// endpoint's counts against it (and may eject it), and the next attempt
 /// goes to an endpoint not yet tried, up to `attempts` in all.
@@ -220,17 +223,19 @@ pub async fn connect_route<C: Connect>(
     route: &ServiceRoute,
     attempts: u32,
 ) -> Result<Connected<C::Io>, Failure> {
-    let service = route.service.to_string();
-    let attempts = attempts.max(1) as usize;
-    let mut tried = Vec::with_capacity(attempts);
+    let service = || route.service.to_string();
+    let attempts = (attempts.max(1) as usize).min(MAX_ATTEMPTS);
+    // Endpoints tried so far, on the stack: no allocation per connection.
+    let (mut tried, mut n) = ([0usize; MAX_ATTEMPTS], 0);
     let mut last = None;
-    while tried.len() < attempts {
-        let i = match route.balancer.pick(&tried) {
+    while n < attempts {
+        let i = match route.balancer.pick(&tried[..n]) {
             Ok(i) => i,
-            Err(NoEndpoint::None) => return Err(Failure::NoEndpoints { service }),
+            Err(NoEndpoint::None) => return Err(Failure::NoEndpoints { service: service() }),
             Err(NoEndpoint::AllUnavailable) => break,
         };
-        tried.push(i);
+        tried[n] = i;
+        n += 1;
         let endpoint = &route.balancer.endpoints()[i];
         let target = target_for(cx.snapshot, cx.pod, endpoint.addr, c.strict())?;
         let in_flight = route.balancer.start(i);
@@ -245,7 +250,7 @@ pub async fn connect_route<C: Connect>(
                     security: target.security(),
                     workload: cx.snapshot.workload(endpoint.addr.ip()).cloned(),
                     endpoint: Some((i, in_flight)),
-                    attempts: tried.len() as u32,
+                    attempts: n as u32,
                 });
             }
             Err(e) if !e.is_retryable() => return Err(e),
@@ -257,14 +262,14 @@ pub async fn connect_route<C: Connect>(
                 }
                 if let Some(time) = route.balancer.failed(i) {
                     cx.metrics.ejections.get_or_create(&ServiceLabels::of(&route.service)).inc();
-                    tracing::warn!(service = %service, endpoint = %endpoint.addr, ejected_for = ?time, error = %e,
+                    tracing::warn!(service = %route.service, endpoint = %endpoint.addr, ejected_for = ?time, error = %e,
                         "endpoint ejected after consecutive connect failures");
                 } else {
-                    tracing::debug!(service = %service, endpoint = %endpoint.addr, error = %e, "connect attempt failed");
+                    tracing::debug!(service = %route.service, endpoint = %endpoint.addr, error = %e, "connect attempt failed");
                 }
                 last = Some(e);
             }
         }
     }
-    Err(last.unwrap_or(Failure::NoHealthyEndpoints { service }))
+    Err(last.unwrap_or_else(|| Failure::NoHealthyEndpoints { service: service() }))
 }

@@ -128,7 +128,9 @@ where
         Logical::Service(route) => Some(route.service.clone()),
         Logical::Passthrough(_) => None,
     };
-    let service_name = service.as_ref().map(ToString::to_string).unwrap_or_default();
+    // The service dialled, as logged: formatted only if a line is written.
+    let dialled = service.clone();
+    let service_name = tracing::field::display(OrEmpty(dialled.as_ref()));
     let upstream = match connected {
         Ok(upstream) => upstream,
         Err(e) => {
@@ -218,6 +220,18 @@ where
         result = relayed.outcome(), flags,
         "connection closed"
     );
+}
+
+/// A value, or nothing, for a log field.
+struct OrEmpty<'a, T>(Option<&'a T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrEmpty<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A connection the proxy cannot place: reset, counted, logged.

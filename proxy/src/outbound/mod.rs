@@ -31,7 +31,7 @@ mod tests;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
 pub use detect::Detected;
 pub use endpoint::{Connect, Connector, Target, Upstream};
@@ -39,7 +39,13 @@ pub use failure::{Failure, Reason};
 pub use forward::{Accepted, Logical};
 pub use http::HttpSettings;
 
-use crate::{capture::Capture, metrics::Metrics, pod::PodContext, store::MeshReader, transport::RelayOptions};
+use crate::{
+    capture::Capture,
+    metrics::Metrics,
+    pod::PodContext,
+    store::MeshReader,
+    transport::{RelayOptions, Workers},
+};
 
 /// Where a captured connection was going. The kernel maps in production.
 pub trait OrigDst: Send + Sync + 'static {
@@ -101,13 +107,14 @@ pub struct Core<C> {
 /// The outbound side of the proxy: the core plus the tasks it runs.
 pub struct Outbound {
     core: Arc<Core<Connector>>,
-    /// Every connection task, so shutdown can wait for them to drain.
-    tasks: TaskTracker,
+    /// The threads connections are dealt to (and the tracker of every
+    /// connection task, so shutdown can wait for them to drain).
+    workers: Arc<Workers>,
 }
 
 impl Outbound {
-    pub fn new(core: Core<Connector>, tasks: TaskTracker) -> Self {
-        Self { core: Arc::new(core), tasks }
+    pub fn new(core: Core<Connector>, workers: Arc<Workers>) -> Self {
+        Self { core: Arc::new(core), workers }
     }
 
     /// Serves one pod-local listener until `stop` is cancelled.
@@ -119,19 +126,18 @@ impl Outbound {
                 return;
             }
         };
-        crate::transport::accept_until(&listener, &stop, &pod.handed_over, &pod.key, |mut stream, peer| {
+        crate::transport::accept_until(&listener, &stop, &pod.handed_over, &pod.key, |stream, peer| {
             // One pod cannot take every descriptor: past its limit, its new
             // connections are reset at once.
             let Some(slot) = pod.connection_slot() else {
-                crate::transport::Duplex::abort(&mut stream);
+                crate::transport::reset(stream);
                 self.core.metrics.limit_refused(&pod.key, "pod_connections");
                 crate::warn_throttled!(pod = %pod.key, "the pod is at --max-connections-per-pod: new connections are reset");
                 return;
             };
-            let _ = stream.set_nodelay(true);
             let conn = Accepted { pod: pod.clone(), peer, local };
             let this = self.clone();
-            self.tasks.spawn(async move {
+            self.workers.serve(stream, peer, move |stream| async move {
                 let _slot = slot;
                 forward::run(stream, conn, &this.core).await
             });

@@ -15,6 +15,8 @@
 //!   protocol code (hyper) that wants that.
 //! - [`Peekable`]: a connection whose first bytes can be looked at before
 //!   deciding what it is (protocol detection), then relayed in full.
+//! - [`Workers`]: the threads accepted connections are dealt to, each with
+//!   its own event loop.
 #![forbid(unsafe_code)]
 
 mod accept;
@@ -24,6 +26,7 @@ mod io;
 mod peek;
 mod relay;
 mod socket;
+mod workers;
 
 pub use self::h2::{h2_io, H2Recv, H2Send, H2Stream};
 pub use accept::accept_until;
@@ -32,3 +35,4 @@ pub use io::{ChunkRead, ChunkWrite, Duplex, Either, ReadBuffer, Stream};
 pub use peek::Peekable;
 pub use relay::{relay, End, RelayOptions, Relayed};
 pub use socket::{Keepalive, SocketOptions};
+pub use workers::{reset, Workers, WorkersError};

@@ -96,7 +96,7 @@ fn nginx_conf(dir: &std::path::Path, body: &str) -> String {
     )
 }
 
-fn start_nginx(sb: &Sandbox, pod: &Pod, name: &str, body: &str) -> Result<Spawned> {
+pub(super) fn start_nginx(sb: &Sandbox, pod: &Pod, name: &str, body: &str) -> Result<Spawned> {
     let dir = sb.dir.join(name);
     std::fs::create_dir_all(&dir)?;
     let conf = dir.join("nginx.conf");
@@ -149,7 +149,7 @@ impl Peers {
 }
 
 /// CPU seconds (user + system) a process has used, from /proc.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
@@ -157,10 +157,21 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 /// (requests/s, p50 µs, p99 µs)
-fn wrk(sb: &Sandbox, from: &Pod, target: SocketAddr, conns: usize, secs: u64) -> Result<(f64, f64, f64)> {
+pub(super) fn wrk(
+    sb: &Sandbox,
+    from: &Pod,
+    target: SocketAddr,
+    conns: usize,
+    secs: u64,
+    close: bool,
+) -> Result<(f64, f64, f64)> {
     let mut cmd = sb.in_pod(from, "wrk");
-    cmd.args(["-t", "1", "-c", &conns.to_string(), "-d", &format!("{secs}s"), "--latency"])
-        .arg(format!("http://{target}/"));
+    cmd.args(["-t", "1", "-c", &conns.to_string(), "-d", &format!("{secs}s"), "--latency"]);
+    if close {
+        // A new connection per request: the connection rate.
+        cmd.args(["-H", "Connection: close"]);
+    }
+    cmd.arg(format!("http://{target}/"));
     let text = output(&mut cmd).with_context(|| format!("wrk to {target}"))?;
     let rps = text
         .lines()
@@ -230,7 +241,7 @@ fn h2load(sb: &Sandbox, from: &Pod, target: SocketAddr, conns: usize, secs: u64)
 /// `--opaque-ports` of the bench's proxies: the default list and the
 /// origin's opaque-path ports.
 pub fn opaque_ports() -> String {
-    format!("21,25,587,3306,4444,5432,6379,9300,11211,{H1_OPAQUE},{H2_OPAQUE}")
+    format!("21,25,587,3306,4444,5432,6379,9300,11211,{H1_OPAQUE},{H2_OPAQUE},{}", super::topology::NGINX_PORT)
 }
 
 /// One round of the HTTP tables, paths interleaved within each table.
@@ -273,7 +284,7 @@ pub fn measure(topo: &Topology, peers: &Peers, tables: &mut [Table], secs: u64, 
             let (rps, p50, p99) = if h2 {
                 h2load(&topo.sb, from, target, conns, secs)?
             } else {
-                wrk(&topo.sb, from, target, conns, secs)?
+                wrk(&topo.sb, from, target, conns, secs, false)?
             };
             let cpu = match (pid.and_then(cpu_seconds), cpu_before) {
                 (Some(after), Some(before)) => (after - before) * 1e3 / (rps * secs as f64 / 1e3),

@@ -19,6 +19,7 @@ mod http;
 mod idle;
 mod kube;
 mod measure;
+mod mesh;
 mod store;
 mod topology;
 
@@ -48,8 +49,8 @@ pub struct BenchArgs {
     /// Extra flags for `outrigger run` (for experiments), e.g. --proxy-arg=--worker-threads=1.
     #[arg(long = "proxy-arg")]
     pub proxy_args: Vec<String>,
-    /// Only these tables (single_hop, service_vip, cross_node_mtls, metrics_cost, inbound_plaintext, http, store,
-    /// idle_memory, kubernetes); default all.
+    /// Only these tables (mesh, single_hop, service_vip, cross_node_mtls, metrics_cost, inbound_plaintext, http,
+    /// store, idle_memory, kubernetes); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -63,8 +64,16 @@ impl BenchArgs {
 const PATHS: [&str; 3] = ["direct", "outrigger", "haproxy"];
 
 /// Tables that need the simulated nodes (all but `store`).
-const TOPOLOGY_TABLES: [&str; 7] =
-    ["single_hop", "service_vip", "cross_node_mtls", "metrics_cost", "inbound_plaintext", "idle_memory", http::GROUP];
+const TOPOLOGY_TABLES: [&str; 8] = [
+    mesh::GROUP,
+    "single_hop",
+    "service_vip",
+    "cross_node_mtls",
+    "metrics_cost",
+    "inbound_plaintext",
+    "idle_memory",
+    http::GROUP,
+];
 
 /// A metric of a table: name, whether larger is better, and the bound a
 /// goal sets for it (at most, or at least when larger is better).
@@ -82,6 +91,15 @@ impl Metric {
     }
 }
 
+struct Advantage {
+    path: usize,
+    peer: usize,
+    label: &'static str,
+    bound: f64,
+    /// The metrics held to the bound (the others are shown, not judged).
+    judged: &'static [&'static str],
+}
+
 struct Table {
     key: &'static str,
     /// What `--only` selects it by: tables filled by one measurement share it.
@@ -91,6 +109,11 @@ struct Table {
     metrics: Vec<Metric>,
     /// (numerator path, denominator path, label) ratios to report.
     ratios: Vec<(usize, usize, &'static str)>,
+    /// How many times better a path is than a peer on every metric (peer /
+    /// path where lower is better), the goal columns held to a bound.
+    advantages: Vec<Advantage>,
+    /// Print each figure as min–max over rounds instead of the median.
+    range: bool,
     /// samples[path][metric] over rounds.
     samples: Vec<Vec<Vec<f64>>>,
 }
@@ -118,6 +141,8 @@ impl Table {
                 .map(|(name, higher_is_better)| Metric { name, higher_is_better: *higher_is_better, goal: None })
                 .collect(),
             ratios,
+            advantages: Vec::new(),
+            range: false,
             samples: vec![vec![Vec::new(); metrics.len()]; paths.len()],
         }
     }
@@ -127,6 +152,23 @@ impl Table {
         if let Some(m) = self.metrics.iter_mut().find(|m| m.name == metric) {
             m.goal = Some(bound);
         }
+        self
+    }
+
+    fn advantage(
+        mut self,
+        path: usize,
+        peer: usize,
+        label: &'static str,
+        bound: f64,
+        judged: &'static [&'static str],
+    ) -> Self {
+        self.advantages.push(Advantage { path, peer, label, bound, judged });
+        self
+    }
+
+    fn ranges(mut self) -> Self {
+        self.range = true;
         self
     }
 
@@ -147,10 +189,21 @@ impl Table {
         }
     }
 
-    fn median(&self, path: usize, metric: usize) -> f64 {
-        let mut v = self.samples[path][metric].clone();
+    fn sorted(&self, path: usize, metric: usize) -> Vec<f64> {
+        let mut v: Vec<f64> = self.samples[path][metric].iter().copied().filter(|v| !v.is_nan()).collect();
         v.sort_by(|a, b| a.total_cmp(b));
+        v
+    }
+
+    fn median(&self, path: usize, metric: usize) -> f64 {
+        let v = self.sorted(path, metric);
         v.get(v.len().saturating_sub(1) / 2).copied().unwrap_or(f64::NAN)
+    }
+
+    /// (min, max) over rounds.
+    fn bounds(&self, path: usize, metric: usize) -> (f64, f64) {
+        let v = self.sorted(path, metric);
+        (v.first().copied().unwrap_or(f64::NAN), v.last().copied().unwrap_or(f64::NAN))
     }
 }
 
@@ -228,6 +281,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut idle_table = idle::table();
     let mut kube_table = kube::table();
     let mut http_tables = http::tables();
+    let mut mesh_table = mesh::table();
+    let mesh_origins = match &topo {
+        Some(t) if args.wants(mesh::GROUP) => Some(mesh::Origins::start(t)?),
+        _ => None,
+    };
     let http_peers = match &topo {
         Some(t) if args.wants(http::GROUP) => Some(http::Peers::start(t)?),
         _ => None,
@@ -247,6 +305,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             measure_inbound(topo, &mut inbound, secs, round)?;
         }
         let (sb, t) = (&topo.sb, &*topo);
+        if mesh_origins.is_some() {
+            mesh::measure(t, &mut mesh_table, secs, round)?;
+        }
         if let Some(peers) = &http_peers {
             http::measure(t, peers, &mut http_tables, secs, round)?;
         }
@@ -300,7 +361,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             idle::measure(topo, &mut idle_table, round)?;
         }
     }
-    let tables: Vec<Table> = [hop, svc, cross, cost, inbound]
+    let tables: Vec<Table> = [mesh_table, hop, svc, cross, cost, inbound]
         .into_iter()
         .chain(http_tables)
         .chain(store_tables)
@@ -399,6 +460,15 @@ fn cell(m: &Metric, v: f64) -> String {
     }
 }
 
+/// "min–max" over rounds, "-" for none.
+fn span(lo: f64, hi: f64) -> String {
+    if lo.is_nan() {
+        return "-".to_string();
+    }
+    let f = |v: f64| if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") };
+    format!("{}–{}", f(lo), f(hi))
+}
+
 fn report(tables: &[Table], args: &BenchArgs) -> Result<()> {
     if tables.iter().any(|t| !t.has_goals()) {
         println!(
@@ -424,7 +494,14 @@ fn report(tables: &[Table], args: &BenchArgs) -> Result<()> {
             let (mut row, mut passed) = (Map::new(), Map::new());
             for (i, m) in t.metrics.iter().enumerate() {
                 let v = t.median(p, i);
-                print!(" {:>18}", cell(m, v));
+                if t.range {
+                    let (lo, hi) = t.bounds(p, i);
+                    print!(" {:>18}", span(lo, hi));
+                    row.insert(format!("{}_min", m.name), json!(lo));
+                    row.insert(format!("{}_max", m.name), json!(hi));
+                } else {
+                    print!(" {:>18}", cell(m, v));
+                }
                 row.insert(m.name.to_string(), json!(v));
                 if let Some(ok) = m.verdict(v) {
                     passed.insert(m.name.to_string(), json!(ok));
@@ -460,6 +537,31 @@ fn report(tables: &[Table], args: &BenchArgs) -> Result<()> {
             println!();
             ratios.insert(label.replace(" / ", "_over_"), Value::Object(row));
         }
+        let mut advantages = Map::new();
+        for a in &t.advantages {
+            println!("{} (times better, medians; goal ≥ {} on the columns marked):", a.label, a.bound);
+            print!("{:<width$}", "");
+            let (mut row, mut pass) = (Map::new(), Map::new());
+            for (i, m) in t.metrics.iter().enumerate() {
+                let (v, peer) = (t.median(a.path, i), t.median(a.peer, i));
+                let times = if m.higher_is_better { v / peer } else { peer / v };
+                let verdict = match (a.judged.contains(&m.name), times.is_nan()) {
+                    (true, false) => {
+                        pass.insert(m.name.to_string(), json!(times >= a.bound));
+                        if times >= a.bound {
+                            " PASS"
+                        } else {
+                            " FAIL"
+                        }
+                    }
+                    _ => "",
+                };
+                print!(" {:>18}", format!("{times:.2}{verdict}"));
+                row.insert(m.name.to_string(), json!(times));
+            }
+            println!();
+            advantages.insert(a.label.to_string(), json!({ "goal": a.bound, "times_better": row, "pass": pass }));
+        }
         if t.paths[0] == "direct" && t.metrics[0].name == "p50_us" && !t.metrics[0].higher_is_better {
             let added: Vec<String> = (1..t.paths.len())
                 .map(|p| format!("{} {:.1} µs", t.paths[p], t.median(p, 0) - t.median(0, 0)))
@@ -467,6 +569,9 @@ fn report(tables: &[Table], args: &BenchArgs) -> Result<()> {
             println!("added p50 latency over direct: {}", added.join(", "));
         }
         let mut table = json!({ "title": t.title, "paths": paths, "ratios": ratios });
+        if !advantages.is_empty() {
+            table["advantages"] = Value::Object(advantages);
+        }
         if t.has_goals() {
             table["goals"] = Value::Object(goals);
             table["pass"] = Value::Object(verdicts);

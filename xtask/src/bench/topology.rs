@@ -35,6 +35,13 @@ pub const TLS_CLIENT_ECHO: u16 = 48080;
 const TLS_SERVER_SOCKPERF: u16 = 41112;
 const TLS_SERVER_IPERF: u16 = 45202;
 const TLS_SERVER_ECHO: u16 = 48081;
+/// nginx in `server` and `remote` for the mesh table (a port the proxies
+/// treat as opaque: the L4 paths), HAProxy's plain frontend for it and its
+/// TLS pair's ports.
+pub const NGINX_PORT: u16 = 8095;
+pub const HAPROXY_NGINX: u16 = 28095;
+pub const TLS_CLIENT_NGINX: u16 = 48095;
+const TLS_SERVER_NGINX: u16 = 48096;
 
 pub struct Topology {
     pub sb: Sandbox,
@@ -49,6 +56,10 @@ pub struct Topology {
     /// How the proxies were started, to restart them with other flags.
     base_args: Vec<String>,
     pods_files: Vec<std::path::PathBuf>,
+    /// HAProxy in TCP mode (plain pod), and its TLS pair (client side,
+    /// server side): for CPU and memory figures.
+    pub haproxy_pid: u32,
+    pub haproxy_tls_pids: Vec<u32>,
 }
 
 pub fn loopback(port: u16) -> SocketAddr {
@@ -123,6 +134,7 @@ impl Topology {
                 "global\n  maxconn 4096\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
                  listen sockperf\n  bind 127.0.0.1:{HAPROXY_SOCKPERF}\n  server s {ip}:{SOCKPERF_PORT}\n\n\
                  listen iperf\n  bind 127.0.0.1:{HAPROXY_IPERF}\n  server s {ip}:{IPERF_PORT}\n\n\
+                 listen nginx\n  bind 127.0.0.1:{HAPROXY_NGINX}\n  server s {ip}:{NGINX_PORT}\n\n\
                  listen vip_sockperf\n  bind 127.0.0.1:{HAPROXY_VIP_SOCKPERF}\n  balance leastconn\n{}\n\
                  listen vip_echo\n  bind 127.0.0.1:{HAPROXY_VIP_ECHO}\n  balance leastconn\n{}",
                 backends(SOCKPERF_PORT),
@@ -160,6 +172,7 @@ impl Topology {
             }
         }
         let base_args = args.iter().map(|a| a.to_string()).collect();
+        let (haproxy_pid, haproxy_tls_pids) = (haproxy.pid, haproxy_tls.iter().map(|h| h.pid).collect());
         Ok(Self {
             sb,
             server,
@@ -170,6 +183,8 @@ impl Topology {
             proxies: vec![proxy, remote_proxy],
             base_args,
             pods_files: vec![pods_file, remote_file],
+            haproxy_pid,
+            haproxy_tls_pids,
         })
     }
 
@@ -248,6 +263,7 @@ fn haproxy_tls_pair(sb: &Sandbox, client: &Pod, remote: &Pod, ca: &std::path::Pa
         ("sockperf", TLS_CLIENT_SOCKPERF, TLS_SERVER_SOCKPERF, SOCKPERF_PORT),
         ("iperf", TLS_CLIENT_IPERF, TLS_SERVER_IPERF, IPERF_PORT),
         ("echo", TLS_CLIENT_ECHO, TLS_SERVER_ECHO, ECHO_PORT),
+        ("nginx", TLS_CLIENT_NGINX, TLS_SERVER_NGINX, NGINX_PORT),
     ] {
         client_cfg.push_str(&format!(
             "listen {name}\n  bind 127.0.0.1:{front}\n  server s {ip}:{tls} ssl crt {} ca-file {} verify required\n\n",
