@@ -333,9 +333,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::new(TunnelClient::new(tls, pool, args.hbone_port, args.connect_timeout, keepalive))
     });
     let connections = TaskTracker::new();
-    let connection_threads =
-        args.connection_threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let workers = Arc::new(crate::transport::Workers::start(connection_threads, connections.clone())?);
+    let workers = Arc::new(crate::transport::Workers::start(args.connection_threads, connections.clone())?);
     tracing::info!(threads = workers.count(), "serving connections");
     let shutdown = CancellationToken::new();
     let drain_cut = CancellationToken::new();

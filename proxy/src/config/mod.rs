@@ -421,12 +421,15 @@ pub struct RunArgs {
     /// each other one runs its own single-threaded event loop. Accepted connections
     /// (outbound, tunnels, plaintext arrivals) are dealt to them in turn and stay
     /// there: no task stealing, no wake-up that hops threads (HAProxy's and Envoy's
-    /// model). Default: the CPUs the process may run on. Measured on 2 CPUs: one
-    /// thread caps the proxy at one core (new connections/s 0.88× HAProxy's, which
-    /// runs a thread per CPU); a second tokio worker instead costs CPU and tail
-    /// latency (see `cargo xtask bench --only mesh` in the README).
-    #[arg(long, env = "OUTRIGGER_CONNECTION_THREADS")]
-    pub connection_threads: Option<usize>,
+    /// model). Measured on 2 CPUs with 2 threads (`cargo xtask bench --only mesh`):
+    /// the L4 paths gain (plain hop 16-connection requests/s 0.97x -> 1.02-1.05x
+    /// HAProxy's, 8 streams 0.97x -> 1.14-1.40x; mTLS pair requests/s 1.19x ->
+    /// 1.27-1.32x), but the HTTP layer loses (HTTP/1.1 16-connection p99 2.1-2.2x
+    /// HAProxy's, against 0.7-0.8x with one thread; h2 one-connection rate 0.66x),
+    /// so the default stays 1. Raise it on a node whose traffic is mostly opaque TCP
+    /// or tunnels and whose proxy saturates a core.
+    #[arg(long, env = "OUTRIGGER_CONNECTION_THREADS", default_value_t = 1)]
+    pub connection_threads: usize,
 }
 
 /// A flag value that would panic or silently break the proxy, refused at start.
@@ -537,10 +540,8 @@ impl RunArgs {
                 return Err(bad("worker-threads", format!("{n} is outside 1..=1024")));
             }
         }
-        if let Some(n) = self.connection_threads {
-            if n == 0 || n > 1024 {
-                return Err(bad("connection-threads", format!("{n} is outside 1..=1024")));
-            }
+        if self.connection_threads == 0 || self.connection_threads > 1024 {
+            return Err(bad("connection-threads", format!("{} is outside 1..=1024", self.connection_threads)));
         }
         if let Some(n) = self.tunnel_connections_per_peer {
             if n == 0 || n > 64 {

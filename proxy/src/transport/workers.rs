@@ -13,6 +13,7 @@
 //! (0.66× as good, against 1.13× with one worker).
 
 use std::{
+    cell::Cell,
     future::Future,
     io,
     net::SocketAddr,
@@ -21,6 +22,18 @@ use std::{
 
 use tokio::{net::TcpStream, runtime::Handle, sync::oneshot};
 use tokio_util::task::TaskTracker;
+
+thread_local! {
+    /// Which connection thread this is: 0 on the main runtime's threads.
+    static INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The calling thread's connection-thread index (0: the main runtime), for
+/// state kept per thread because its sockets belong to that thread's event
+/// loop (the HTTP layer's upstream pools).
+pub fn worker_index() -> usize {
+    INDEX.with(Cell::get)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkersError {
@@ -59,6 +72,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("outrigger-conn{index}"))
                 .spawn(move || {
+                    INDEX.with(|i| i.set(index));
                     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                         Ok(runtime) => runtime,
                         Err(e) => {
@@ -144,7 +158,7 @@ mod tests {
             let names = names_tx.clone();
             workers.serve(accepted, peer, move |mut stream| async move {
                 let name = std::thread::current().name().unwrap_or_default().to_string();
-                let _ = names.send(name);
+                let _ = names.send(format!("{name}/{}", worker_index()));
                 let _ = stream.write_all(b"served").await;
             });
             let mut buf = [0u8; 6];
@@ -159,6 +173,8 @@ mod tests {
         assert_eq!(threads.len(), 3, "each worker serves its turn on its own thread: {seen:?}");
         assert_eq!(seen[0], seen[3], "the turn comes round again: {seen:?}");
         assert!(seen[1].starts_with("outrigger-conn"), "{seen:?}");
+        let indexes: HashSet<&str> = seen.iter().filter_map(|s| s.rsplit('/').next()).collect();
+        assert_eq!(indexes, HashSet::from(["0", "1", "2"]), "each thread knows its index: {seen:?}");
         tasks.close();
         tasks.wait().await;
     }

@@ -1,5 +1,9 @@
 //! `cargo xtask bench`: one topology, one run, paths side by side.
 //!
+//! The mesh table (`mesh.rs`): the one the performance goals are held to,
+//! wrk and iperf3 to nginx through one plain hop and one mutual-TLS pair,
+//! Outrigger against HAProxy, min–max over rounds with goal verdicts.
+//!
 //! Traffic tables. *Single hop*: a client pod to a server pod directly,
 //! through Outrigger, and through HAProxy (TCP mode). *Service VIP*: a
 //! client to a service with three endpoint pods — directly to one endpoint,
@@ -472,8 +476,9 @@ fn span(lo: f64, hi: f64) -> String {
 fn report(tables: &[Table], args: &BenchArgs) -> Result<()> {
     if tables.iter().any(|t| !t.has_goals()) {
         println!(
-            "\nlatency: sockperf ping-pong, 1 KiB messages, full round trip; bulk: iperf3 (single hop) or 8 echo \
-             connections (service); {} s per measurement, median of {} round(s)",
+            "\nmesh: wrk and iperf3 to nginx (see the README); other L4 tables: latency is sockperf ping-pong, 1 KiB \
+             messages, full round trip; bulk: iperf3 (single hop) or 8 echo connections (service); {} s per \
+             measurement, median of {} round(s) (mesh: min–max)",
             args.duration, args.rounds
         );
     }

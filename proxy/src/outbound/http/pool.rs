@@ -148,13 +148,20 @@ type Owned = (Weak<PodContext>, Arc<Pool>);
 /// lives while its pod's context does (its connections close with it).
 #[derive(Default)]
 pub struct Pools {
-    by_pod: Mutex<HashMap<u32, Owned>>,
+    /// By pod and connection thread: a pooled connection's socket is
+    /// registered with the event loop of the thread that opened it, and a
+    /// connection served on another thread would wait for that thread's
+    /// loop to notice its readiness (measured: HTTP/1.1 with 16 connections
+    /// at a p99 of 3.5 ms, against 1.2 ms on one thread).
+    by_pod: Mutex<HashMap<(u32, usize), Owned>>,
 }
 
 impl Pools {
+    /// The pool of `pod`'s upstream connections on the calling thread.
     pub fn of(&self, pod: &Arc<PodContext>, settings: &HttpSettings) -> Arc<Pool> {
+        let key = (pod.id, crate::transport::worker_index());
         let mut by_pod = self.by_pod.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((owner, pool)) = by_pod.get(&pod.id) {
+        if let Some((owner, pool)) = by_pod.get(&key) {
             if owner.upgrade().is_some_and(|o| Arc::ptr_eq(&o, pod)) {
                 return pool.clone();
             }
@@ -162,7 +169,7 @@ impl Pools {
         // A new pod (or a new definition of one): forget departed pods' pools.
         by_pod.retain(|_, (owner, _)| owner.strong_count() > 0);
         let pool = Arc::new(Pool::new(settings));
-        by_pod.insert(pod.id, (Arc::downgrade(pod), pool.clone()));
+        by_pod.insert(key, (Arc::downgrade(pod), pool.clone()));
         pool
     }
 }
