@@ -199,15 +199,20 @@ impl Duplex for TcpStream {
     }
 
     fn abort(&mut self) {
-        // SO_LINGER 0: closing sends a reset instead of a FIN.
-        let _ = socket2::SockRef::from(&*self).set_linger(Some(std::time::Duration::ZERO));
+        reset_on_close(&*self, true);
     }
 
     fn reset_on_exit(&mut self, on: bool) {
-        // The kernel closes a dead process's sockets; with SO_LINGER 0 that
-        // close is a reset.
-        let _ = socket2::SockRef::from(&*self).set_linger(on.then_some(std::time::Duration::ZERO));
+        // The kernel closes a dead process's sockets; armed, that close is
+        // a reset.
+        reset_on_close(&*self, on);
     }
+}
+
+/// Arms (or disarms) SO_LINGER 0 on a socket: closing it then sends a
+/// reset instead of a FIN.
+pub(super) fn reset_on_close(socket: impl std::os::fd::AsFd, on: bool) {
+    let _ = socket2::SockRef::from(&socket).set_linger(on.then_some(std::time::Duration::ZERO));
 }
 
 /// Any `AsyncRead + AsyncWrite` (a TLS stream, an in-memory pipe) as a

@@ -130,8 +130,7 @@ impl Workers {
 
 /// Resets an accepted connection that is refused before it is served.
 pub fn reset(stream: std::net::TcpStream) {
-    // SO_LINGER 0: closing sends a reset instead of a FIN.
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    super::io::reset_on_close(&stream, true);
 }
 
 #[cfg(test)]
