@@ -145,7 +145,8 @@ async fn maintain_mtls(
     }
 }
 
-/// Drops the metric series of pods that left the node, once idle.
+/// Drops the metric series of pods that left the node, and of peers that
+/// left the mesh, once idle.
 async fn sweep_metrics(metrics: Arc<Metrics>, mesh: MeshReader, idle: Duration, stop: CancellationToken) {
     let period = (idle / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
     let mut ticker = tokio::time::interval(period);
@@ -154,9 +155,16 @@ async fn sweep_metrics(metrics: Arc<Metrics>, mesh: MeshReader, idle: Duration, 
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let local: std::collections::HashSet<(String, String)> =
-            mesh.load().local_workloads().keys().map(|k| (k.namespace.to_string(), k.name.to_string())).collect();
-        let dropped = metrics.conns.sweep(&local, idle) + metrics.requests.sweep(&local);
+        let pods = {
+            let snapshot = mesh.load();
+            let name = |k: &crate::model::PodKey| (k.namespace.to_string(), k.name.to_string());
+            crate::metrics::LivePods {
+                local: snapshot.local_workloads().keys().map(name).collect(),
+                meshed: snapshot.workload_keys().map(name).collect(),
+            }
+        };
+        let dropped =
+            metrics.conns.sweep(&pods, idle) + metrics.requests.sweep(&pods) + metrics.resilience.sweep(&pods);
         if dropped > 0 {
             tracing::debug!(dropped, "metric series of departed pods dropped");
         }

@@ -303,7 +303,14 @@ impl PodContext {
         let mut listeners = Vec::with_capacity(2);
         for v6 in [false, true] {
             let addr = outbound_listener_addr(v6, port);
-            match self.listen_on(addr, previous, kept).await? {
+            // Outbound clients are reset, not closed, unless a relay or the
+            // HTTP layer ends them in order (the relay counts on it, see
+            // `forward`): a failed arming fails the listener like a bind.
+            let listener = self.listen_on(addr, previous, kept).await?.and_then(|l| {
+                crate::netns::sockets::accept_reset_on_close(&*l)?;
+                Ok(l)
+            });
+            match listener {
                 Ok(listener) => listeners.push(listener),
                 Err(e) if v6 && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
                     tracing::warn!(pod = %self.key, "pod has no IPv6 loopback; only IPv4 connects are captured");

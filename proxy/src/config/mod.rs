@@ -383,8 +383,9 @@ pub struct RunArgs {
     #[arg(long, env = "OUTRIGGER_CONNECTION_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub connection_metrics: bool,
 
-    /// Series of pods that left the node are dropped once they have seen no
-    /// connection for this long (bounds the registry under pod churn).
+    /// Series of pods that left the node, and series naming a peer pod that
+    /// left the mesh, are dropped once they have seen no connection for
+    /// this long (bounds the registry under pod churn on either side).
     #[arg(long, env = "OUTRIGGER_METRICS_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub metrics_idle_timeout: Duration,
 
@@ -593,6 +594,7 @@ impl RunArgs {
             initial_buffer: self.initial_buffer_size as usize,
             max_buffer: self.buffer_size as usize,
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            a_armed: false,
         }
     }
 

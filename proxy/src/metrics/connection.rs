@@ -8,7 +8,7 @@
 //! grow the registry without bound.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering},
         Arc, Mutex,
@@ -57,6 +57,15 @@ impl ConnLabels {
             (&self.destination_workload_namespace, &self.destination_pod)
         } else {
             (&self.source_workload_namespace, &self.source_pod)
+        }
+    }
+
+    /// The other side: the meshed pod reached or calling (empty if none).
+    fn peer_pod(&self) -> (&str, &str) {
+        if self.reporter == "inbound" {
+            (&self.source_workload_namespace, &self.source_pod)
+        } else {
+            (&self.destination_workload_namespace, &self.destination_pod)
         }
     }
 }
@@ -260,17 +269,17 @@ impl ConnectionMetrics {
         }
     }
 
-    /// Drops the series of pods no longer on this node once they have been
-    /// idle for `idle`. Returns how many label sets were dropped.
-    pub fn sweep(&self, local_pods: &HashSet<(String, String)>, idle: Duration) -> usize {
+    /// Drops the series of pods no longer on this node, and of peers no
+    /// longer in the mesh, once they have been idle for `idle`. Returns how
+    /// many label sets were dropped.
+    pub fn sweep(&self, pods: &super::LivePods, idle: Duration) -> usize {
         let now = now_nanos();
         let idle = idle.as_nanos() as u64;
         let mut map = self.series.lock().unwrap_or_else(|e| e.into_inner());
         let stale: Vec<ConnLabels> = map
             .values()
             .filter(|s| {
-                let (ns, pod) = s.labels.local_pod();
-                !local_pods.contains(&(ns.to_string(), pod.to_string()))
+                !pods.keep(s.labels.local_pod(), s.labels.peer_pod())
                     && s.in_use.load(Ordering::Relaxed) == 0
                     && now.saturating_sub(s.last_used.load(Ordering::Relaxed)) >= idle
             })
@@ -291,7 +300,7 @@ impl ConnectionMetrics {
                 }
             }
         }
-        self.addresses.forget(local_pods);
+        self.addresses.forget(&pods.local);
         stale.len()
     }
 

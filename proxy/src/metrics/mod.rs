@@ -12,7 +12,7 @@ mod requests;
 mod resilience;
 pub mod textfile;
 
-use std::sync::Arc;
+use std::{collections::HashSet, sync::Arc};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -26,6 +26,35 @@ pub use labels::{EXTERNAL, UNKNOWN_SERVICE};
 pub use process::ProcessMetrics;
 pub use requests::{Label, RequestLabels, RequestMetrics, RequestSeries, SeriesCache, GRPC_STATUS, REQUEST_FAMILIES};
 pub use resilience::ResilienceMetrics;
+
+/// The pods metric series may name, as the sweep sees them. A series goes
+/// with its pod of this node, and with the meshed peer pod it names: peers
+/// come and go for as long as a pod lives (every rollout of a service it
+/// calls, every client that calls it), and their series must not pile up.
+#[derive(Debug, Default)]
+pub struct LivePods {
+    /// (namespace, name) of this node's pods.
+    pub local: HashSet<(String, String)>,
+    /// (namespace, name) of every meshed pod, this node's included.
+    pub meshed: HashSet<(String, String)>,
+}
+
+impl LivePods {
+    fn is_local(&self, (namespace, pod): (&str, &str)) -> bool {
+        self.local.contains(&(namespace.to_string(), pod.to_string()))
+    }
+
+    /// Whether a peer label still names a pod of the mesh. An empty one
+    /// (a peer outside the mesh) names none and never goes stale.
+    pub(crate) fn peer_alive(&self, (namespace, pod): (&str, &str)) -> bool {
+        pod.is_empty() || self.meshed.contains(&(namespace.to_string(), pod.to_string()))
+    }
+
+    /// Whether a series of `local`'s traffic with `peer` is still wanted.
+    fn keep(&self, local: (&str, &str), peer: (&str, &str)) -> bool {
+        self.is_local(local) && self.peer_alive(peer)
+    }
+}
 
 /// A service as a metric label: `name.namespace`, as Istio and Linkerd show it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -223,3 +252,6 @@ pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
     prometheus_client::encoding::text::encode(&mut out, registry)?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod sweep_tests;

@@ -142,18 +142,17 @@ impl RequestMetrics {
         })
     }
 
-    /// Drops the series of pods no longer on this node.
-    pub fn sweep(&self, local_pods: &HashSet<(String, String)>) -> usize {
+    /// Drops the series of pods no longer on this node, and of peers no
+    /// longer in the mesh.
+    pub fn sweep(&self, pods: &super::LivePods) -> usize {
         let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
         let stale: Vec<RequestLabels> = made
             .iter()
             .filter(|l| {
-                let (ns, pod) = if l.reporter == "inbound" {
-                    (&l.destination_workload_namespace, &l.destination_pod)
-                } else {
-                    (&l.source_workload_namespace, &l.source_pod)
-                };
-                !local_pods.contains(&(ns.0.to_string(), pod.0.to_string()))
+                let source = (&*l.source_workload_namespace.0, &*l.source_pod.0);
+                let destination = (&*l.destination_workload_namespace.0, &*l.destination_pod.0);
+                let (local, peer) = if l.reporter == "inbound" { (destination, source) } else { (source, destination) };
+                !pods.keep(local, peer)
             })
             .cloned()
             .collect();

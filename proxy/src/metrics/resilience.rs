@@ -2,6 +2,8 @@
 //! the budget refused, timeouts by kind. Counted per route rule (a bounded
 //! label: routes and their rules are limited per service).
 
+use std::{collections::HashSet, sync::Mutex};
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -43,7 +45,9 @@ pub struct BreakerLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RateLimitedLabels {
     pub route: Label,
-    /// The client pod (bounded: the pods of this node).
+    /// The client pod: one of this node's (outbound) or any meshed pod
+    /// (inbound, `route="default"`); a pod's series go when it leaves the
+    /// mesh (see [`ResilienceMetrics::sweep`]).
     pub source_pod: Label,
     pub source_workload_namespace: Label,
 }
@@ -51,6 +55,8 @@ pub struct RateLimitedLabels {
 #[derive(Debug, Default)]
 pub struct ResilienceMetrics {
     pub rate_limited: Family<RateLimitedLabels, Counter>,
+    /// The label sets of `rate_limited` (the family cannot be walked).
+    rate_limited_made: Mutex<HashSet<RateLimitedLabels>>,
     pub retries: Family<RetryLabels, Counter>,
     pub budget_exhausted: Family<RouteLabels, Counter>,
     pub timeouts: Family<TimeoutLabels, Counter>,
@@ -92,7 +98,30 @@ impl ResilienceMetrics {
 
     /// A 429 by route (`default` for a pod's inbound limit) and source.
     pub fn rate_limited_labels(&self, route: Label, source_pod: Label, source_workload_namespace: Label) {
-        self.rate_limited.get_or_create(&RateLimitedLabels { route, source_pod, source_workload_namespace }).inc();
+        let labels = RateLimitedLabels { route, source_pod, source_workload_namespace };
+        {
+            let mut made = self.rate_limited_made.lock().unwrap_or_else(|e| e.into_inner());
+            if !made.contains(&labels) {
+                made.insert(labels.clone());
+            }
+        }
+        self.rate_limited.get_or_create(&labels).inc();
+    }
+
+    /// Drops the `rate_limited` series of client pods no longer in the
+    /// mesh: under a rate limit, every pod that ever called makes one, and
+    /// callers come and go while the limited pod lives.
+    pub fn sweep(&self, pods: &super::LivePods) -> usize {
+        let mut made = self.rate_limited_made.lock().unwrap_or_else(|e| e.into_inner());
+        let before = made.len();
+        made.retain(|l| {
+            let keep = pods.peer_alive((&l.source_workload_namespace.0, &l.source_pod.0));
+            if !keep {
+                self.rate_limited.remove(l);
+            }
+            keep
+        });
+        before - made.len()
     }
 
     pub fn register(&self, r: &mut Registry) {

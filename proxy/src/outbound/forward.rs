@@ -18,7 +18,7 @@ use super::{
 use crate::{
     pod::PodContext,
     store::{ServiceRoute, Snapshot},
-    transport::{relay, Duplex, Peekable},
+    transport::{relay, Duplex, Peekable, RelayOptions},
 };
 
 /// A connection accepted on a pod's outbound listener.
@@ -175,6 +175,10 @@ where
             // its endpoint; requests are balanced one by one from here.
             drop(endpoint.take());
             let rtt = link.get_mut().rtt();
+            // The HTTP layer closes client connections in order (and
+            // aborts them itself): not a reset on close, which the outbound
+            // listener set.
+            client.reset_on_exit(false);
             let http =
                 Arc::new(super::http::HttpConn::new(core.clone(), conn.pod.clone(), client_addr, logical, protocol));
             let end = match super::http::serve(client, link, upstream_addr, http.clone()).await {
@@ -194,7 +198,9 @@ where
                     route.balancer.observe(*i, latency);
                 }
             };
-            let relayed = relay(&mut client, &mut link, core.settings.relay, &core.drain_cut, first_response).await;
+            // The client came armed to reset on close from its listener.
+            let opts = RelayOptions { a_armed: true, ..core.settings.relay };
+            let relayed = relay(&mut client, &mut link, opts, &core.drain_cut, first_response).await;
             let rtt = link.get_mut().rtt();
             drop(link);
             (relayed, rtt)

@@ -80,6 +80,11 @@ impl Snapshot {
         self.workloads.get(key)
     }
 
+    /// Every meshed pod's key.
+    pub fn workload_keys(&self) -> impl Iterator<Item = &PodKey> {
+        self.workloads.keys()
+    }
+
     pub fn workload_count(&self) -> usize {
         self.workloads.len()
     }

@@ -25,11 +25,15 @@ pub struct RelayOptions {
     pub max_buffer: usize,
     /// No byte either way for this long ends the connection (with a reset).
     pub idle_timeout: Option<Duration>,
+    /// The first connection arrives already set to reset if the proxy dies
+    /// (an outbound client: SO_LINGER 0 inherited from its listener), so
+    /// arming it again would be a wasted syscall per connection.
+    pub a_armed: bool,
 }
 
 impl Default for RelayOptions {
     fn default() -> Self {
-        Self { initial_buffer: 4096, max_buffer: 64 * 1024, idle_timeout: None }
+        Self { initial_buffer: 4096, max_buffer: 64 * 1024, idle_timeout: None, a_armed: false }
     }
 }
 
@@ -133,7 +137,9 @@ where
     let clock = || base.elapsed().as_nanos() as u64;
     let last_activity = AtomicU64::new(0);
     let mut on_first_response = Some(on_first_response);
-    a.reset_on_exit(true);
+    if !opts.a_armed {
+        a.reset_on_exit(true);
+    }
     b.reset_on_exit(true);
     let result = {
         let ((mut a_read, mut a_write), (mut b_read, mut b_write)) = (a.halves(), b.halves());
@@ -245,7 +251,7 @@ mod tests {
         let (proxy_b, server) = tokio::io::duplex(1024);
         let relay_task = tokio::spawn(async move {
             let (mut a, mut b) = (Stream::new(proxy_a), Stream::new(proxy_b));
-            let opts = RelayOptions { initial_buffer: 16, max_buffer: 256, idle_timeout: None };
+            let opts = RelayOptions { initial_buffer: 16, max_buffer: 256, ..RelayOptions::default() };
             relay(&mut a, &mut b, opts, &CancellationToken::new(), |_| {}).await
         });
         let (mut client_r, mut client_w) = tokio::io::split(client);
