@@ -235,11 +235,19 @@ impl PodContext {
     /// A listener on `addr` inside the pod: the socket `previous` has on
     /// that address if any (see [`ListenSockets`]), else a newly bound one.
     /// It is also added to `kept`.
+    ///
+    /// `resetting`, for connections the proxy relays or serves itself
+    /// (outbound clients, plaintext arrivals): they are reset, not closed,
+    /// unless a relay or the HTTP layer ends them in order (the relay counts
+    /// on it, see `RelayOptions`), so a crash or a connection dropped before
+    /// it is served never looks like a clean end. A failed arming fails the
+    /// listener like a bind.
     async fn listen_on(
         &self,
         addr: SocketAddr,
         previous: &[Arc<TcpListener>],
         kept: &mut ListenSockets,
+        resetting: bool,
     ) -> Result<io::Result<Arc<TcpListener>>, PodError> {
         let listener = match previous.iter().find(|l| l.local_addr().ok() == Some(addr)) {
             Some(listening) => Ok(listening.clone()),
@@ -252,7 +260,12 @@ impl PodContext {
             }
             kept.push(listener.clone());
         }
-        Ok(listener)
+        Ok(listener.and_then(|l| {
+            if resetting {
+                crate::netns::sockets::accept_reset_on_close(&*l)?;
+            }
+            Ok(l)
+        }))
     }
 
     /// Listens on each of the pod's own addresses (they must be configured
@@ -266,7 +279,7 @@ impl PodContext {
         let mut listeners = Vec::with_capacity(self.ips.len());
         for ip in self.ips.clone() {
             let addr = SocketAddr::new(ip, port);
-            listeners.push(self.listen_on(addr, previous, kept).await?.map_err(|e| bind_error(addr, e))?);
+            listeners.push(self.listen_on(addr, previous, kept, false).await?.map_err(|e| bind_error(addr, e))?);
         }
         Ok(listeners)
     }
@@ -283,8 +296,8 @@ impl PodContext {
     ) -> Result<(Arc<TcpListener>, Option<Arc<TcpListener>>), PodError> {
         let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
         let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-        let listener = self.listen_on(v4, previous, kept).await?.map_err(|e| bind_error(v4, e))?;
-        let listener6 = match self.listen_on(v6, previous, kept).await? {
+        let listener = self.listen_on(v4, previous, kept, true).await?.map_err(|e| bind_error(v4, e))?;
+        let listener6 = match self.listen_on(v6, previous, kept, true).await? {
             Ok(l) => Some(l),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)) => None,
             Err(e) => return Err(bind_error(v6, e)),
@@ -303,14 +316,7 @@ impl PodContext {
         let mut listeners = Vec::with_capacity(2);
         for v6 in [false, true] {
             let addr = outbound_listener_addr(v6, port);
-            // Outbound clients are reset, not closed, unless a relay or the
-            // HTTP layer ends them in order (the relay counts on it, see
-            // `forward`): a failed arming fails the listener like a bind.
-            let listener = self.listen_on(addr, previous, kept).await?.and_then(|l| {
-                crate::netns::sockets::accept_reset_on_close(&*l)?;
-                Ok(l)
-            });
-            match listener {
+            match self.listen_on(addr, previous, kept, true).await? {
                 Ok(listener) => listeners.push(listener),
                 Err(e) if v6 && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
                     tracing::warn!(pod = %self.key, "pod has no IPv6 loopback; only IPv4 connects are captured");

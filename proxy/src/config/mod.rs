@@ -595,6 +595,7 @@ impl RunArgs {
             max_buffer: self.buffer_size as usize,
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
             a_armed: false,
+            b_armed: false,
         }
     }
 

@@ -285,7 +285,8 @@ impl OnEnd for Record {
 impl super::Inbound {
     /// Passes what arrived for the application on: request by request
     /// when it speaks HTTP (and `--http` is on and the port not declared
-    /// opaque), else as bytes.
+    /// opaque), else as bytes. `client` is a tunnel stream or a plaintext
+    /// arrival, which comes set to reset on close (its listener's).
     pub(super) async fn deliver<I, A>(
         &self,
         client: I,
@@ -314,6 +315,10 @@ impl super::Inbound {
         };
         match detected {
             Detected::Http1 | Detected::H2 => {
+                // The HTTP layer closes client connections in order (and
+                // aborts them itself): not a reset on close, which a
+                // plaintext arrival's listener set.
+                client.reset_on_exit(false);
                 let served =
                     serve(client, app, detected, self.metrics.clone(), parties, limiter, self.drain_cut.clone()).await;
                 match served {
@@ -334,7 +339,12 @@ impl super::Inbound {
                     }
                 }
             }
-            _ => crate::transport::relay(&mut app, &mut client, settings.relay, &self.drain_cut, |_| {}).await,
+            _ => {
+                // The client is a tunnel stream (nothing to arm) or a
+                // plaintext arrival, armed by its listener.
+                let opts = crate::transport::RelayOptions { b_armed: true, ..settings.relay };
+                crate::transport::relay(&mut app, &mut client, opts, &self.drain_cut, |_| {}).await
+            }
         }
     }
 }

@@ -25,15 +25,17 @@ pub struct RelayOptions {
     pub max_buffer: usize,
     /// No byte either way for this long ends the connection (with a reset).
     pub idle_timeout: Option<Duration>,
-    /// The first connection arrives already set to reset if the proxy dies
-    /// (an outbound client: SO_LINGER 0 inherited from its listener), so
-    /// arming it again would be a wasted syscall per connection.
+    /// The first (second) connection arrives already set to reset if the
+    /// proxy dies (a client accepted on a listener with SO_LINGER 0, which
+    /// it inherits), so arming it again would be a wasted syscall per
+    /// connection.
     pub a_armed: bool,
+    pub b_armed: bool,
 }
 
 impl Default for RelayOptions {
     fn default() -> Self {
-        Self { initial_buffer: 4096, max_buffer: 64 * 1024, idle_timeout: None, a_armed: false }
+        Self { initial_buffer: 4096, max_buffer: 64 * 1024, idle_timeout: None, a_armed: false, b_armed: false }
     }
 }
 
@@ -140,7 +142,9 @@ where
     if !opts.a_armed {
         a.reset_on_exit(true);
     }
-    b.reset_on_exit(true);
+    if !opts.b_armed {
+        b.reset_on_exit(true);
+    }
     let result = {
         let ((mut a_read, mut a_write), (mut b_read, mut b_write)) = (a.halves(), b.halves());
         let mut a_buf = ReadBuffer::new(opts.initial_buffer, opts.max_buffer);

@@ -109,9 +109,9 @@ impl Workers {
     /// Serves an accepted connection on the next worker in turn: `serve`
     /// gets it registered with that worker's event loop. Tracked (shutdown
     /// waits for it). A connection that cannot be registered (out of memory
-    /// for the epoll entry) is dropped and logged: an outbound client is
-    /// reset then (its listener armed it, see
-    /// `netns::sockets::accept_reset_on_close`); an arrival is closed.
+    /// for the epoll entry) is dropped and logged: an outbound client or a
+    /// plaintext arrival is reset then (its listener armed it, see
+    /// `netns::sockets::accept_reset_on_close`); a tunnel arrival is closed.
     pub fn serve<F, Fut>(&self, stream: std::net::TcpStream, peer: SocketAddr, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
