@@ -341,7 +341,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::new(TunnelClient::new(tls, pool, args.hbone_port, args.connect_timeout, keepalive))
     });
     let connections = TaskTracker::new();
-    let workers = Arc::new(crate::transport::Workers::start(args.connection_threads, connections.clone())?);
+    let workers = Arc::new(crate::transport::Workers::start(
+        args.connection_threads(),
+        args.pin_connection_threads,
+        connections.clone(),
+    )?);
     tracing::info!(threads = workers.count(), "serving connections");
     let shutdown = CancellationToken::new();
     let drain_cut = CancellationToken::new();

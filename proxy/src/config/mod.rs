@@ -418,19 +418,30 @@ pub struct RunArgs {
     #[arg(long, env = "OUTRIGGER_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 
-    /// Threads that serve connections, counting the async runtime above as one;
-    /// each other one runs its own single-threaded event loop. Accepted connections
-    /// (outbound, tunnels, plaintext arrivals) are dealt to them in turn and stay
-    /// there: no task stealing, no wake-up that hops threads (HAProxy's and Envoy's
-    /// model). Measured on 2 CPUs with 2 threads (`cargo xtask bench --only mesh`):
-    /// the L4 paths gain (plain hop 16-connection requests/s 0.97x -> 1.02-1.05x
-    /// HAProxy's, 8 streams 0.97x -> 1.14-1.40x; mTLS pair requests/s 1.19x ->
-    /// 1.27-1.32x), but the HTTP layer loses (HTTP/1.1 16-connection p99 2.1-2.2x
-    /// HAProxy's, against 0.7-0.8x with one thread; h2 one-connection rate 0.66x),
-    /// so the default stays 1. Raise it on a node whose traffic is mostly opaque TCP
-    /// or tunnels and whose proxy saturates a core.
-    #[arg(long, env = "OUTRIGGER_CONNECTION_THREADS", default_value_t = 1)]
-    pub connection_threads: usize,
+    /// Threads that serve connections, each with its own single-threaded
+    /// event loop (with 1, the async runtime above serves them). Accepted
+    /// connections (outbound, tunnels, plaintext arrivals) are dealt to them in
+    /// turn and stay there: no task stealing, no wake-up that hops threads
+    /// (HAProxy's and Envoy's model). Default: 2, or 1 on a single CPU (like
+    /// ztunnel's two workers). Measured on 2 CPUs (`cargo xtask bench`), 2
+    /// against 1: the L4 paths gain (plain hop 16-connection requests/s 0.97x
+    /// -> 1.02-1.05x HAProxy's, 8 streams 0.97x -> 1.14-1.40x; mTLS pair
+    /// requests/s 1.19x -> 1.27-1.32x). Raise it on a node whose proxy
+    /// saturates its threads (CPU per proxy); each costs a thread and its
+    /// event loop, nothing per pod.
+    #[arg(long, env = "OUTRIGGER_CONNECTION_THREADS")]
+    pub connection_threads: Option<usize>,
+
+    /// With more than one connection thread: pin each to one CPU, in turn
+    /// over the CPUs this process may run on. `auto` pins when there are
+    /// exactly as many threads as such CPUs (a cpuset of its own); `always`
+    /// also on a node whose CPUs it shares (a pinned thread cannot leave a
+    /// CPU another workload keeps busy); `never` leaves placement to the
+    /// kernel, which may put two busy threads on one CPU to take turns at
+    /// its tick (measured on 2 CPUs: HTTP/1.1 16-connection p99 2.1x
+    /// HAProxy's unpinned, 0.81x pinned).
+    #[arg(long, env = "OUTRIGGER_PIN_CONNECTION_THREADS", value_enum, default_value_t = crate::transport::Pinning::Auto)]
+    pub pin_connection_threads: crate::transport::Pinning,
 }
 
 /// A flag value that would panic or silently break the proxy, refused at start.
@@ -541,8 +552,8 @@ impl RunArgs {
                 return Err(bad("worker-threads", format!("{n} is outside 1..=1024")));
             }
         }
-        if self.connection_threads == 0 || self.connection_threads > 1024 {
-            return Err(bad("connection-threads", format!("{} is outside 1..=1024", self.connection_threads)));
+        if let Some(n) = self.connection_threads.filter(|&n| n == 0 || n > 1024) {
+            return Err(bad("connection-threads", format!("{n} is outside 1..=1024")));
         }
         if let Some(n) = self.tunnel_connections_per_peer {
             if n == 0 || n > 64 {
@@ -587,6 +598,12 @@ impl RunArgs {
             transparent: true,
             ..self.socket_options()
         })
+    }
+
+    /// `--connection-threads`, or its default: 2, at most the CPUs this
+    /// process may run on.
+    pub fn connection_threads(&self) -> usize {
+        self.connection_threads.unwrap_or_else(|| crate::transport::allowed_cpus().len().clamp(1, 2))
     }
 
     pub fn relay_options(&self) -> crate::transport::RelayOptions {

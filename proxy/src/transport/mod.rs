@@ -35,4 +35,4 @@ pub use io::{ChunkRead, ChunkWrite, Duplex, Either, ReadBuffer, Stream};
 pub use peek::Peekable;
 pub use relay::{relay, End, RelayOptions, Relayed};
 pub use socket::{Keepalive, SocketOptions};
-pub use workers::{reset, worker_index, Workers, WorkersError};
+pub use workers::{allowed_cpus, reset, worker_index, Pinning, Workers, WorkersError};

@@ -1,4 +1,4 @@
-//! Connection workers: the main runtime plus threads that each run their
+//! Connection workers: the main runtime, or threads that each run their
 //! own single-threaded event loop. Accepted connections are dealt to them
 //! in turn and stay where they land: a connection's sockets are registered
 //! with its worker's own epoll and its task is never stolen by another
@@ -11,6 +11,14 @@
 //! tokio worker raised the plain hop's CPU per new connection from 107–120
 //! to 117–133 µs and made its 16-connection p99 worse than HAProxy's
 //! (0.66× as good, against 1.13× with one worker).
+//!
+//! Why pin them (when the process has exactly one CPU per thread): two
+//! busy connection threads that the kernel places on the same CPU take
+//! turns at its tick (4 ms at HZ=250), and every connection of the one
+//! waiting stalls that long. Seen with `perf sched` on 2 CPUs, HTTP/1.1
+//! with 16 connections: both threads on CPU 0 alternating in 4 ms slices,
+//! each waiting up to 8 ms, the p99 at 2.1x HAProxy's; pinned one per CPU,
+//! 0.81x.
 
 use std::{
     cell::Cell,
@@ -24,7 +32,8 @@ use tokio::{net::TcpStream, runtime::Handle, sync::oneshot};
 use tokio_util::task::TaskTracker;
 
 thread_local! {
-    /// Which connection thread this is: 0 on the main runtime's threads.
+    /// Which connection thread this is: 0 on the main runtime's threads,
+    /// 1 and up on the threads of their own.
     static INDEX: Cell<usize> = const { Cell::new(0) };
 }
 
@@ -45,12 +54,40 @@ pub enum WorkersError {
     },
     #[error("connection thread {index} exited while starting")]
     Exited { index: usize },
+    #[error("pinning connection thread {index} to CPU {cpu}: {source} (try --pin-connection-threads never)")]
+    Pin {
+        index: usize,
+        cpu: usize,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// Whether connection threads are pinned, one per CPU, in turn over the
+/// CPUs this process may run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pinning {
+    /// Pin when there are as many threads as CPUs the process may run on
+    /// (its own cores: a CPU limit given as a cpuset, a node of its own);
+    /// on a node whose CPUs it shares with more than that, the kernel
+    /// places them.
+    Auto,
+    Always,
+    Never,
+}
+
+/// The CPUs this process may run on, in order.
+pub fn allowed_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..nix::sched::CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Where accepted connections are served.
 #[derive(Debug)]
 pub struct Workers {
-    /// The runtime that made this first, then each thread's.
+    /// The runtime that made this (one thread), or each thread's.
     handles: Vec<Handle>,
     next: AtomicUsize,
     /// Every connection task, so shutdown can wait for them to drain.
@@ -60,23 +97,45 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// `threads` connection threads in all: the calling runtime and
-    /// `threads - 1` new ones, their connections tracked by `tasks`. Must
-    /// be called inside a runtime.
-    pub fn start(threads: usize, tasks: TaskTracker) -> Result<Self, WorkersError> {
-        let mut handles = vec![Handle::current()];
-        let mut stops = Vec::new();
-        for index in 1..threads.max(1) {
+    /// `threads` connection threads: with one, the calling runtime serves
+    /// connections; with more, that many new threads (indexes 1 to
+    /// `threads`), pinned as `pinning` says, and the calling runtime keeps
+    /// the rest (accepting, the control plane). Connections are tracked by
+    /// `tasks`. Must be called inside a runtime.
+    pub fn start(threads: usize, pinning: Pinning, tasks: TaskTracker) -> Result<Self, WorkersError> {
+        if threads <= 1 {
+            return Ok(Self { handles: vec![Handle::current()], next: AtomicUsize::new(0), tasks, _stops: Vec::new() });
+        }
+        let cpus = allowed_cpus();
+        let pin = match pinning {
+            Pinning::Auto => cpus.len() == threads,
+            Pinning::Always => !cpus.is_empty(),
+            Pinning::Never => false,
+        };
+        let mut handles = Vec::with_capacity(threads);
+        let mut stops = Vec::with_capacity(threads);
+        for index in 1..=threads {
+            let cpu = pin.then(|| cpus[(index - 1) % cpus.len()]);
             let (handle_tx, handle_rx) = std::sync::mpsc::channel();
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             std::thread::Builder::new()
                 .name(format!("outrigger-conn{index}"))
                 .spawn(move || {
                     INDEX.with(|i| i.set(index));
+                    if let Some(cpu) = cpu {
+                        let mut set = nix::sched::CpuSet::new();
+                        let pinned = set
+                            .set(cpu)
+                            .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
+                        if let Err(source) = pinned {
+                            let _ = handle_tx.send(Err(WorkersError::Pin { index, cpu, source }));
+                            return;
+                        }
+                    }
                     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                         Ok(runtime) => runtime,
-                        Err(e) => {
-                            let _ = handle_tx.send(Err(e));
+                        Err(source) => {
+                            let _ = handle_tx.send(Err(WorkersError::Start { index, source }));
                             return;
                         }
                     };
@@ -89,10 +148,13 @@ impl Workers {
                 .map_err(|source| WorkersError::Start { index, source })?;
             match handle_rx.recv() {
                 Ok(Ok(handle)) => handles.push(handle),
-                Ok(Err(source)) => return Err(WorkersError::Start { index, source }),
+                Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(WorkersError::Exited { index }),
             }
             stops.push(stop_tx);
+        }
+        if pin {
+            tracing::info!(threads, cpus = ?cpus, "connection threads pinned, one per CPU");
         }
         Ok(Self { handles, next: AtomicUsize::new(0), tasks, _stops: stops })
     }
@@ -143,23 +205,21 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn connections_are_dealt_in_turn_to_threads_of_their_own() {
-        let tasks = TaskTracker::new();
-        let workers = Workers::start(3, tasks.clone()).expect("workers");
-        assert_eq!(workers.count(), 3);
+    /// Serves six connections on `workers` and returns, in order, the
+    /// name and index of the thread and the CPUs each was served on.
+    async fn served_on(workers: &Workers) -> Vec<(String, usize, Vec<usize>)> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let (names_tx, mut names_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut clients = Vec::new();
         for _ in 0..6 {
             let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
             let (accepted, peer) = listener.accept().expect("accept");
             accepted.set_nonblocking(true).expect("nonblocking");
-            let names = names_tx.clone();
+            let seen = seen_tx.clone();
             workers.serve(accepted, peer, move |mut stream| async move {
                 let name = std::thread::current().name().unwrap_or_default().to_string();
-                let _ = names.send(format!("{name}/{}", worker_index()));
+                let _ = seen.send((name, worker_index(), allowed_cpus()));
                 let _ = stream.write_all(b"served").await;
             });
             let mut buf = [0u8; 6];
@@ -168,14 +228,50 @@ mod tests {
         }
         let mut seen = Vec::new();
         for _ in 0..6 {
-            seen.push(names_rx.recv().await.expect("a name"));
+            seen.push(seen_rx.recv().await.expect("a thread"));
         }
-        let threads: HashSet<&String> = seen.iter().collect();
+        seen
+    }
+
+    #[tokio::test]
+    async fn connections_are_dealt_in_turn_to_threads_of_their_own() {
+        let tasks = TaskTracker::new();
+        let workers = Workers::start(3, Pinning::Never, tasks.clone()).expect("workers");
+        assert_eq!(workers.count(), 3);
+        let seen = served_on(&workers).await;
+        let threads: HashSet<&String> = seen.iter().map(|(name, _, _)| name).collect();
         assert_eq!(threads.len(), 3, "each worker serves its turn on its own thread: {seen:?}");
         assert_eq!(seen[0], seen[3], "the turn comes round again: {seen:?}");
-        assert!(seen[1].starts_with("outrigger-conn"), "{seen:?}");
-        let indexes: HashSet<&str> = seen.iter().filter_map(|s| s.rsplit('/').next()).collect();
-        assert_eq!(indexes, HashSet::from(["0", "1", "2"]), "each thread knows its index: {seen:?}");
+        assert!(seen.iter().all(|(name, _, _)| name.starts_with("outrigger-conn")), "{seen:?}");
+        let indexes: HashSet<usize> = seen.iter().map(|(_, i, _)| *i).collect();
+        assert_eq!(indexes, HashSet::from([1, 2, 3]), "each thread knows its index: {seen:?}");
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    #[tokio::test]
+    async fn one_thread_is_the_runtime_itself() {
+        let tasks = TaskTracker::new();
+        let workers = Workers::start(1, Pinning::Always, tasks.clone()).expect("workers");
+        let seen = served_on(&workers).await;
+        assert!(seen.iter().all(|(name, i, _)| *i == 0 && !name.starts_with("outrigger-conn")), "{seen:?}");
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    #[tokio::test]
+    async fn pinned_threads_run_on_one_cpu_each_in_turn() {
+        let cpus = allowed_cpus();
+        assert!(!cpus.is_empty(), "sched_getaffinity");
+        let tasks = TaskTracker::new();
+        let workers = Workers::start(2, Pinning::Always, tasks.clone()).expect("workers");
+        let seen = served_on(&workers).await;
+        for (name, index, on) in &seen {
+            assert_eq!(on, &vec![cpus[(index - 1) % cpus.len()]], "{name} runs on its own CPU: {seen:?}");
+        }
+        // Unpinned, a thread may run anywhere the process may.
+        let unpinned = Workers::start(2, Pinning::Never, tasks.clone()).expect("workers");
+        assert!(served_on(&unpinned).await.iter().all(|(_, _, on)| on == &cpus));
         tasks.close();
         tasks.wait().await;
     }
