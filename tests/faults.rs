@@ -128,7 +128,9 @@ fn twenty_connections_to_a_dead_peer_fail_after_one_connect_timeout_and_one_dial
     let mesh = a_and_b()?;
     let (a, b) = (mesh.pod("a"), mesh.pod("b"));
     let deadline = Duration::from_secs(2);
-    let n0 = mesh.start(0, &["--connect-timeout", "2s"])?;
+    // One connection thread: pools are per thread, and this is about one
+    // pool's single flight.
+    let n0 = mesh.start(0, &["--connect-timeout", "2s", "--connection-threads", "1"])?;
     let n1 = mesh.start(1, &[])?;
     // The peer's kernel still completes TCP handshakes for its stopped
     // proxy: only the TLS handshake hangs.

@@ -333,9 +333,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let tls = identities.clone().map(|ids| Arc::new(TlsConfigs::new(ids)));
     let strict = args.mtls == MtlsMode::Strict;
     let tunnels = tls.clone().map(|tls| {
-        let per_peer = args
-            .tunnel_connections_per_peer
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        // Pools are per connection thread: the CPUs shared among them.
+        let per_peer = args.tunnel_connections_per_peer.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            cpus.div_ceil(args.connection_threads()).max(1)
+        });
         let pool = Pool::new(args.max_streams_per_connection as usize, per_peer, args.tunnel_idle_timeout);
         let keepalive = (!args.tunnel_keepalive_interval.is_zero()).then_some(args.tunnel_keepalive_interval);
         Arc::new(TunnelClient::new(tls, pool, args.hbone_port, args.connect_timeout, keepalive))

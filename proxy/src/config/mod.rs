@@ -338,8 +338,10 @@ pub struct RunArgs {
     #[arg(long, env = "OUTRIGGER_MAX_STREAMS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_streams_per_connection: u32,
 
-    /// Tunnel connections to one peer (per source pod and identity pair) that concurrent
-    /// streams spread over before sharing them; more spread TLS work over cores. Default: CPUs.
+    /// Tunnel connections to one peer (per source pod, identity pair and connection
+    /// thread: each thread drives its own) that concurrent streams spread over before
+    /// sharing them; more spread TLS work over cores. Default: the CPUs divided among
+    /// the connection threads (at least 1).
     #[arg(long, env = "OUTRIGGER_TUNNEL_CONNECTIONS_PER_PEER")]
     pub tunnel_connections_per_peer: Option<usize>,
 

@@ -124,6 +124,7 @@ impl TunnelClient {
             source: source.clone(),
             destination: target.identity.clone(),
             peer: target.peer,
+            worker: crate::transport::worker_index(),
         };
         // Bounded by the dial's own timeout when a dial is needed.
         let (sender, place) = self.pool.stream(&key, generation, || self.dial(pod, &target)).await?;
