@@ -84,7 +84,10 @@ fn a_stalled_peer_fails_new_streams_within_the_connect_deadline_and_its_tunnel_i
     let mesh = a_and_b()?;
     let (a, b) = (mesh.pod("a"), mesh.pod("b"));
     let deadline = Duration::from_secs(2);
-    let n0 = mesh.start(0, &["--connect-timeout", "2s", "--tunnel-keepalive-interval", "3s"])?;
+    // One connection thread: tunnel pools are per thread, and the second
+    // connection must find the first one's pooled tunnel.
+    let n0 =
+        mesh.start(0, &["--connect-timeout", "2s", "--tunnel-keepalive-interval", "3s", "--connection-threads", "1"])?;
     let n1 = mesh.start(1, &[])?;
     ensure!(mesh.sb.client(a, app(b, 8080), &[])?["ok"] == 1, "a -> b failed before the fault");
     let before = pool(&n0)?;
