@@ -468,8 +468,9 @@ fn a_thousand_connections_from_ten_pods_share_few_tls_connections() -> Result<()
     let nodes = TwoNodes::new(&sources, &["b"], &[])?;
     let b = nodes.pod("b");
     nodes.sb.echo_server(b, &[APP], &[])?;
-    // Streams of one source pod spread over at most 2 connections.
-    let n0 = nodes.start(0, &["--tunnel-connections-per-peer", "2"])?;
+    // Streams of one source pod spread over at most 2 connections: one
+    // per connection thread (pools are per thread), 2 threads.
+    let n0 = nodes.start(0, &["--tunnel-connections-per-peer", "1", "--connection-threads", "2"])?;
     let n1 = nodes.start(1, &[])?;
     let clients: Vec<_> = sources
         .iter()
@@ -492,7 +493,7 @@ fn a_thousand_connections_from_ten_pods_share_few_tls_connections() -> Result<()
     ensure!(ok == 1000, "{ok} of 1000 connections completed");
     let dialled = n0.config_dump()?["mtls"]["pool"]["dialled_total"].as_u64().unwrap_or(u64::MAX);
     eprintln!("1000 tunnelled connections from 10 pods used {dialled} TLS connections");
-    ensure!(dialled <= 20, "{dialled} TLS connections for 10 source identities at 2 per peer");
+    ensure!(dialled <= 20, "{dialled} TLS connections for 10 source identities at 1 per peer and thread, 2 threads");
     let m1 = n1.metrics()?;
     ensure!(m1.sum("outrigger_inbound_tunnel_streams_total", &[("result", "ok")]) == 1000.0);
     Ok(())
