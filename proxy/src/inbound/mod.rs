@@ -25,7 +25,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use tokio::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
+
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 

@@ -13,7 +13,9 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
+
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::Inbound;

@@ -30,7 +30,7 @@ mod tests;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::net::TcpListener;
+use std::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use detect::Detected;
@@ -115,6 +115,23 @@ pub struct Outbound {
 impl Outbound {
     pub fn new(core: Core<Connector>, workers: Arc<Workers>) -> Self {
         Self { core: Arc::new(core), workers }
+    }
+
+    /// The connection threads, each accepting on a listener of its own.
+    pub fn threads(&self) -> usize {
+        self.workers.count()
+    }
+
+    /// Serves `listener` on connection thread `thread` until `stop` is
+    /// cancelled: its connections are accepted and served there.
+    pub fn spawn_serve(
+        self: &Arc<Self>,
+        thread: usize,
+        listener: Arc<TcpListener>,
+        pod: Arc<PodContext>,
+        stop: CancellationToken,
+    ) {
+        self.workers.spawn_on(thread, self.clone().serve(listener, pod, stop));
     }
 
     /// Serves one pod-local listener until `stop` is cancelled.

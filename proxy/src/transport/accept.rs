@@ -3,15 +3,12 @@
 use std::{
     fmt::Display,
     io,
-    net::SocketAddr,
+    net::{SocketAddr, TcpListener},
     os::fd::{AsFd, OwnedFd},
     time::Duration,
 };
 
-use tokio::{
-    io::{unix::AsyncFd, Interest},
-    net::TcpListener,
-};
+use tokio::io::{unix::AsyncFd, Interest};
 use tokio_util::sync::CancellationToken;
 
 /// After a stop, the backlog is drained until it stays empty this long.
@@ -31,44 +28,30 @@ struct Storm {
 
 /// Takes connections off a listener's backlog without registering them
 /// with any event loop: the worker that serves one registers it with its
-/// own (see [`Workers`]). tokio's `accept` would register each with the
-/// accepting runtime, and moving it to another worker would cost two more
-/// `epoll_ctl` calls per connection. So accepts go through a second
-/// descriptor of the listening socket, registered here; tokio's own
-/// registration of the listener is left idle.
+/// own (see [`Workers`]). Pod listeners are plain `std` sockets, registered
+/// only here, with the event loop of the thread that accepts on them: a
+/// listener also registered elsewhere would wake that thread for every
+/// connect, for nothing. A descriptor of its own (a duplicate) is
+/// registered, because two loops may accept on one socket for a moment (a
+/// pod redefined in place hands its sockets over) and one event loop
+/// cannot register a descriptor twice.
 ///
 /// [`Workers`]: super::Workers
-enum Acceptor<'a> {
-    Own(AsyncFd<OwnedFd>),
-    /// When the descriptor cannot be duplicated (out of descriptors).
-    Tokio(&'a TcpListener),
-}
+struct Acceptor(AsyncFd<OwnedFd>);
 
-impl<'a> Acceptor<'a> {
+impl Acceptor {
     // `with_interest` is deprecated because a `T` that does not own its
     // descriptor could have it closed while registered; an `OwnedFd` held
     // by the `AsyncFd` itself cannot.
     #[allow(deprecated)]
-    fn new(listener: &'a TcpListener) -> Self {
-        match listener.as_fd().try_clone_to_owned().and_then(|fd| AsyncFd::with_interest(fd, Interest::READABLE)) {
-            Ok(fd) => Self::Own(fd),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not duplicate a listener's descriptor; its connections cost two more syscalls each");
-                Self::Tokio(listener)
-            }
-        }
+    fn new(listener: &TcpListener) -> io::Result<Self> {
+        let fd = listener.as_fd().try_clone_to_owned()?;
+        Ok(Self(AsyncFd::with_interest(fd, Interest::READABLE)?))
     }
 
     async fn accept(&self) -> io::Result<(std::net::TcpStream, SocketAddr)> {
-        let fd = match self {
-            Self::Own(fd) => fd,
-            Self::Tokio(listener) => {
-                let (stream, peer) = listener.accept().await?;
-                return Ok((stream.into_std()?, peer));
-            }
-        };
         loop {
-            let mut ready = fd.readable().await?;
+            let mut ready = self.0.readable().await?;
             let accepted = ready.try_io(|fd| {
                 let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
                 let (socket, addr) = socket2::SockRef::from(fd.get_ref()).accept4(flags)?;
@@ -81,6 +64,19 @@ impl<'a> Acceptor<'a> {
             }
         }
     }
+}
+
+/// Accepts on `acceptor`, made first if it is not yet (it cannot be while
+/// the process is out of descriptors: that fails like an accept).
+async fn accept(
+    acceptor: &mut Option<Acceptor>,
+    listener: &TcpListener,
+) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    let acceptor = match acceptor {
+        Some(a) => a,
+        None => acceptor.insert(Acceptor::new(listener)?),
+    };
+    acceptor.accept().await
 }
 
 /// Accepts until `stop` is cancelled, handing each connection to
@@ -98,7 +94,7 @@ pub async fn accept_until(
     // Accept failures (out of descriptors or memory) come in storms: log
     // when one starts and when it has ended, with the count, not every 50 ms.
     let mut storm: Option<Storm> = None;
-    let acceptor = Acceptor::new(listener);
+    let mut acceptor = None;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -107,12 +103,12 @@ pub async fn accept_until(
                 // Connects that reached the backlog before the stop (the pod
                 // was un-meshed first, so no new ones arrive) are served, not
                 // reset when the listener closes.
-                while let Ok(Ok((stream, peer))) = tokio::time::timeout(DRAIN_QUIET, acceptor.accept()).await {
+                while let Ok(Ok((stream, peer))) = tokio::time::timeout(DRAIN_QUIET, accept(&mut acceptor, listener)).await {
                     on_accept(stream, peer);
                 }
                 return;
             }
-            accepted = acceptor.accept() => accepted,
+            accepted = accept(&mut acceptor, listener) => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
