@@ -240,19 +240,14 @@ impl PodContext {
     /// on it, see `RelayOptions`), so a crash or a connection dropped before
     /// it is served never looks like a clean end. A failed arming fails the
     /// listener like a bind.
-    ///
-    /// `nth`: which of the address's listeners this is, when it has one per
-    /// connection thread (SO_REUSEPORT, see [`PodContext::bind_outbound`]);
-    /// the `nth` of `previous` on the address is reused.
     async fn listen_on(
         &self,
         addr: SocketAddr,
-        nth: usize,
         previous: &[Arc<TcpListener>],
         kept: &mut ListenSockets,
         resetting: bool,
     ) -> Result<io::Result<Arc<TcpListener>>, PodError> {
-        let listener = match previous.iter().filter(|l| l.local_addr().ok() == Some(addr)).nth(nth) {
+        let listener = match previous.iter().find(|l| l.local_addr().ok() == Some(addr)) {
             Some(listening) => Ok(listening.clone()),
             None => self.netns.run(move || bind_listener(addr)).await?.map(Arc::new),
         };
@@ -282,7 +277,7 @@ impl PodContext {
         let mut listeners = Vec::with_capacity(self.ips.len());
         for ip in self.ips.clone() {
             let addr = SocketAddr::new(ip, port);
-            listeners.push(self.listen_on(addr, 0, previous, kept, false).await?.map_err(|e| bind_error(addr, e))?);
+            listeners.push(self.listen_on(addr, previous, kept, false).await?.map_err(|e| bind_error(addr, e))?);
         }
         Ok(listeners)
     }
@@ -299,8 +294,8 @@ impl PodContext {
     ) -> Result<(Arc<TcpListener>, Option<Arc<TcpListener>>), PodError> {
         let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
         let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-        let listener = self.listen_on(v4, 0, previous, kept, true).await?.map_err(|e| bind_error(v4, e))?;
-        let listener6 = match self.listen_on(v6, 0, previous, kept, true).await? {
+        let listener = self.listen_on(v4, previous, kept, true).await?.map_err(|e| bind_error(v4, e))?;
+        let listener6 = match self.listen_on(v6, previous, kept, true).await? {
             Ok(l) => Some(l),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)) => None,
             Err(e) => return Err(bind_error(v6, e)),
@@ -308,34 +303,23 @@ impl PodContext {
         Ok((listener, listener6))
     }
 
-    /// Listens on `127.0.0.1:port` and `[::1]:port` inside the pod, with
-    /// `per_address` sockets on each (SO_REUSEPORT): one per connection
-    /// thread, each accepted on by its own thread, so that an outbound
-    /// connection is accepted and served on one thread and never handed
-    /// across (the kernel spreads connects over the sockets by their
-    /// addresses' hash). Returned grouped: the v4 sockets, then the v6
-    /// ones, `i % per_address` being the thread. A pod without IPv6
-    /// loopback gets the IPv4 listeners only.
+    /// Listens on `127.0.0.1:port` and `[::1]:port` inside the pod. A pod
+    /// without IPv6 loopback gets the IPv4 listener only.
     pub async fn bind_outbound(
         &self,
         port: u16,
-        per_address: usize,
         previous: &[Arc<TcpListener>],
         kept: &mut ListenSockets,
     ) -> Result<Vec<Arc<TcpListener>>, PodError> {
-        let per_address = per_address.max(1);
-        let mut listeners = Vec::with_capacity(2 * per_address);
-        'families: for v6 in [false, true] {
+        let mut listeners = Vec::with_capacity(2);
+        for v6 in [false, true] {
             let addr = outbound_listener_addr(v6, port);
-            for nth in 0..per_address {
-                match self.listen_on(addr, nth, previous, kept, true).await? {
-                    Ok(listener) => listeners.push(listener),
-                    Err(e) if v6 && nth == 0 && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
-                        tracing::warn!(pod = %self.key, "pod has no IPv6 loopback; only IPv4 connects are captured");
-                        break 'families;
-                    }
-                    Err(e) => return Err(bind_error(addr, e)),
+            match self.listen_on(addr, previous, kept, true).await? {
+                Ok(listener) => listeners.push(listener),
+                Err(e) if v6 && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                    tracing::warn!(pod = %self.key, "pod has no IPv6 loopback; only IPv4 connects are captured");
                 }
+                Err(e) => return Err(bind_error(addr, e)),
             }
         }
         Ok(listeners)

@@ -303,19 +303,13 @@ impl Node {
         let mut sockets = ListenSockets::new();
         let mut flags = 0;
         let result = async {
-            // One listener per address and connection thread, accepted on
-            // by that thread.
-            let threads = d.outbound.threads();
-            let listeners = ctx.bind_outbound(d.outbound_port, threads, previous, &mut sockets).await?;
-            for (i, listener) in listeners.into_iter().enumerate() {
+            for listener in ctx.bind_outbound(d.outbound_port, previous, &mut sockets).await? {
                 let addr = listener.local_addr().map_err(|e| PodError::ListenerAddr(e.to_string()))?;
                 if addr.is_ipv6() {
                     flags |= POD_FLAG_V6_LISTENER;
                 }
-                if i % threads == 0 {
-                    addrs.push(addr);
-                }
-                d.outbound.spawn_serve(i % threads, listener, ctx.clone(), stop.clone());
+                addrs.push(addr);
+                tokio::spawn(d.outbound.clone().serve(listener, ctx.clone(), stop.clone()));
             }
             if d.mtls {
                 for listener in ctx.bind_inbound(d.hbone_port, previous, &mut sockets).await? {

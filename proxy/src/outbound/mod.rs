@@ -117,23 +117,6 @@ impl Outbound {
         Self { core: Arc::new(core), workers }
     }
 
-    /// The connection threads, each accepting on a listener of its own.
-    pub fn threads(&self) -> usize {
-        self.workers.count()
-    }
-
-    /// Serves `listener` on connection thread `thread` until `stop` is
-    /// cancelled: its connections are accepted and served there.
-    pub fn spawn_serve(
-        self: &Arc<Self>,
-        thread: usize,
-        listener: Arc<TcpListener>,
-        pod: Arc<PodContext>,
-        stop: CancellationToken,
-    ) {
-        self.workers.spawn_on(thread, self.clone().serve(listener, pod, stop));
-    }
-
     /// Serves one pod-local listener until `stop` is cancelled.
     pub async fn serve(self: Arc<Self>, listener: Arc<TcpListener>, pod: Arc<PodContext>, stop: CancellationToken) {
         let local = match listener.local_addr() {

@@ -1,10 +1,16 @@
 //! Connection workers: the main runtime, or threads that each run their
-//! own single-threaded event loop. A thread serves the connections it
-//! accepts on a listener of its own (outbound: one `SO_REUSEPORT` socket
-//! per thread), and is dealt the rest in turn (tunnel and plaintext
-//! arrivals, accepted on the main runtime). A connection stays where it
-//! lands: its sockets are registered with its worker's own epoll and its
-//! task is never stolen by another thread (HAProxy's and Envoy's model).
+//! own single-threaded event loop. Accepted connections are dealt to them
+//! in turn and stay where they land: a connection's sockets are registered
+//! with its worker's own epoll and its task is never stolen by another
+//! thread (HAProxy's and Envoy's model).
+//!
+//! Why not accept on each thread, from a `SO_REUSEPORT` listener of its
+//! own, so that no connection crosses threads: tried, the kernel spreads
+//! connects over such listeners by their addresses' hash, so a few
+//! long-lived connections land unevenly (the plain hop's 8-stream iperf3
+//! fell from 1.25-1.34x HAProxy's to 0.97-1.11x), and the new-connection
+//! rate did not move (0.82x either way; the cross-thread hand-over costs
+//! one wake-up per connection, about 1 us).
 //!
 //! Why not more workers in tokio's multi-threaded runtime: there the
 //! workers share one I/O driver and steal each other's tasks, so a
@@ -173,22 +179,10 @@ impl Workers {
         self.handles.len()
     }
 
-    /// Runs `task` on worker `i` (modulo the count): the accept loop of
-    /// that worker's own listener (see [`Workers::serve`]).
-    pub fn spawn_on<Fut>(&self, i: usize, task: Fut)
-    where
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        drop(self.handles[i % self.handles.len()].spawn(task));
-    }
-
-    /// Serves an accepted connection: on the calling worker when the accept
-    /// loop runs on a connection thread of its own (its listener is that
-    /// thread's, see `PodContext::bind_outbound`), so the connection never
-    /// crosses threads; else on the next worker in turn. `serve` gets it
-    /// registered with that worker's event loop. Tracked (shutdown waits
-    /// for it). A connection that cannot be registered (out of memory for
-    /// the epoll entry) is dropped and logged: an outbound client or a
+    /// Serves an accepted connection on the next worker in turn: `serve`
+    /// gets it registered with that worker's event loop. Tracked (shutdown
+    /// waits for it). A connection that cannot be registered (out of memory
+    /// for the epoll entry) is dropped and logged: an outbound client or a
     /// plaintext arrival is reset then (its listener armed it, see
     /// `netns::sockets::accept_reset_on_close`); a tunnel arrival is closed.
     pub fn serve<F, Fut>(&self, stream: std::net::TcpStream, peer: SocketAddr, serve: F)
@@ -204,11 +198,6 @@ impl Workers {
                 }
             }
         });
-        if worker_index() != 0 {
-            // A current-thread runtime: spawned here, served here.
-            drop(tokio::spawn(task));
-            return;
-        }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         drop(self.handles[i].spawn(task));
     }
@@ -288,47 +277,6 @@ mod tests {
         assert!(seen.iter().all(|(name, _, _)| name.starts_with("outrigger-conn")), "{seen:?}");
         let indexes: HashSet<usize> = seen.iter().map(|(_, i, _)| *i).collect();
         assert_eq!(indexes, HashSet::from([1, 2, 3]), "each thread knows its index: {seen:?}");
-        tasks.close();
-        tasks.wait().await;
-    }
-
-    /// The outbound listeners' model: a listener per thread, accepted on by
-    /// that thread (here through `accept_until`, as the proxy does), and
-    /// each connection served where it was accepted.
-    #[tokio::test]
-    async fn a_connection_accepted_on_a_thread_is_served_there() {
-        let tasks = TaskTracker::new();
-        let workers = std::sync::Arc::new(Workers::start(2, Pinning::Never, tasks.clone()).expect("workers"));
-        let stop = tokio_util::sync::CancellationToken::new();
-        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut addrs = Vec::new();
-        for thread in 0..2 {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            listener.set_nonblocking(true).expect("nonblocking");
-            addrs.push(listener.local_addr().expect("addr"));
-            let (w, stop, seen) = (workers.clone(), stop.clone(), seen_tx.clone());
-            workers.spawn_on(thread, async move {
-                let never = tokio_util::sync::CancellationToken::new();
-                super::super::accept_until(&listener, &stop, &never, &"test", |stream, peer| {
-                    let (seen, accepted_on) = (seen.clone(), worker_index());
-                    w.serve(stream, peer, move |mut stream| async move {
-                        let _ = seen.send((accepted_on, worker_index()));
-                        let _ = stream.write_all(b"served").await;
-                    });
-                })
-                .await;
-            });
-        }
-        for addr in addrs.iter().cycle().take(6) {
-            let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            let mut buf = [0u8; 6];
-            client.read_exact(&mut buf).await.expect("served");
-            let (accepted_on, served_on) = seen_rx.recv().await.expect("a thread");
-            assert_ne!(accepted_on, 0, "accepted on a connection thread");
-            assert_eq!(accepted_on, served_on, "served on the thread that accepted it");
-            assert_eq!(addrs[accepted_on - 1], *addr, "each listener is its thread's");
-        }
-        stop.cancel();
         tasks.close();
         tasks.wait().await;
     }
