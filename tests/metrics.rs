@@ -298,7 +298,21 @@ fn series_of_departed_pods_are_dropped_after_the_idle_period() -> Result<()> {
     })
     .context("the 200 pods were never meshed")?;
     for pod in &churn {
-        ensure!(sb.client(pod, target, &["--bytes", "100"])?["ok"] == 1, "{} could not connect", pod.name);
+        // One retry: with 200 fresh pods on one bridge, the sandbox's network
+        // now and then leaves one pod's first ARP request unanswered, and the
+        // proxy's upstream connect fails with EHOSTUNREACH after 3 s (logged
+        // as `no_route`, the client reset: correct, and not this test's
+        // subject). Its series are counted either way.
+        let mut summary = sb.client(pod, target, &["--bytes", "100"])?;
+        if summary["ok"] != 1 {
+            eprintln!("{} failed once, retrying: {summary}", pod.name);
+            summary = sb.client(pod, target, &["--bytes", "100"])?;
+        }
+        if summary["ok"] != 1 {
+            let log: Vec<String> =
+                proxy.log_text().lines().filter(|l| l.contains(pod.name.as_str())).map(str::to_string).collect();
+            anyhow::bail!("{} could not connect: {summary}\n{}", pod.name, log.join("\n"));
+        }
     }
     let peak = connection_series(&proxy)?;
     eprintln!("series: baseline {baseline}, with 200 more pods {peak}");
