@@ -16,7 +16,7 @@ mod plaintext;
 mod stream;
 
 use std::{
-    net::SocketAddr,
+    net::{SocketAddr, TcpListener},
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
@@ -25,8 +25,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use std::net::TcpListener;
-
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;

@@ -11,9 +11,11 @@
 //! speaks HTTP, counted with the requests of tunnel streams). A refusal is a reset: the
 //! application never sees the client.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
-
-use std::net::TcpListener;
+use std::{
+    net::{SocketAddr, TcpListener},
+    sync::Arc,
+    time::Instant,
+};
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
