@@ -100,7 +100,10 @@ impl Inbound {
 
     /// Serves one pod's tunnel listener until `stop` is cancelled.
     pub async fn serve(self: Arc<Self>, listener: Arc<TcpListener>, pod: Arc<PodContext>, stop: CancellationToken) {
-        crate::transport::accept_until(&listener, &stop, &pod.handed_over, &pod.key, |tcp, peer| {
+        let workers = self.workers.clone();
+        let (accept_pod, accept_stop) = (pod.clone(), stop.clone());
+        let on_accept = move |tcp, peer| {
+            let (pod, stop) = (&accept_pod, &accept_stop);
             // Unauthenticated connections are capped per pod and per node,
             // so a flood of them cannot take the descriptors others need.
             let slots = match (pod.handshake_slot(), self.handshakes.clone().try_acquire_owned()) {
@@ -116,8 +119,8 @@ impl Inbound {
             };
             let (this, pod, stop) = (self.clone(), pod.clone(), stop.clone());
             self.workers.serve(tcp, peer, move |tcp| async move { this.connection(tcp, peer, pod, stop, slots).await });
-        })
-        .await;
+        };
+        workers.accept_until(&listener, &stop, &pod.handed_over, pod.key.clone(), on_accept).await;
     }
 
     fn refused_handshake(&self, pod: &PodContext, peer: SocketAddr, error: &str) {

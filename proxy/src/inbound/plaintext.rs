@@ -35,7 +35,10 @@ impl Inbound {
         pod: Arc<PodContext>,
         stop: CancellationToken,
     ) {
-        crate::transport::accept_until(&listener, &stop, &pod.handed_over, &pod.key, |client, peer| {
+        let workers = self.workers.clone();
+        let accept_pod = pod.clone();
+        let on_accept = move |client, peer| {
+            let pod = &accept_pod;
             let Some(slot) = pod.connection_slot() else {
                 crate::transport::reset(client);
                 self.metrics.limit_refused(&pod.key, "pod_connections");
@@ -47,8 +50,8 @@ impl Inbound {
                 let _slot = slot;
                 this.plaintext(client, peer, pod).await;
             });
-        })
-        .await;
+        };
+        workers.accept_until(&listener, &stop, &pod.handed_over, pod.key.clone(), on_accept).await;
     }
 
     async fn plaintext(&self, mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {

@@ -126,7 +126,10 @@ impl Outbound {
                 return;
             }
         };
-        crate::transport::accept_until(&listener, &stop, &pod.handed_over, &pod.key, |stream, peer| {
+        let workers = self.workers.clone();
+        let accept_pod = pod.clone();
+        let on_accept = move |stream, peer| {
+            let pod = &accept_pod;
             // One pod cannot take every descriptor: past its limit, its new
             // connections are reset at once.
             let Some(slot) = pod.connection_slot() else {
@@ -141,7 +144,7 @@ impl Outbound {
                 let _slot = slot;
                 forward::run(stream, conn, &this.core).await
             });
-        })
-        .await;
+        };
+        workers.accept_until(&listener, &stop, &pod.handed_over, pod.key.clone(), on_accept).await;
     }
 }

@@ -1,16 +1,29 @@
 //! Connection workers: the main runtime, or threads that each run their
-//! own single-threaded event loop. Accepted connections are dealt to them
-//! in turn and stay where they land: a connection's sockets are registered
-//! with its worker's own epoll and its task is never stolen by another
-//! thread (HAProxy's and Envoy's model).
+//! own single-threaded event loop. Each connection thread accepts on every
+//! pod listener itself (one shared socket, registered with every thread's
+//! epoll) and serves what it accepts: a connection's sockets are
+//! registered with its worker's own epoll and its task is never stolen by
+//! another thread (HAProxy's and Envoy's model). Only a thread with more
+//! live connections than another by more than [`SLACK`] hands a new one
+//! over, so long-lived connections spread evenly.
 //!
-//! Why not accept on each thread, from a `SO_REUSEPORT` listener of its
-//! own, so that no connection crosses threads: tried, the kernel spreads
-//! connects over such listeners by their addresses' hash, so a few
-//! long-lived connections land unevenly (the plain hop's 8-stream iperf3
-//! fell from 1.25-1.34x HAProxy's to 0.97-1.11x), and the new-connection
-//! rate did not move (0.82x either way; the cross-thread hand-over costs
-//! one wake-up per connection, about 1 us).
+//! Why not accept on the main runtime and deal connections to the threads
+//! in turn (the design before): every connection then cost the accepting
+//! thread a wake-up and the serving thread a cross-thread hand-over
+//! (eventfd write, another wake-up). Measured on 2 CPUs, plain-hop new
+//! connections (`cargo xtask bench --only mesh`, 3 rounds): 97.5 µs of
+//! proxy CPU per connection and 0.85-0.88x HAProxy's rate dealt from the
+//! main runtime, 85 µs when half the connections were served on the
+//! thread that accepted them.
+//!
+//! Why one shared listener and not a `SO_REUSEPORT` listener per thread:
+//! tried, the kernel spreads connects over such listeners by their
+//! addresses' hash, so a few long-lived connections land unevenly (the
+//! plain hop's 8-stream iperf3 fell from 1.25-1.34x HAProxy's to
+//! 0.97-1.11x), and nothing can move a connection the hash misplaced. A
+//! shared listener wakes every idle thread for a connect (one accept finds
+//! it, the others find nothing): a wasted wake-up per idle thread, which a
+//! busy thread does not pay.
 //!
 //! Why not more workers in tokio's multi-threaded runtime: there the
 //! workers share one I/O driver and steal each other's tasks, so a
@@ -30,14 +43,44 @@
 
 use std::{
     cell::Cell,
+    fmt::Display,
     future::Future,
     io,
-    net::SocketAddr,
-    sync::atomic::{AtomicUsize, Ordering},
+    net::{SocketAddr, TcpListener},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
 };
 
 use tokio::{net::TcpStream, runtime::Handle, sync::oneshot};
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// A connection thread keeps what it accepts unless it serves more than
+/// this many connections more than the least busy thread. Zero would hand
+/// over about every other connection under a steady load of short ones
+/// (the counts differ by one as often as not); one keeps a burst of
+/// long-lived ones within one of even.
+const SLACK: usize = 1;
+
+/// Live connections of one worker, on a cache line of its own: every
+/// connection's start and end touch its worker's count, and threads must
+/// not contend for a line they do not share.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Live(AtomicUsize);
+
+/// Counts a connection on its worker while it lives.
+struct Counted {
+    live: Arc<[Live]>,
+    worker: usize,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.live[self.worker].0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 thread_local! {
     /// Which connection thread this is: 0 on the main runtime's threads,
@@ -97,6 +140,8 @@ pub fn allowed_cpus() -> Vec<usize> {
 pub struct Workers {
     /// The runtime that made this (one thread), or each thread's.
     handles: Vec<Handle>,
+    /// Live connections per worker (index as `handles`).
+    live: Arc<[Live]>,
     next: AtomicUsize,
     /// Every connection task, so shutdown can wait for them to drain.
     tasks: TaskTracker,
@@ -112,7 +157,7 @@ impl Workers {
     /// `tasks`. Must be called inside a runtime.
     pub fn start(threads: usize, pinning: Pinning, tasks: TaskTracker) -> Result<Self, WorkersError> {
         if threads <= 1 {
-            return Ok(Self { handles: vec![Handle::current()], next: AtomicUsize::new(0), tasks, _stops: Vec::new() });
+            return Ok(Self::new(vec![Handle::current()], tasks, Vec::new()));
         }
         let cpus = allowed_cpus();
         let pin = match pinning {
@@ -167,7 +212,76 @@ impl Workers {
         if pin {
             tracing::info!(threads, cpus = ?cpus, "connection threads pinned, one per CPU");
         }
-        Ok(Self { handles, next: AtomicUsize::new(0), tasks, _stops: stops })
+        Ok(Self::new(handles, tasks, stops))
+    }
+
+    fn new(handles: Vec<Handle>, tasks: TaskTracker, stops: Vec<oneshot::Sender<()>>) -> Self {
+        let live = handles.iter().map(|_| Live::default()).collect();
+        Self { handles, live, next: AtomicUsize::new(0), tasks, _stops: stops }
+    }
+
+    /// Accepts on `listener` from every worker's event loop at once until
+    /// `stop` (or `handed_over`) is cancelled, as
+    /// [`accept_until`](super::accept_until) does on one; `on_accept`
+    /// (a copy per worker) runs on the worker that accepted and normally
+    /// hands the connection to [`Workers::serve`], which keeps it there.
+    /// With one worker (the calling runtime), the loop runs in place.
+    pub async fn accept_until<O, A>(
+        &self,
+        listener: &Arc<TcpListener>,
+        stop: &CancellationToken,
+        handed_over: &CancellationToken,
+        owner: O,
+        on_accept: A,
+    ) where
+        O: Display + Send + Sync + 'static,
+        A: FnMut(std::net::TcpStream, SocketAddr) + Clone + Send + 'static,
+    {
+        if self.handles.len() == 1 {
+            return super::accept_until(listener, stop, handed_over, &owner, on_accept).await;
+        }
+        // The loops stop with this future too (not only with `stop`), so
+        // none outlives its caller.
+        let stop = stop.child_token();
+        let _stop_loops = stop.clone().drop_guard();
+        let owner = Arc::new(owner);
+        let loops: Vec<_> = self
+            .handles
+            .iter()
+            .map(|handle| {
+                let (listener, stop, handed_over, owner) =
+                    (listener.clone(), stop.clone(), handed_over.clone(), owner.clone());
+                let on_accept = on_accept.clone();
+                handle.spawn(async move {
+                    super::accept_until(&listener, &stop, &handed_over, &*owner, on_accept).await;
+                })
+            })
+            .collect();
+        for accepting in loops {
+            // A loop ends only when told to, or when its thread stopped
+            // (the proxy is exiting): nothing to report either way.
+            let _ = accepting.await;
+        }
+    }
+
+    /// The worker for a new connection: on a connection thread (which
+    /// accepted it), that thread, unless it serves more than [`SLACK`]
+    /// connections more than the least busy one, which takes it then; from
+    /// any other thread, each worker in turn.
+    fn pick(&self) -> usize {
+        let n = self.handles.len();
+        let here = INDEX.with(Cell::get);
+        if n == 1 || !(1..=n).contains(&here) {
+            return self.next.fetch_add(1, Ordering::Relaxed) % n;
+        }
+        let mine = here - 1;
+        let load = |i: usize| self.live[i].0.load(Ordering::Relaxed);
+        let (least, fewest) = (0..n).map(|i| (i, load(i))).min_by_key(|&(_, l)| l).unwrap_or((mine, 0));
+        if load(mine) > fewest + SLACK {
+            least
+        } else {
+            mine
+        }
     }
 
     /// The tracker of connection tasks (for tasks a connection spawns).
@@ -179,7 +293,7 @@ impl Workers {
         self.handles.len()
     }
 
-    /// Serves an accepted connection on the next worker in turn: `serve`
+    /// Serves an accepted connection on the worker [`Workers::pick`]s: `serve`
     /// gets it registered with that worker's event loop. Tracked (shutdown
     /// waits for it). A connection that cannot be registered (out of memory
     /// for the epoll entry) is dropped and logged: an outbound client or a
@@ -190,8 +304,11 @@ impl Workers {
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        let i = self.pick();
+        self.live[i].0.fetch_add(1, Ordering::Relaxed);
+        let counted = Counted { live: self.live.clone(), worker: i };
         let task = self.tasks.track_future(async move {
+            let _counted = counted;
             match TcpStream::from_std(stream) {
                 Ok(stream) => serve(stream).await,
                 Err(e) => {
@@ -278,6 +395,61 @@ mod tests {
         assert!(seen.iter().all(|(name, _, _)| name.starts_with("outrigger-conn")), "{seen:?}");
         let indexes: HashSet<usize> = seen.iter().map(|(_, i, _)| *i).collect();
         assert_eq!(indexes, HashSet::from([1, 2, 3]), "each thread knows its index: {seen:?}");
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    /// Where each of `n` long-lived connections accepted by the workers'
+    /// own loops was (accepting thread, serving thread), made one after
+    /// another; the clients are returned open.
+    async fn accepted_by_workers(workers: &Arc<Workers>, n: usize) -> (Vec<(usize, usize)>, Vec<TcpStream>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let listener = Arc::new(listener);
+        let (stop, handed_over) = (CancellationToken::new(), CancellationToken::new());
+        let accepting = {
+            let (w, listener, stop, handed_over) =
+                (workers.clone(), listener.clone(), stop.clone(), handed_over.clone());
+            tokio::spawn(async move {
+                let serve_on = w.clone();
+                let on_accept = move |stream, peer| {
+                    let accepted_on = worker_index();
+                    serve_on.serve(stream, peer, move |mut stream| async move {
+                        let served = [accepted_on as u8, worker_index() as u8];
+                        let _ = stream.write_all(&served).await;
+                        // Lives until the client closes.
+                        let _ = stream.read(&mut [0u8; 1]).await;
+                    });
+                };
+                w.accept_until(&listener, &stop, &handed_over, "test", on_accept).await
+            })
+        };
+        let mut seen = Vec::new();
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            let mut client = TcpStream::connect(addr).await.expect("connect");
+            let mut served = [0u8; 2];
+            client.read_exact(&mut served).await.expect("served");
+            seen.push((usize::from(served[0]), usize::from(served[1])));
+            clients.push(client);
+        }
+        stop.cancel();
+        accepting.await.expect("the accept loops end when stopped");
+        (seen, clients)
+    }
+
+    #[tokio::test]
+    async fn connection_threads_accept_themselves_and_spread_long_lived_connections() {
+        let tasks = TaskTracker::new();
+        let workers = Arc::new(Workers::start(2, Pinning::Never, tasks.clone()).expect("workers"));
+        let (seen, clients) = accepted_by_workers(&workers, 8).await;
+        assert!(seen.iter().all(|&(a, s)| (1..=2).contains(&a) && (1..=2).contains(&s)), "{seen:?}");
+        let on = |t: usize| seen.iter().filter(|&&(_, s)| s == t).count();
+        assert!(on(1).abs_diff(on(2)) <= SLACK + 1, "long-lived connections spread evenly: {seen:?}");
+        // A thread keeps what it accepts unless it is ahead by more than SLACK.
+        assert!(seen.iter().any(|&(a, s)| a == s), "{seen:?}");
+        drop(clients);
         tasks.close();
         tasks.wait().await;
     }
