@@ -62,6 +62,24 @@ pub fn tcp_rtt(fd: BorrowedFd<'_>) -> Option<std::time::Duration> {
     Some(std::time::Duration::from_micros(u64::from(info.tcpi_rtt)))
 }
 
+/// Segments a TCP socket has received (`tcpi_segs_in`, at byte 140 of
+/// `struct tcp_info` since Linux 4.2; `libc::tcp_info` stops short of it).
+/// What tests count to see how data and FIN were sent.
+#[cfg(test)]
+pub fn tcp_segments_in(fd: BorrowedFd<'_>) -> Option<u32> {
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: `fd` is a live socket for the borrow; `info` and `len` are
+    // valid for writes and `len` bounds what the kernel writes.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
+    };
+    if rc != 0 || len < 144 {
+        return None;
+    }
+    Some(u32::from_ne_bytes(info[140..144].try_into().ok()?))
+}
+
 /// `IPV6_TRANSPARENT` (socket2 wraps only the IPv4 option): lets the socket
 /// bind an address that is not local — the client's, for original-source
 /// delivery.

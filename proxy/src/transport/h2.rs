@@ -76,9 +76,21 @@ impl ChunkRead for H2Recv<'_> {
         // Fails only when the stream is already gone; the next read says so.
         let _ = self.recv.flow_control().release_capacity(n);
     }
+
+    /// END_STREAM came with (or right behind) the last DATA frame.
+    fn at_end(&self) -> bool {
+        self.pending.is_empty() && self.recv.is_end_stream()
+    }
 }
 
-fn poll_send(send: &mut SendStream<Bytes>, cx: &mut Context<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
+/// Sends `chunk` as DATA frames as the peer's window allows; with `end`
+/// (not yet set), the last frame carries END_STREAM and `end` is set.
+fn poll_send(
+    send: &mut SendStream<Bytes>,
+    cx: &mut Context<'_>,
+    chunk: &mut Bytes,
+    mut end: Option<&mut bool>,
+) -> Poll<io::Result<()>> {
     while !chunk.is_empty() {
         send.reserve_capacity(chunk.len());
         let granted = match ready!(send.poll_capacity(cx)) {
@@ -89,9 +101,18 @@ fn poll_send(send: &mut SendStream<Bytes>, cx: &mut Context<'_>, chunk: &mut Byt
             continue;
         }
         let piece = chunk.split_to(granted.min(chunk.len()));
-        send.send_data(piece, false).map_err(h2_io)?;
+        let ends = chunk.is_empty() && end.as_deref().is_some_and(|finished| !*finished);
+        send.send_data(piece, ends).map_err(h2_io)?;
+        if ends {
+            if let Some(finished) = end.as_deref_mut() {
+                *finished = true;
+            }
+        }
     }
-    Poll::Ready(Ok(()))
+    match end {
+        Some(finished) => Poll::Ready(finish(send, finished)),
+        None => Poll::Ready(Ok(())),
+    }
 }
 
 fn finish(send: &mut SendStream<Bytes>, finished: &mut bool) -> io::Result<()> {
@@ -104,7 +125,12 @@ fn finish(send: &mut SendStream<Bytes>, finished: &mut bool) -> io::Result<()> {
 
 impl ChunkWrite for H2Send<'_> {
     fn poll_write_chunk(&mut self, cx: &mut Context<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
-        poll_send(self.send, cx, chunk)
+        poll_send(self.send, cx, chunk, None)
+    }
+
+    /// The last DATA frame carries END_STREAM: no empty frame to end it.
+    fn poll_write_last(&mut self, cx: &mut Context<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
+        poll_send(self.send, cx, chunk, Some(self.finished))
     }
 
     fn poll_finish(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -175,5 +201,54 @@ impl AsyncWrite for H2Stream {
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         Poll::Ready(finish(&mut this.send, &mut this.finished))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use super::*;
+
+    /// A client stream and the server's side of it, over an in-memory pipe.
+    async fn stream_pair() -> (H2Stream, H2Stream) {
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(s).await.expect("server handshake");
+            let (request, mut respond) = conn.accept().await.expect("a stream").expect("accepted");
+            let send = respond.send_response(http::Response::new(()), false).expect("respond");
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            H2Stream::new(send, request.into_body())
+        });
+        let (mut client, conn) = h2::client::handshake(c).await.expect("client handshake");
+        tokio::spawn(conn);
+        let request = http::Request::builder().method("CONNECT").uri("10.0.0.1:80").body(()).expect("request");
+        let (response, send) = client.send_request(request, false).expect("send request");
+        let server_side = server.await.expect("server");
+        let recv = response.await.expect("response").into_body();
+        (H2Stream::new(send, recv), server_side)
+    }
+
+    #[tokio::test]
+    async fn the_last_chunk_carries_end_stream() {
+        let (mut client, mut server) = stream_pair().await;
+        let (_, mut w) = client.halves();
+        let mut chunk = Bytes::from_static(b"last words");
+        poll_fn(|cx| w.poll_write_last(cx, &mut chunk)).await.expect("write last");
+        let (mut r, _) = server.halves();
+        let mut rb = ReadBuffer::new(4096, 4096);
+        let got = poll_fn(|cx| r.poll_chunk(cx, &mut rb)).await.expect("read").expect("data");
+        assert_eq!(&got[..], b"last words");
+        assert!(r.at_end(), "END_STREAM came on the DATA frame: the end is known without another read");
+        assert!(poll_fn(|cx| r.poll_chunk(cx, &mut rb)).await.expect("read").is_none());
+
+        // A chunk that is not the last leaves the stream open.
+        let (mut client, mut server) = stream_pair().await;
+        let (_, mut w) = client.halves();
+        let mut chunk = Bytes::from_static(b"more to come");
+        poll_fn(|cx| w.poll_write_chunk(cx, &mut chunk)).await.expect("write");
+        let (mut r, _) = server.halves();
+        poll_fn(|cx| r.poll_chunk(cx, &mut rb)).await.expect("read").expect("data");
+        assert!(!r.at_end());
     }
 }

@@ -74,6 +74,12 @@ pub trait ChunkRead {
     /// `n` bytes of the last chunk were delivered onward (an h2 stream then
     /// returns flow-control window to its peer).
     fn release(&mut self, _n: usize) {}
+    /// The end of stream came right behind the last chunk: the next poll
+    /// would return `None`. Lets the relay send that chunk and the end as
+    /// one (data and FIN in one TCP segment).
+    fn at_end(&self) -> bool {
+        false
+    }
 }
 
 /// The writing half of a connection.
@@ -83,6 +89,12 @@ pub trait ChunkWrite {
     /// End of stream for the peer (FIN, END_STREAM); the other direction
     /// stays open.
     fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Writes all of `chunk`, then ends the stream: the two at once where
+    /// the connection can.
+    fn poll_write_last(&mut self, cx: &mut Context<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
+        ready!(self.poll_write_chunk(cx, chunk))?;
+        self.poll_finish(cx)
+    }
 }
 
 /// A connection that can be split into halves and cut abortively.
@@ -130,7 +142,15 @@ impl<T: Duplex> Duplex for &mut T {
 /// A TCP socket's reading half: readiness and `try_read` take `&TcpStream`,
 /// so no lock or split is needed.
 #[derive(Debug)]
-pub struct TcpRead<'a>(&'a TcpStream);
+pub struct TcpRead<'a> {
+    socket: &'a TcpStream,
+    /// The last chunk ended the stream (see [`ChunkRead::at_end`]).
+    ended: bool,
+    /// An error met reading on after a chunk, returned next (a reset must
+    /// reach the relay as one, never as the end of stream that the
+    /// following read would report).
+    failed: Option<io::Error>,
+}
 
 /// A TCP socket's writing half.
 #[derive(Debug)]
@@ -138,18 +158,31 @@ pub struct TcpWrite<'a>(&'a TcpStream);
 
 impl ChunkRead for TcpRead<'_> {
     fn poll_chunk(&mut self, cx: &mut Context<'_>, rb: &mut ReadBuffer) -> Poll<io::Result<Option<Bytes>>> {
+        if let Some(e) = self.failed.take() {
+            return Poll::Ready(Err(e));
+        }
+        let socket = self.socket;
+        // Bytes read into `rb` for this chunk so far.
+        let mut got = 0;
         loop {
-            if let Poll::Ready(ready) = self.0.poll_read_ready(cx) {
+            if let Poll::Ready(ready) = socket.poll_read_ready(cx) {
                 ready?;
+            } else if got > 0 {
+                return Poll::Ready(Ok(Some(rb.take(got))));
             } else {
                 rb.idle();
                 return Poll::Pending;
             }
             let space = rb.space();
             let room = space.capacity() - space.len();
-            match self.0.try_read_buf(space) {
-                Ok(0) => return Poll::Ready(Ok(None)),
+            match socket.try_read_buf(space) {
+                Ok(0) if got == 0 => return Poll::Ready(Ok(None)),
+                Ok(0) => {
+                    self.ended = true;
+                    return Poll::Ready(Ok(Some(rb.take(got))));
+                }
                 Ok(n) => {
+                    got += n;
                     if n < room {
                         // A read that did not fill the buffer drained the
                         // socket (edge-triggered epoll; tokio's own reads
@@ -159,15 +192,33 @@ impl ChunkRead for TcpRead<'_> {
                         // each way: half the recvs of an HTTP exchange).
                         // The closure makes no call: reporting WouldBlock
                         // only clears the readiness this read consumed.
-                        let _ = self.0.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                        let _ = socket.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                        // Still ready now means the peer's FIN is in too
+                        // (the closed state is never cleared): read on to
+                        // the end, so that the chunk and the end of stream
+                        // go out together (the loop above returns the
+                        // chunk when nothing more is there).
+                        continue;
                     }
-                    return Poll::Ready(Ok(Some(rb.take(n))));
+                    return Poll::Ready(Ok(Some(rb.take(got))));
                 }
                 // Readiness is cleared: the next poll registers for wake-up.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => {
+                    return Poll::Ready(Ok(Some(rb.take(got))))
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => rb.idle(),
+                Err(e) if got > 0 => {
+                    // The data read is delivered; the error comes next time.
+                    self.failed = Some(e);
+                    return Poll::Ready(Ok(Some(rb.take(got))));
+                }
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+
+    fn at_end(&self) -> bool {
+        self.ended
     }
 }
 
@@ -188,6 +239,26 @@ impl ChunkWrite for TcpWrite<'_> {
     fn poll_finish(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(socket2::SockRef::from(self.0).shutdown(Shutdown::Write))
     }
+
+    /// `MSG_MORE` holds the last bytes back until the shutdown, which sets
+    /// FIN on them: one segment where a write and a shutdown would send two
+    /// (and the peer acknowledges one). HAProxy does the same.
+    fn poll_write_last(&mut self, cx: &mut Context<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
+        let socket = socket2::SockRef::from(self.0);
+        while !chunk.is_empty() {
+            ready!(self.0.poll_write_ready(cx))?;
+            let sent = self
+                .0
+                .try_io(Interest::WRITABLE, || socket.send_with_flags(chunk, libc::MSG_MORE | libc::MSG_NOSIGNAL));
+            match sent {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => chunk.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        self.poll_finish(cx)
+    }
 }
 
 impl Duplex for TcpStream {
@@ -195,7 +266,7 @@ impl Duplex for TcpStream {
     type Write<'a> = TcpWrite<'a>;
 
     fn halves(&mut self) -> (TcpRead<'_>, TcpWrite<'_>) {
-        (TcpRead(self), TcpWrite(self))
+        (TcpRead { socket: self, ended: false, failed: None }, TcpWrite(self))
     }
 
     fn abort(&mut self) {
@@ -310,6 +381,13 @@ impl<L: ChunkRead, R: ChunkRead> ChunkRead for Either<L, R> {
             Self::Right(r) => r.release(n),
         }
     }
+
+    fn at_end(&self) -> bool {
+        match self {
+            Self::Left(l) => l.at_end(),
+            Self::Right(r) => r.at_end(),
+        }
+    }
 }
 
 impl<L: ChunkWrite, R: ChunkWrite> ChunkWrite for Either<L, R> {
@@ -324,6 +402,13 @@ impl<L: ChunkWrite, R: ChunkWrite> ChunkWrite for Either<L, R> {
         match self {
             Self::Left(l) => l.poll_finish(cx),
             Self::Right(r) => r.poll_finish(cx),
+        }
+    }
+
+    fn poll_write_last(&mut self, cx: &mut Context<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
+        match self {
+            Self::Left(l) => l.poll_write_last(cx, chunk),
+            Self::Right(r) => r.poll_write_last(cx, chunk),
         }
     }
 }
@@ -368,7 +453,70 @@ impl<L: Duplex, R: Duplex> Duplex for Either<L, R> {
 
 #[cfg(test)]
 mod tests {
+    use std::future::poll_fn;
+
+    use tokio::io::AsyncReadExt;
+
     use super::*;
+
+    fn segments_in(socket: &TcpStream) -> u32 {
+        crate::sys::tcp_segments_in(std::os::fd::AsFd::as_fd(socket)).expect("TCP_INFO")
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let connect = TcpStream::connect(listener.local_addr().expect("addr"));
+        let (client, accepted) = tokio::join!(connect, listener.accept());
+        let client = client.expect("connect");
+        client.set_nodelay(true).expect("nodelay");
+        (client, accepted.expect("accept").0)
+    }
+
+    /// Sends `data` as the last chunk (or as a chunk and then the end) and
+    /// returns how many segments the peer took to receive it all.
+    async fn segments_for_last(data: &'static [u8], together: bool) -> u32 {
+        let (mut ours, mut peer) = pair().await;
+        let before = segments_in(&peer);
+        let (_, mut w) = ours.halves();
+        let mut chunk = Bytes::from_static(data);
+        if together {
+            poll_fn(|cx| w.poll_write_last(cx, &mut chunk)).await.expect("write last");
+        } else {
+            poll_fn(|cx| w.poll_write_chunk(cx, &mut chunk)).await.expect("write");
+            poll_fn(|cx| w.poll_finish(cx)).await.expect("finish");
+        }
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.expect("read to the end");
+        assert_eq!(got, data);
+        segments_in(&peer) - before
+    }
+
+    #[tokio::test]
+    async fn the_last_chunk_and_the_end_go_in_one_segment() {
+        assert_eq!(segments_for_last(b"response", false).await, 2, "a write and a shutdown: data, then FIN");
+        assert_eq!(segments_for_last(b"response", true).await, 1, "data and FIN together");
+    }
+
+    #[tokio::test]
+    async fn a_chunk_read_with_the_end_behind_it_says_so() {
+        let (mut ours, mut peer) = pair().await;
+        tokio::io::AsyncWriteExt::write_all(&mut peer, b"last words").await.expect("write");
+        // Closed with nothing unread: a FIN behind the data.
+        drop(peer);
+        let (mut r, _) = ours.halves();
+        let mut rb = ReadBuffer::new(4096, 65536);
+        let chunk = poll_fn(|cx| r.poll_chunk(cx, &mut rb)).await.expect("read").expect("a chunk");
+        assert_eq!(&chunk[..], b"last words");
+        assert!(r.at_end(), "the FIN was in: no read needed to learn of the end");
+
+        // With the stream still open, a chunk is just a chunk.
+        let (mut ours, mut peer) = pair().await;
+        tokio::io::AsyncWriteExt::write_all(&mut peer, b"more to come").await.expect("write");
+        let (mut r, _) = ours.halves();
+        let chunk = poll_fn(|cx| r.poll_chunk(cx, &mut rb)).await.expect("read").expect("a chunk");
+        assert_eq!(&chunk[..], b"more to come");
+        assert!(!r.at_end());
+    }
 
     #[test]
     fn read_buffers_grow_under_load_and_are_released_when_idle() {

@@ -98,6 +98,11 @@ impl<R: ChunkRead> ChunkRead for PeekRead<'_, R> {
         // The peeked prefix was already released when it was read.
         self.inner.release(n);
     }
+
+    fn at_end(&self) -> bool {
+        // After the prefix: the peek met the end, or the last read did.
+        self.prefix.is_empty() && self.failed.is_none() && (self.eof || self.inner.at_end())
+    }
 }
 
 impl<T: Duplex> Duplex for Peekable<T> {

@@ -236,9 +236,17 @@ async fn copy_one<R: ChunkRead, W: ChunkWrite, C: Fn() -> u64>(
         on_data();
         // Per chunk, not per byte: one clock read and one relaxed store.
         activity.touch();
-        poll_fn(|cx| writer.poll_write_chunk(cx, &mut chunk)).await?;
+        let last = reader.at_end();
+        if last {
+            poll_fn(|cx| writer.poll_write_last(cx, &mut chunk)).await?;
+        } else {
+            poll_fn(|cx| writer.poll_write_chunk(cx, &mut chunk)).await?;
+        }
         reader.release(n);
         *count += n as u64;
+        if last {
+            return Ok(());
+        }
     }
 }
 
