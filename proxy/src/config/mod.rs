@@ -424,8 +424,8 @@ pub struct RunArgs {
     /// event loop (with 1, the async runtime above serves them). Each
     /// accepts connections (outbound, tunnels, plaintext arrivals) on every
     /// pod listener and serves them itself, handing one over only when it
-    /// serves more than one connection more than another: no task stealing,
-    /// no wake-up that hops threads (HAProxy's and Envoy's model). Default: 2, or 1 on a single CPU (like
+    /// serves more connections than another: no task stealing, no wake-up
+    /// that hops threads (HAProxy's and Envoy's model). Default: 2, or 1 on a single CPU (like
     /// ztunnel's two workers). Measured on 2 CPUs (`cargo xtask bench`), 2
     /// against 1: the L4 paths gain (plain hop 16-connection requests/s 0.97x
     /// -> 1.02-1.05x HAProxy's, 8 streams 0.97x -> 1.14-1.40x; mTLS pair
