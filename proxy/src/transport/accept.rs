@@ -1,10 +1,15 @@
-//! The accept loop every pod listener runs (outbound and inbound).
+//! The accept loop each connection thread runs on every pod listener
+//! (outbound and inbound).
 
 use std::{
     fmt::Display,
     io,
     net::{SocketAddr, TcpListener},
     os::fd::{AsFd, OwnedFd},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
     time::Duration,
 };
 
@@ -26,14 +31,57 @@ struct Storm {
     last: std::time::Instant,
 }
 
+/// Accept failures (out of descriptors or memory) of one listener, shared
+/// by every loop accepting on it. They come in storms: logged when one
+/// starts and when it has ended, with the count — once per listener, not
+/// every 50 ms and not once per connection thread.
+#[derive(Default)]
+pub struct AcceptFailures {
+    /// A storm is on: read on every accept, so a success takes the lock
+    /// only during a storm.
+    active: AtomicBool,
+    storm: Mutex<Option<Storm>>,
+}
+
+impl AcceptFailures {
+    fn failed(&self, owner: &(dyn Display + Sync), listener: &TcpListener, e: &io::Error) {
+        let mut storm = self.storm.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *storm {
+            Some(s) => {
+                s.failures += 1;
+                s.last = std::time::Instant::now();
+            }
+            None => {
+                let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                tracing::warn!(pod = %owner, listener = %local, error = %e,
+                    "accept failed; is the proxy out of file descriptors (ulimit -n)? retrying every 50ms, logged again when it recovers");
+                *storm = Some(Storm { failures: 1, last: std::time::Instant::now() });
+                self.active.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn accepted(&self, owner: &(dyn Display + Sync)) {
+        if !self.active.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut storm = self.storm.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = storm.take_if(|s| s.last.elapsed() >= STORM_QUIET) {
+            self.active.store(false, Ordering::Relaxed);
+            tracing::info!(pod = %owner, failures = s.failures, "accepting again");
+        }
+    }
+}
+
 /// Takes connections off a listener's backlog without registering them
 /// with any event loop: the worker that serves one registers it with its
 /// own (see [`Workers`]). Pod listeners are plain `std` sockets, registered
 /// only here, with the event loop of the thread that accepts on them: a
 /// listener also registered elsewhere would wake that thread for every
-/// connect, for nothing. A descriptor of its own (a duplicate) is
-/// registered, because two loops may accept on one socket for a moment (a
-/// pod redefined in place hands its sockets over) and one event loop
+/// connect, for nothing. Each loop registers a descriptor of its own (a
+/// duplicate): every connection thread accepts on every pod listener, and
+/// two loops of one thread may accept on one socket for a moment (a pod
+/// redefined in place hands its sockets over), while one event loop
 /// cannot register a descriptor twice.
 ///
 /// [`Workers`]: super::Workers
@@ -83,17 +131,16 @@ async fn accept(
 /// `on_accept` (which has a worker serve it), then serves what is left in the
 /// backlog. Ends at once, backlog and all, when `handed_over` is cancelled:
 /// another loop accepts on the same socket from then on. `owner` names the
-/// listener's pod in logs.
+/// listener's pod in logs; `failures` is shared by the loops on one
+/// listener.
 pub async fn accept_until(
     listener: &TcpListener,
     stop: &CancellationToken,
     handed_over: &CancellationToken,
     owner: &(dyn Display + Sync),
+    failures: &AcceptFailures,
     mut on_accept: impl FnMut(std::net::TcpStream, SocketAddr),
 ) {
-    // Accept failures (out of descriptors or memory) come in storms: log
-    // when one starts and when it has ended, with the count, not every 50 ms.
-    let mut storm: Option<Storm> = None;
     let mut acceptor = None;
     loop {
         let accepted = tokio::select! {
@@ -112,24 +159,11 @@ pub async fn accept_until(
         };
         match accepted {
             Ok((stream, peer)) => {
-                if let Some(s) = storm.take_if(|s| s.last.elapsed() >= STORM_QUIET) {
-                    tracing::info!(pod = %owner, failures = s.failures, "accepting again");
-                }
+                failures.accepted(owner);
                 on_accept(stream, peer)
             }
             Err(e) => {
-                match &mut storm {
-                    Some(s) => {
-                        s.failures += 1;
-                        s.last = std::time::Instant::now();
-                    }
-                    None => {
-                        let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                        tracing::warn!(pod = %owner, listener = %local, error = %e,
-                            "accept failed; is the proxy out of file descriptors (ulimit -n)? retrying every 50ms, logged again when it recovers");
-                        storm = Some(Storm { failures: 1, last: std::time::Instant::now() });
-                    }
-                }
+                failures.failed(owner, listener, &e);
                 // Back off instead of spinning; the backlog holds connects.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

@@ -196,9 +196,12 @@ impl ChunkRead for TcpRead<'_> {
                         // Still ready now means the peer's FIN is in too
                         // (the closed state is never cleared): read on to
                         // the end, so that the chunk and the end of stream
-                        // go out together (the loop above returns the
-                        // chunk when nothing more is there).
-                        continue;
+                        // go out together. `try_io` only looks at the
+                        // readiness (no syscall, and unlike
+                        // `poll_read_ready` it registers no wake-up).
+                        if socket.try_io(Interest::READABLE, || Ok(())).is_ok() {
+                            continue;
+                        }
                     }
                     return Poll::Ready(Ok(Some(rb.take(got))));
                 }

@@ -15,8 +15,8 @@
 //!   protocol code (hyper) that wants that.
 //! - [`Peekable`]: a connection whose first bytes can be looked at before
 //!   deciding what it is (protocol detection), then relayed in full.
-//! - [`Workers`]: the threads accepted connections are dealt to, each with
-//!   its own event loop.
+//! - [`Workers`]: the threads that accept and serve connections, each with
+//!   its own event loop (and its own accept loop on every pod listener).
 #![forbid(unsafe_code)]
 
 mod accept;
@@ -29,7 +29,7 @@ mod socket;
 mod workers;
 
 pub use self::h2::{h2_io, H2Recv, H2Send, H2Stream};
-pub use accept::accept_until;
+use accept::accept_until;
 pub use hyper_io::HyperIo;
 pub use io::{ChunkRead, ChunkWrite, Duplex, Either, ReadBuffer, Stream};
 pub use peek::Peekable;

@@ -242,8 +242,9 @@ impl Workers {
         O: Display + Send + Sync + 'static,
         A: FnMut(std::net::TcpStream, SocketAddr) + Clone + Send + 'static,
     {
+        let failures = Arc::new(super::accept::AcceptFailures::default());
         if self.handles.len() == 1 {
-            return super::accept_until(listener, stop, handed_over, &owner, on_accept).await;
+            return super::accept_until(listener, stop, handed_over, &owner, &failures, on_accept).await;
         }
         // The loops stop with this future too (not only with `stop`), so
         // none outlives its caller.
@@ -254,11 +255,11 @@ impl Workers {
             .handles
             .iter()
             .map(|handle| {
-                let (listener, stop, handed_over, owner) =
-                    (listener.clone(), stop.clone(), handed_over.clone(), owner.clone());
+                let (listener, stop, handed_over, owner, failures) =
+                    (listener.clone(), stop.clone(), handed_over.clone(), owner.clone(), failures.clone());
                 let on_accept = on_accept.clone();
                 handle.spawn(async move {
-                    super::accept_until(&listener, &stop, &handed_over, &*owner, on_accept).await;
+                    super::accept_until(&listener, &stop, &handed_over, &*owner, &failures, on_accept).await;
                 })
             })
             .collect();
