@@ -68,7 +68,14 @@ fn vsftpd(sb: &Sandbox, pod: &Pod, dir: &std::path::Path) -> Result<()> {
     let empty = dir.join("ftp-empty");
     std::fs::create_dir_all(&root)?;
     std::fs::create_dir_all(&empty)?;
-    let data: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    // Larger than the socket buffers between vsftpd and the client (4 MB
+    // send, 6 MB receive at most): vsftpd cannot have written it all, and
+    // sent "226 Transfer complete" on the control connection, before the
+    // data connection reached curl. A small file could, through a proxy that
+    // holds it while it dials curl; curl then fails (8, "Ctrl conn has data
+    // while waiting for data conn") — a race of active FTP through any
+    // proxy that accepts before it dials, not what this test is about.
+    let data: Vec<u8> = (0..16_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     std::fs::write(root.join("blob.bin"), &data)?;
     // vsftpd refuses a writable anonymous root.
     std::process::Command::new("chmod").arg("555").arg(&root).status()?;
